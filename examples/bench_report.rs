@@ -1,0 +1,145 @@
+//! Prints modula's benchmark ratios, measured in one run so machine noise cancels.
+//!
+//! Run with `cargo run --release --example bench_report`. The last line is one JSON object.
+//! Shapes follow the peers' script (../shared/peers/bench_peers.py): d_in = d_out = 1024,
+//! 4096 tokens, f32, on Flex (or `--wgpu` with the `wgpu` feature).
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Device, Distribution, Tensor};
+use modula::LoraLinear;
+use modula::prelude::*;
+
+/// Median wall time in seconds of `reps` runs after `warmup` runs; `f` must sync the device.
+fn median_s(warmup: usize, reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    t[reps / 2]
+}
+
+fn device_from_args() -> Device {
+    #[cfg(feature = "wgpu")]
+    if std::env::args().any(|a| a == "--wgpu") {
+        return Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    }
+    Device::flex()
+}
+
+fn lora_layer(base: Linear, rank: usize, device: &Device) -> modula::Result<LoraLinear> {
+    let mut layer = LoraLinear::new(base);
+    // Non-zero B so the adapter path computes real values (as PEFT's init_lora_weights=False).
+    let d = layer.d_in();
+    let a = Tensor::<2>::random([d, rank], Distribution::Uniform(-0.03, 0.03), device);
+    let b = Tensor::<2>::random(
+        [rank, layer.d_out()],
+        Distribution::Uniform(-0.03, 0.03),
+        device,
+    );
+    layer.insert_adapter("bench", LoraAdapter::from_factors(a, b, 16.0, false, 0.0)?)?;
+    Ok(layer)
+}
+
+fn main() -> modula::Result<()> {
+    let device = device_from_args();
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (d, tokens, warm, reps) = if quick {
+        (256, 512, 1, 3)
+    } else {
+        (1024, 4096, 3, 15)
+    };
+    let sync = |d: &Device| d.sync().expect("device sync");
+    let mut metrics: Vec<(String, f64)> = Vec::new();
+
+    // --- LoRA forward vs plain Linear forward (inference).
+    let linear = LinearConfig::new(d, d).init(&device).no_grad();
+    let x = Tensor::<2>::random([tokens, d], Distribution::Default, &device);
+    let lora = lora_layer(linear.clone(), 8, &device)?;
+    let mut merged = lora.clone();
+    merged.merge("bench")?;
+    // Interleave the three measurements twice and keep the best median of each, so a burst of
+    // machine noise hits all of them alike.
+    let (mut t_lin, mut t_lora, mut t_merged) = (f64::MAX, f64::MAX, f64::MAX);
+    for _ in 0..2 {
+        t_lin = t_lin.min(median_s(warm, reps, || {
+            let _ = linear.forward(x.clone());
+            sync(&device);
+        }));
+        t_lora = t_lora.min(median_s(warm, reps, || {
+            let _ = lora.forward(x.clone());
+            sync(&device);
+        }));
+        t_merged = t_merged.min(median_s(warm, reps, || {
+            let _ = merged.forward(x.clone());
+            sync(&device);
+        }));
+    }
+    let gflop = 2.0 * (tokens * d * d) as f64 / 1e9;
+    println!(
+        "linear fwd        {:8.2} ms  {:6.1} GFLOP/s",
+        t_lin * 1e3,
+        gflop / t_lin
+    );
+    println!(
+        "lora r8 fwd       {:8.2} ms  ratio {:.3}",
+        t_lora * 1e3,
+        t_lora / t_lin
+    );
+    println!(
+        "lora r8 merged    {:8.2} ms  ratio {:.3}",
+        t_merged * 1e3,
+        t_merged / t_lin
+    );
+    metrics.push(("linear_fwd_gflops".into(), gflop / t_lin));
+    metrics.push(("lora_r8_fwd_over_linear_fwd".into(), t_lora / t_lin));
+    metrics.push((
+        "lora_r8_merged_fwd_over_linear_fwd".into(),
+        t_merged / t_lin,
+    ));
+
+    // --- Training step: fwd + bwd. Linear: dX, dW, db. LoRA: dX + dA, dB, base frozen.
+    let ad = device.autodiff();
+    let lin_t = LinearConfig::new(d, d).init(&ad);
+    let lora_t = lora_layer(LinearConfig::new(d, d).init(&ad), 8, &ad)?;
+    let xg = Tensor::<2>::random([tokens, d], Distribution::Default, &ad).require_grad();
+    let g = Tensor::<2>::random([tokens, d], Distribution::Default, &ad);
+    let (mut t_lin_fb, mut t_lora_fb) = (f64::MAX, f64::MAX);
+    for _ in 0..2 {
+        t_lin_fb = t_lin_fb.min(median_s(warm, reps, || {
+            let _grads = (lin_t.forward(xg.clone()) * g.clone()).sum().backward();
+            sync(&ad);
+        }));
+        t_lora_fb = t_lora_fb.min(median_s(warm, reps, || {
+            let y = lora_t.forward(xg.clone()).expect("shapes are right");
+            let _grads = (y * g.clone()).sum().backward();
+            sync(&ad);
+        }));
+    }
+    println!("linear fwd+bwd    {:8.2} ms", t_lin_fb * 1e3);
+    println!(
+        "lora r8 fwd+bwd   {:8.2} ms  ratio {:.3}",
+        t_lora_fb * 1e3,
+        t_lora_fb / t_lin_fb
+    );
+    metrics.push((
+        "lora_r8_fwd_bwd_over_linear_fwd_bwd".into(),
+        t_lora_fb / t_lin_fb,
+    ));
+
+    let body: Vec<String> = metrics
+        .iter()
+        .map(|(k, v)| format!("\"{k}\": {v:.4}"))
+        .collect();
+    println!("{{{}}}", body.join(", "));
+    Ok(())
+}

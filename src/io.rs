@@ -1,0 +1,295 @@
+//! Reading and writing safetensors files, and loading PyTorch-layout weights into burn layers.
+//!
+//! PyTorch (and so PEFT) stores a `Linear` weight as `[out, in]`; burn stores `[in, out]`.
+//! [`TensorFile::linear_torch`] does the transpose, so a checkpoint's module paths load
+//! directly (`fc1` → `fc1.weight`, `fc1.bias`), in the spirit of candle's `VarBuilder`.
+//! Writes go to a temporary file in the same folder and are renamed into place, so a crash or
+//! a bad input never leaves a half-written file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::error::{Error, Result};
+
+/// A tensor held on the host as `f32`, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Reads a device tensor to the host.
+    pub fn from_tensor<const D: usize>(t: Tensor<D>) -> Self {
+        let shape = t.dims().to_vec();
+        Self {
+            shape,
+            data: t.into_data().iter::<f32>().collect(),
+        }
+    }
+
+    /// Uploads to `device` as a rank-`D` tensor.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if the stored rank is not `D`.
+    pub fn to_tensor<const D: usize>(&self, device: &Device) -> Result<Tensor<D>> {
+        if self.shape.len() != D {
+            return Err(Error::shape(
+                "HostTensor::to_tensor rank",
+                D.to_string(),
+                format!("{:?}", self.shape),
+            ));
+        }
+        Ok(Tensor::<D>::from_data(
+            TensorData::new(self.data.clone(), self.shape.clone()),
+            device,
+        ))
+    }
+}
+
+/// The tensors of a safetensors file, converted to `f32` (F32, F16, BF16 and F64 are read).
+#[derive(Clone, Debug)]
+pub struct TensorFile {
+    path: PathBuf,
+    tensors: BTreeMap<String, HostTensor>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl TensorFile {
+    /// Reads and parses `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if unreadable; [`Error::SafeTensors`] if truncated or malformed, or if a
+    /// tensor has an unsupported dtype.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses an in-memory safetensors buffer; `path` is only used in error messages.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub fn from_bytes(bytes: &[u8], path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let st_err = |why: String| Error::SafeTensors {
+            path: path.clone(),
+            why,
+        };
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+            st_err(format!(
+                "cannot parse the header ({e}); the file is truncated or not a safetensors file"
+            ))
+        })?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| {
+            st_err(format!(
+                "invalid safetensors data ({e}); the file may be truncated"
+            ))
+        })?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let data = decode(&view).map_err(|why| st_err(format!("tensor `{name}`: {why}")))?;
+            tensors.insert(
+                name,
+                HostTensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            );
+        }
+        let metadata = meta
+            .metadata()
+            .clone()
+            .map(|m| m.into_iter().collect())
+            .unwrap_or_default();
+        Ok(Self {
+            path,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// All tensors by name.
+    pub fn tensors(&self) -> &BTreeMap<String, HostTensor> {
+        &self.tensors
+    }
+
+    /// The `__metadata__` string map.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The host tensor called `name`.
+    ///
+    /// # Errors
+    /// [`Error::SafeTensors`] naming the missing tensor.
+    pub fn get(&self, name: &str) -> Result<&HostTensor> {
+        self.tensors.get(name).ok_or_else(|| Error::SafeTensors {
+            path: self.path.clone(),
+            why: format!("no tensor named `{name}`"),
+        })
+    }
+
+    /// Tensor `name` on `device`, checking its rank.
+    ///
+    /// # Errors
+    /// Missing tensor or wrong rank.
+    pub fn tensor<const D: usize>(&self, name: &str, device: &Device) -> Result<Tensor<D>> {
+        let t = self.get(name)?;
+        if t.shape.len() != D {
+            return Err(Error::SafeTensors {
+                path: self.path.clone(),
+                why: format!("tensor `{name}` has shape {:?}, expected rank {D}", t.shape),
+            });
+        }
+        t.to_tensor(device)
+    }
+
+    /// Builds a burn [`Linear`] from PyTorch-layout `{prefix}.weight: [out, in]` and optional
+    /// `{prefix}.bias: [out]`.
+    ///
+    /// # Errors
+    /// Missing weight, wrong rank, or a bias whose length is not `out`.
+    pub fn linear_torch(&self, prefix: &str, device: &Device) -> Result<Linear> {
+        let w: Tensor<2> = self.tensor(&format!("{prefix}.weight"), device)?;
+        let bias = match self.tensors.get(&format!("{prefix}.bias")) {
+            Some(b) => Some(b.to_tensor::<1>(device)?),
+            None => None,
+        };
+        linear_from_torch(w, bias)
+    }
+}
+
+/// Builds a burn [`Linear`] from a PyTorch-layout weight `[out, in]` and optional bias `[out]`.
+///
+/// # Errors
+/// [`Error::Shape`] if the bias length is not `out`.
+pub fn linear_from_torch(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Result<Linear> {
+    let [out, _] = weight.dims();
+    if let Some(b) = &bias
+        && b.dims()[0] != out
+    {
+        return Err(Error::shape(
+            "Linear bias",
+            format!("[{out}]"),
+            format!("{:?}", b.dims()),
+        ));
+    }
+    Ok(Linear {
+        weight: Param::from_tensor(weight.transpose()),
+        bias: bias.map(Param::from_tensor),
+    })
+}
+
+fn decode(view: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
+    let bytes = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        other => {
+            return Err(format!(
+                "unsupported dtype {other:?} (use F32, F16, BF16 or F64)"
+            ));
+        }
+    })
+}
+
+/// Writes `tensors` as an F32 safetensors file at `path`, atomically.
+///
+/// # Errors
+/// [`Error::Shape`] if a tensor's data length disagrees with its shape; [`Error::Io`].
+pub fn write_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let mut bufs = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        if t.shape.iter().product::<usize>() != t.data.len() {
+            return Err(Error::shape(
+                format!("tensor `{name}` data"),
+                format!(
+                    "{} values for shape {:?}",
+                    t.shape.iter().product::<usize>(),
+                    t.shape
+                ),
+                format!("{} values", t.data.len()),
+            ));
+        }
+        let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        bufs.push((name.clone(), t.shape.clone(), bytes));
+    }
+    let views = bufs
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::SafeTensors {
+                    path: path.to_path_buf(),
+                    why: e.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes =
+        safetensors::serialize(views, metadata.map(|m| m.into_iter().collect())).map_err(|e| {
+            Error::SafeTensors {
+                path: path.to_path_buf(),
+                why: e.to_string(),
+            }
+        })?;
+    atomic_write(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+///
+/// # Errors
+/// [`Error::Io`].
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}

@@ -1,0 +1,106 @@
+//! # modula
+//!
+//! Modular deep learning on [burn](https://burn.dev) 0.22: parameter-efficient modules,
+//! routers and aggregators, with Hugging Face PEFT's on-disk format in and out.
+//!
+//! Following Pfeiffer et al., "Modular Deep Learning" (arXiv 2302.11529), a modular model is
+//! made of three roles, each a trait here:
+//!
+//! | role | trait | what exists today |
+//! |---|---|---|
+//! | module (computation function) | [`ComputeModule`] | [`LoraAdapter`], [`LoraLinear`], [`LoraEmbedding`], [`Ia3Linear`], [`BottleneckAdapter`]; prefix tuning ([`PrefixEncoder`], [`PrefixAttention`]) |
+//! | router | [`Router`] | [`FixedRouter`] (task id / one module per row) |
+//! | aggregator | [`Aggregator`] | [`WeightedSum`], [`WeightedMean`] |
+//!
+//! They meet in one sparse dispatch, [`DispatchPlan`]: a [`Routing`] (per row, `k` module
+//! indices and weights) is planned once, the rows each module must see are gathered, every
+//! module computes on its own rows only, and the outputs are weighted and scattered back. Every
+//! router in the crate goes through it, so "top-2 of 8 experts" costs about a quarter of "all
+//! 8", and a batch where each row uses a different adapter costs one gathered pass.
+//!
+//! Code is written once against burn's `Tensor<D>`; the [`Device`](burn::tensor::Device) the
+//! caller picks decides the backend: Flex (pure-Rust CPU, feature `flex`, the default), wgpu
+//! (feature `wgpu`) or CUDA (feature `cuda`).
+//!
+//! ## Quick start: a PEFT LoRA folder on a burn model
+//!
+//! ```no_run
+//! use burn::tensor::{Device, Tensor};
+//! use modula::prelude::*;
+//!
+//! # fn main() -> modula::Result<()> {
+//! let device = Device::flex();
+//! // Base weights in PyTorch layout ([out, in]), e.g. from a safetensors checkpoint.
+//! let base = TensorFile::open("tests/data/tiny_mlp_base.safetensors")?;
+//! let mut fc1 = LoraLinear::new(base.linear_torch("fc1", &device)?);
+//! // A PEFT adapter folder: adapter_config.json + adapter_model.safetensors.
+//! let peft = PeftLora::load("tests/data/peft_lora_tiny_mlp", &device)?;
+//! peft.attach("fc1", &mut fc1, "default")?;
+//! let x: Tensor<2> = base.tensor("x", &device)?;
+//! let y = fc1.forward(x.clone())?;        // base(x) + s·(x A) B
+//! fc1.merge("default")?;                   // W ← W + s·A B: inference at base cost
+//! let y_merged = fc1.forward(x)?;
+//! # let _ = (y, y_merged);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Modules
+//! - [`modules::lora`]: LoRA and rsLoRA with dropout, PEFT initialisation, many named adapters
+//!   per layer (any subset active), merge/unmerge, training with burn's optimizers (only the
+//!   factors get gradients). It goes beyond burn-core's own `apply_lora` (one adapter, merged on
+//!   every forward, no unmerge); see the module docs.
+//! - [`modules::ia3`]: (IA)³ output-side and input-side (feed-forward) scaling, merge/unmerge.
+//! - [`modules::adapter`]: bottleneck adapters, sequential and parallel, Houlsby and Pfeiffer
+//!   placements, configurable reduction factor, non-linearity and scaling.
+//! - [`modules::prefix`]: prefix tuning with the optional reparameterisation MLP, and a
+//!   GPT-2-style attention that consumes the prefix as PEFT does.
+//!
+//! ## Files
+//! - [`peft`]: PEFT LoRA and IA3 folders, loaded by module path and saved so that PEFT 0.21
+//!   loads them with identical outputs; unsupported settings (DoRA, bias training, ...) are
+//!   errors, never silently different models.
+//! - [`io`]: safetensors reading/writing (atomic writes) and PyTorch-layout `Linear` loading.
+//!
+//! ## Errors
+//! Every fallible API returns [`Result`] with an [`Error`] that says what was wrong and how to
+//! fix it; bad input does not panic.
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod io;
+pub mod modules;
+pub mod peft;
+pub mod routing;
+pub mod tensor_util;
+
+pub use error::{Error, Result};
+pub use io::{HostTensor, TensorFile};
+pub use modules::adapter::{
+    AdapterActivation, AdapterForm, AdapterPlacement, BlockAdapters, BottleneckAdapter,
+    BottleneckConfig,
+};
+pub use modules::ia3::Ia3Linear;
+pub use modules::lora::{
+    AdapterSlots, LoraAdapter, LoraConfig, LoraEmbedding, LoraInit, LoraLinear,
+};
+pub use modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
+pub use modules::{ComputeModule, dispatch_modules};
+pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora};
+pub use routing::{
+    Aggregator, DispatchPlan, FixedRouter, Router, Routing, WeightedMean, WeightedSum,
+    route_and_dispatch,
+};
+
+/// The names most programs need: `use modula::prelude::*;`.
+pub mod prelude {
+    pub use crate::error::{Error, Result};
+    pub use crate::io::TensorFile;
+    pub use crate::modules::adapter::{BottleneckAdapter, BottleneckConfig};
+    pub use crate::modules::ia3::Ia3Linear;
+    pub use crate::modules::lora::{LoraAdapter, LoraConfig, LoraEmbedding, LoraLinear};
+    pub use crate::modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
+    pub use crate::modules::{ComputeModule, dispatch_modules};
+    pub use crate::peft::{PeftIa3, PeftLora};
+    pub use crate::routing::{Aggregator, DispatchPlan, FixedRouter, Router, Routing, WeightedSum};
+}

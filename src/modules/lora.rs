@@ -1,0 +1,639 @@
+//! LoRA: low-rank adaptation of a frozen linear layer (Hu et al. 2021, arXiv 2106.09685).
+//!
+//! A LoRA adapter of rank `r` on a frozen weight `W: [d_in, d_out]` (burn's layout; PyTorch
+//! and PEFT store `[d_out, d_in]`) adds a trainable low-rank path:
+//!
+//! ```text
+//! y = x W + b + s · (dropout(x) A) B        A: [d_in, r], B: [r, d_out]
+//! s = alpha / r            (LoRA)
+//! s = alpha / sqrt(r)      (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732)
+//! ```
+//!
+//! The product is evaluated right to left, so the `d_in × d_out` delta is never formed in the
+//! forward pass: the extra cost is `2·r·(d_in + d_out)` FLOPs per row. It is formed only when an
+//! adapter is [merged](LoraLinear::merge) into the base weight (`W ← W + s·A B`), which makes
+//! inference cost exactly the base layer's; [unmerge](LoraLinear::unmerge) subtracts it again.
+//!
+//! Initialisation follows PEFT: `A` Kaiming-uniform (bound `1/sqrt(d_in)`, PyTorch's
+//! `kaiming_uniform_(a=sqrt(5))`), `B = 0`, so a new adapter leaves the model unchanged; the
+//! Gaussian option draws `A ~ N(0, 1/r)`.
+//!
+//! # Relation to burn's own LoRA
+//! burn-core 0.22's `Module::apply_lora` reparameterises every 2-D weight with one adapter and
+//! materialises `W + s·A B` on every forward; it has no rsLoRA, dropout, named adapters,
+//! unmerge or PEFT files. modula's [`LoraLinear`] wraps a burn `Linear` instead: several named
+//! adapters, any subset active, merged or not, and the delta is applied as two thin matmuls.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
+use burn::tensor::{Device, Distribution, Int, Tensor};
+
+use super::{ComputeModule, check_last_dim};
+use crate::error::{Error, Result};
+
+/// How the `A` factor of a new adapter is initialised (`B` always starts at zero).
+#[derive(Config, Debug, Copy, PartialEq)]
+pub enum LoraInit {
+    /// PEFT's default (`init_lora_weights=True`): `A ~ U(-1/sqrt(d_in), 1/sqrt(d_in))`.
+    KaimingUniform,
+    /// PEFT's `init_lora_weights="gaussian"`: `A ~ N(0, 1/r)`.
+    Gaussian,
+}
+
+/// Configuration of one LoRA adapter.
+#[derive(Config, Debug)]
+pub struct LoraConfig {
+    /// Rank `r` of the low-rank update (≥ 1).
+    pub rank: usize,
+    /// Scaling numerator `alpha`.
+    #[config(default = 8.0)]
+    pub alpha: f64,
+    /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    #[config(default = false)]
+    pub use_rslora: bool,
+    /// Dropout probability on the adapter's input (training only), in `[0, 1)`.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Initialisation of `A`.
+    #[config(default = "LoraInit::KaimingUniform")]
+    pub init: LoraInit,
+}
+
+/// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+pub fn lora_scaling(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
+impl LoraConfig {
+    /// The adapter's scaling `s`.
+    pub fn scaling(&self) -> f64 {
+        lora_scaling(self.alpha, self.rank, self.use_rslora)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::invalid("LoRA rank", "rank must be at least 1"));
+        }
+        if !self.alpha.is_finite() {
+            return Err(Error::invalid(
+                "LoRA alpha",
+                format!("{} is not finite", self.alpha),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid(
+                "LoRA dropout",
+                format!("{} is outside [0, 1)", self.dropout),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates a new adapter for a `d_in → d_out` layer, initialised as configured.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for rank 0, a non-finite alpha, dropout outside `[0, 1)` or a zero
+    /// width.
+    pub fn init(&self, d_in: usize, d_out: usize, device: &Device) -> Result<LoraAdapter> {
+        self.validate()?;
+        if d_in == 0 || d_out == 0 {
+            return Err(Error::invalid(
+                "LoRA layer widths",
+                "d_in and d_out must be positive",
+            ));
+        }
+        let a = match self.init {
+            LoraInit::KaimingUniform => {
+                let bound = 1.0 / (d_in as f64).sqrt();
+                Tensor::<2>::random(
+                    [d_in, self.rank],
+                    Distribution::Uniform(-bound, bound),
+                    device,
+                )
+            }
+            LoraInit::Gaussian => Tensor::<2>::random(
+                [d_in, self.rank],
+                Distribution::Normal(0.0, 1.0 / self.rank as f64),
+                device,
+            ),
+        };
+        let b = Tensor::<2>::zeros([self.rank, d_out], device);
+        LoraAdapter::from_factors(a, b, self.alpha, self.use_rslora, self.dropout)
+    }
+}
+
+/// One LoRA adapter: the factors `A: [d_in, r]`, `B: [r, d_out]` and their scaling.
+///
+/// On its own it is the *delta* function `x ↦ s·(dropout(x) A) B`, which is what a library of
+/// LoRA experts routes between ([`ComputeModule`]); on a host layer it lives inside a
+/// [`LoraLinear`].
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    /// Down-projection `A: [d_in, r]` (PEFT's `lora_A.weight` transposed).
+    pub a: Param<Tensor<2>>,
+    /// Up-projection `B: [r, d_out]` (PEFT's `lora_B.weight` transposed).
+    pub b: Param<Tensor<2>>,
+    /// Scaling numerator.
+    pub alpha: f64,
+    /// Whether the scaling is `alpha / sqrt(r)` (rsLoRA).
+    pub use_rslora: bool,
+    /// Dropout on the adapter input.
+    pub dropout: Dropout,
+}
+
+impl LoraAdapter {
+    /// Builds an adapter from existing factors `a: [d_in, r]`, `b: [r, d_out]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if the inner ranks differ, [`Error::Invalid`] for rank 0 or bad
+    /// dropout.
+    pub fn from_factors(
+        a: Tensor<2>,
+        b: Tensor<2>,
+        alpha: f64,
+        use_rslora: bool,
+        dropout: f64,
+    ) -> Result<Self> {
+        let [_, r] = a.dims();
+        let [rb, _] = b.dims();
+        if r != rb {
+            return Err(Error::shape(
+                "LoRA factors (A: [d_in, r], B: [r, d_out])",
+                format!("B with {r} rows"),
+                format!("B of shape {:?}", b.dims()),
+            ));
+        }
+        LoraConfig::new(r)
+            .with_alpha(alpha)
+            .with_dropout(dropout)
+            .validate()?;
+        Ok(Self {
+            a: Param::from_tensor(a),
+            b: Param::from_tensor(b),
+            alpha,
+            use_rslora,
+            dropout: DropoutConfig::new(dropout).init(),
+        })
+    }
+
+    /// Rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.shape().dims::<2>()[1]
+    }
+
+    /// Input width.
+    pub fn d_in(&self) -> usize {
+        self.a.shape().dims::<2>()[0]
+    }
+
+    /// Output width.
+    pub fn d_out(&self) -> usize {
+        self.b.shape().dims::<2>()[1]
+    }
+
+    /// The scaling `s` (`alpha/r` or `alpha/sqrt(r)`).
+    pub fn scaling(&self) -> f64 {
+        lora_scaling(self.alpha, self.rank(), self.use_rslora)
+    }
+
+    /// The low-rank path `s · (dropout(x) A) B` for `x: [..., d_in]`, never forming `A B`.
+    pub fn delta_forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let x = self.dropout.forward(x);
+        let s = self.scaling();
+        // Scale the thin [.., r] intermediate, not the wide output.
+        x.matmul(self.a.val().unsqueeze())
+            .mul_scalar(s)
+            .matmul(self.b.val().unsqueeze())
+    }
+
+    /// The dense update `s · A B`, `[d_in, d_out]`. Only merging needs it.
+    pub fn delta_weight(&self) -> Tensor<2> {
+        self.a.val().mul_scalar(self.scaling()).matmul(self.b.val())
+    }
+}
+
+impl ComputeModule for LoraAdapter {
+    fn d_input(&self) -> usize {
+        self.d_in()
+    }
+
+    fn d_output(&self) -> usize {
+        self.d_out()
+    }
+
+    fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
+        self.delta_forward(x)
+    }
+}
+
+/// Names, activity and merge state of the adapters on one host layer (shared by
+/// [`LoraLinear`] and [`LoraEmbedding`]). Index `i` describes the layer's `adapters[i]`.
+#[derive(Clone, Debug, Default)]
+pub struct AdapterSlots {
+    names: Vec<String>,
+    active: Vec<bool>,
+    merged: Vec<bool>,
+}
+
+impl AdapterSlots {
+    fn push(&mut self, name: &str) -> Result<()> {
+        if self.names.iter().any(|n| n == name) {
+            return Err(Error::DuplicateAdapter {
+                name: name.to_string(),
+                on: String::new(),
+            });
+        }
+        self.names.push(name.to_string());
+        self.active.push(true);
+        self.merged.push(false);
+        Ok(())
+    }
+
+    fn remove(&mut self, i: usize) {
+        self.names.remove(i);
+        self.active.remove(i);
+        self.merged.remove(i);
+    }
+
+    /// The adapter names, in insertion order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Position of adapter `name`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] listing the known names.
+    pub fn index(&self, name: &str) -> Result<usize> {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| Error::UnknownAdapter {
+                name: name.to_string(),
+                on: String::new(),
+                known: self.names.join(", "),
+            })
+    }
+
+    /// Names of the active adapters.
+    pub fn active(&self) -> Vec<&str> {
+        self.names
+            .iter()
+            .zip(&self.active)
+            .filter(|(_, a)| **a)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    fn set_active(&mut self, names: &[&str]) -> Result<()> {
+        let idx = names
+            .iter()
+            .map(|n| self.index(n))
+            .collect::<Result<Vec<_>>>()?;
+        self.active.iter_mut().for_each(|a| *a = false);
+        for i in idx {
+            self.active[i] = true;
+        }
+        Ok(())
+    }
+
+    /// Whether adapter `i` contributes through its own path (active and not merged).
+    fn contributes(&self, i: usize) -> bool {
+        self.active[i] && !self.merged[i]
+    }
+
+    /// Index of `name`, checking it is (`want_merged`) or is not merged.
+    fn index_for_merge(&self, name: &str, want_merged: bool) -> Result<usize> {
+        let i = self.index(name)?;
+        match (self.merged[i], want_merged) {
+            (true, false) => Err(Error::State(format!("adapter `{name}` is already merged"))),
+            (false, true) => Err(Error::State(format!("adapter `{name}` is not merged"))),
+            _ => Ok(i),
+        }
+    }
+
+    fn active_unmerged(&self) -> Vec<String> {
+        (0..self.names.len())
+            .filter(|&i| self.contributes(i))
+            .map(|i| self.names[i].clone())
+            .collect()
+    }
+
+    fn all_merged(&self) -> Vec<String> {
+        (0..self.names.len())
+            .filter(|&i| self.merged[i])
+            .map(|i| self.names[i].clone())
+            .collect()
+    }
+}
+
+/// Adds (`sign = 1`) or subtracts (`sign = -1`) `s·A B` to a frozen weight `[d_in, d_out]`.
+fn fold_delta(weight: Param<Tensor<2>>, adapter: &LoraAdapter, sign: f64) -> Param<Tensor<2>> {
+    let delta = adapter.delta_weight().detach().mul_scalar(sign);
+    weight.map(|w| (w + delta).detach())
+}
+
+/// The adapter-management API shared by [`LoraLinear`] and [`LoraEmbedding`].
+macro_rules! adapter_host_api {
+    ($ty:ty) => {
+        impl $ty {
+            /// Inserts an existing adapter (e.g. loaded from a PEFT folder) under `name`,
+            /// active.
+            ///
+            /// # Errors
+            /// [`Error::DuplicateAdapter`] if the name exists; [`Error::Shape`] if its widths
+            /// differ from the host layer's.
+            pub fn insert_adapter(&mut self, name: &str, adapter: LoraAdapter) -> Result<()> {
+                let (d_in, d_out) = self.host_dims();
+                if adapter.d_in() != d_in || adapter.d_out() != d_out {
+                    return Err(Error::shape(
+                        format!("adapter `{name}` on a LoRA layer"),
+                        format!("[{d_in} -> {d_out}]"),
+                        format!("[{} -> {}]", adapter.d_in(), adapter.d_out()),
+                    ));
+                }
+                self.slots.push(name)?;
+                self.adapters.push(adapter);
+                Ok(())
+            }
+
+            /// Removes adapter `name` and returns it. A merged adapter is unmerged first.
+            ///
+            /// # Errors
+            /// [`Error::UnknownAdapter`].
+            pub fn remove_adapter(&mut self, name: &str) -> Result<LoraAdapter> {
+                let i = self.slots.index(name)?;
+                if self.slots.merged[i] {
+                    self.unmerge(name)?;
+                }
+                self.slots.remove(i);
+                Ok(self.adapters.remove(i))
+            }
+
+            /// The adapter names, in insertion order.
+            pub fn names(&self) -> &[String] {
+                self.slots.names()
+            }
+
+            /// The adapter called `name`.
+            ///
+            /// # Errors
+            /// [`Error::UnknownAdapter`].
+            pub fn adapter(&self, name: &str) -> Result<&LoraAdapter> {
+                Ok(&self.adapters[self.slots.index(name)?])
+            }
+
+            /// Names of the active adapters.
+            pub fn active_adapters(&self) -> Vec<&str> {
+                self.slots.active()
+            }
+
+            /// Makes exactly the adapters in `names` active (an empty slice disables all).
+            ///
+            /// # Errors
+            /// [`Error::UnknownAdapter`] for a name not on the layer; nothing changes then.
+            pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
+                self.slots.set_active(names)
+            }
+
+            /// Whether adapter `name` is currently merged into the base weight.
+            ///
+            /// # Errors
+            /// [`Error::UnknownAdapter`].
+            pub fn is_merged(&self, name: &str) -> Result<bool> {
+                Ok(self.slots.merged[self.slots.index(name)?])
+            }
+
+            /// Merges adapter `name` into the base weight: `W ← W + s·A B`. It then stops
+            /// contributing separately, so outputs are unchanged (up to rounding).
+            ///
+            /// # Errors
+            /// [`Error::UnknownAdapter`]; [`Error::State`] if it is already merged.
+            pub fn merge(&mut self, name: &str) -> Result<()> {
+                let i = self.slots.index_for_merge(name, false)?;
+                self.base.weight = fold_delta(self.base.weight.clone(), &self.adapters[i], 1.0);
+                self.slots.merged[i] = true;
+                Ok(())
+            }
+
+            /// Undoes [`merge`](Self::merge): `W ← W − s·A B`.
+            ///
+            /// # Errors
+            /// [`Error::UnknownAdapter`]; [`Error::State`] if it is not merged.
+            pub fn unmerge(&mut self, name: &str) -> Result<()> {
+                let i = self.slots.index_for_merge(name, true)?;
+                self.base.weight = fold_delta(self.base.weight.clone(), &self.adapters[i], -1.0);
+                self.slots.merged[i] = false;
+                Ok(())
+            }
+
+            /// Merges every active adapter that is not merged yet.
+            ///
+            /// # Errors
+            /// None in practice (the names come from the layer).
+            pub fn merge_active(&mut self) -> Result<()> {
+                for n in self.slots.active_unmerged() {
+                    self.merge(&n)?;
+                }
+                Ok(())
+            }
+
+            /// Unmerges every merged adapter.
+            ///
+            /// # Errors
+            /// None in practice (the names come from the layer).
+            pub fn unmerge_all(&mut self) -> Result<()> {
+                for n in self.slots.all_merged() {
+                    self.unmerge(&n)?;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+/// A frozen burn [`Linear`] with any number of named LoRA adapters.
+///
+/// `y = x W + b + Σ_{a active, not merged} s_a · (x A_a) B_a`.
+///
+/// The base parameters never receive gradients; each adapter's factors do. Adapters can be
+/// activated in any combination, merged into the base weight for inference and unmerged again.
+#[derive(Module, Debug)]
+pub struct LoraLinear {
+    /// The frozen host layer (`weight: [d_in, d_out]`).
+    pub base: Linear,
+    /// The adapters, in insertion order (their names are in [`names`](Self::names)).
+    pub adapters: Vec<LoraAdapter>,
+    #[module(skip)]
+    slots: AdapterSlots,
+}
+
+adapter_host_api!(LoraLinear);
+
+impl LoraLinear {
+    /// Wraps `base`, freezing its parameters. The layer starts with no adapters.
+    pub fn new(base: Linear) -> Self {
+        Self {
+            base: base.no_grad(),
+            adapters: Vec::new(),
+            slots: AdapterSlots::default(),
+        }
+    }
+
+    fn host_dims(&self) -> (usize, usize) {
+        (self.d_in(), self.d_out())
+    }
+
+    /// Input width of the host layer.
+    pub fn d_in(&self) -> usize {
+        self.base.weight.shape().dims::<2>()[0]
+    }
+
+    /// Output width of the host layer.
+    pub fn d_out(&self) -> usize {
+        self.base.weight.shape().dims::<2>()[1]
+    }
+
+    /// Adds a new adapter built from `config` under `name`, active.
+    ///
+    /// # Errors
+    /// [`Error::DuplicateAdapter`] if the name exists; configuration errors from
+    /// [`LoraConfig::init`].
+    pub fn add_adapter(&mut self, name: &str, config: &LoraConfig) -> Result<()> {
+        let device = self.base.weight.device();
+        let adapter = config.init(self.d_in(), self.d_out(), &device)?;
+        self.insert_adapter(name, adapter)
+    }
+
+    /// Forward pass for `x: [..., d_in]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if the last axis is not `d_in`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Result<Tensor<D>> {
+        check_last_dim(&x, self.d_in(), "LoraLinear::forward input")?;
+        Ok(self.forward_unchecked(x))
+    }
+
+    fn forward_unchecked<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let mut y = self.base.forward(x.clone());
+        for (i, adapter) in self.adapters.iter().enumerate() {
+            if self.slots.contributes(i) {
+                y = y + adapter.delta_forward(x.clone());
+            }
+        }
+        y
+    }
+
+    /// PEFT's `merge_and_unload`: merges the active adapters and returns the plain layer.
+    ///
+    /// # Errors
+    /// None in practice (the names come from the layer).
+    pub fn merge_and_unload(mut self) -> Result<Linear> {
+        self.merge_active()?;
+        Ok(self.base)
+    }
+}
+
+impl ComputeModule for LoraLinear {
+    fn d_input(&self) -> usize {
+        self.d_in()
+    }
+
+    fn d_output(&self) -> usize {
+        self.d_out()
+    }
+
+    fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
+        self.forward_unchecked(x)
+    }
+}
+
+/// A frozen burn [`Embedding`] with named LoRA adapters, as PEFT's LoRA `Embedding` layer.
+///
+/// With the table `E: [n, d]` and an adapter `A: [n, r]`, `B: [r, d]` (PEFT's
+/// `lora_embedding_A` and `lora_embedding_B`, transposed), row `t` of the output is
+/// `E[t] + s · A[t] B`: a lookup into the thin factor, never the `n × d` delta. PEFT
+/// initialises `A = 0` and `B ~ N(0, 1)` for embeddings, and applies no dropout.
+#[derive(Module, Debug)]
+pub struct LoraEmbedding {
+    /// The frozen table (`weight: [n, d]`).
+    pub base: Embedding,
+    /// The adapters, in insertion order.
+    pub adapters: Vec<LoraAdapter>,
+    #[module(skip)]
+    slots: AdapterSlots,
+}
+
+adapter_host_api!(LoraEmbedding);
+
+impl LoraEmbedding {
+    /// Wraps `base`, freezing it.
+    pub fn new(base: Embedding) -> Self {
+        Self {
+            base: base.no_grad(),
+            adapters: Vec::new(),
+            slots: AdapterSlots::default(),
+        }
+    }
+
+    fn host_dims(&self) -> (usize, usize) {
+        let [n, d] = self.base.weight.shape().dims();
+        (n, d)
+    }
+
+    /// Adds a new adapter of rank `rank` with PEFT's embedding initialisation (`A = 0`,
+    /// `B ~ N(0, 1)`).
+    ///
+    /// # Errors
+    /// Rank 0, duplicate name.
+    pub fn add_adapter(
+        &mut self,
+        name: &str,
+        rank: usize,
+        alpha: f64,
+        use_rslora: bool,
+    ) -> Result<()> {
+        if rank == 0 {
+            return Err(Error::invalid("LoRA rank", "rank must be at least 1"));
+        }
+        let (n, d) = self.host_dims();
+        let device = self.base.weight.device();
+        let a = Tensor::<2>::zeros([n, rank], &device);
+        let b = Tensor::<2>::random([rank, d], Distribution::Normal(0.0, 1.0), &device);
+        self.insert_adapter(
+            name,
+            LoraAdapter::from_factors(a, b, alpha, use_rslora, 0.0)?,
+        )
+    }
+
+    /// Looks up `ids: [batch, seq]`, returning `[batch, seq, d]`.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] if an id is outside the table.
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Result<Tensor<3>> {
+        let (n, _) = self.host_dims();
+        let max = ids.clone().max().into_scalar::<i64>();
+        let min = ids.clone().min().into_scalar::<i64>();
+        if min < 0 || max >= n as i64 {
+            return Err(Error::invalid(
+                "token ids",
+                format!("ids must be in 0..{n}, got {min}..={max}"),
+            ));
+        }
+        let mut y = self.base.forward(ids.clone());
+        for (i, adapter) in self.adapters.iter().enumerate() {
+            if self.slots.contributes(i) {
+                let z = burn::tensor::module::embedding(adapter.a.val(), ids.clone());
+                y = y + z
+                    .matmul(adapter.b.val().unsqueeze())
+                    .mul_scalar(adapter.scaling());
+            }
+        }
+        Ok(y)
+    }
+}

@@ -1,0 +1,42 @@
+//! Small host/device conversion helpers shared by the crate.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::error::{Error, Result};
+
+/// Reads a float tensor of any rank into a host `Vec<f32>` (row-major).
+pub fn to_vec_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+/// Reads an int tensor of any rank into a host `Vec<i64>` (row-major), whatever the backend's
+/// int dtype (I32 on Flex and wgpu, I64 on NdArray).
+pub fn to_vec_i64<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
+    t.into_data().iter::<i64>().collect()
+}
+
+/// Builds a 1-D int tensor on `device` in the device's own int dtype.
+pub fn int_tensor(values: &[i64], device: &Device) -> Tensor<1, Int> {
+    Tensor::<1, Int>::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
+}
+
+/// Builds a float tensor of shape `dims` from row-major host values.
+pub fn float_tensor<const D: usize>(
+    values: Vec<f32>,
+    dims: [usize; D],
+    device: &Device,
+) -> Tensor<D> {
+    Tensor::<D>::from_data(TensorData::new(values, dims), device)
+}
+
+/// Checks that every entry of `t` is finite; `what` names the tensor in the error.
+pub fn ensure_finite<const D: usize>(t: &Tensor<D>, what: &str) -> Result<()> {
+    let finite = t.clone().is_finite().all().into_scalar::<bool>();
+    if finite {
+        Ok(())
+    } else {
+        Err(Error::Routing(format!(
+            "{what} contains NaN or infinite values; check the inputs and the learning rate"
+        )))
+    }
+}

@@ -1,0 +1,461 @@
+//! Behaviour of the modules beyond the golden vectors: merge/unmerge, several adapters,
+//! gradients, dropout, record and PEFT round trips, IA3 and bottleneck adapters.
+
+mod common;
+
+use burn::module::Module;
+use burn::nn::LinearConfig;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer as _};
+use burn::tensor::{Device, Tensor};
+use common::{Rng, assert_close, data, devices, golden, max_abs_diff, vals};
+use modula::prelude::*;
+use modula::{AdapterForm, AdapterPlacement, BlockAdapters};
+
+/// A LoRA layer with two adapters whose B factors are random (so they matter).
+fn two_adapter_layer(rng: &mut Rng, d_in: usize, d_out: usize, device: &Device) -> LoraLinear {
+    let mut layer = LoraLinear::new(LinearConfig::new(d_in, d_out).init(device));
+    for (name, r, rs) in [("a", 4, false), ("b", 8, true)] {
+        // Factors of realistic size (outputs O(1)), so 1e-5 is a rounding-level tolerance.
+        let a = rng.tensor(d_in, r, device).mul_scalar(0.1);
+        let b = rng.tensor(r, d_out, device).mul_scalar(0.1);
+        let ad = LoraAdapter::from_factors(a, b, 16.0, rs, 0.0).unwrap();
+        layer.insert_adapter(name, ad).unwrap();
+    }
+    layer
+}
+
+#[test]
+fn merged_equals_unmerged_and_unmerge_restores_weight() {
+    for device in devices() {
+        let mut rng = Rng(1);
+        let mut layer = two_adapter_layer(&mut rng, 64, 48, &device);
+        let x = rng.tensor(17, 64, &device);
+        let w0 = layer.base.weight.val();
+        let y = layer.forward(x.clone()).unwrap();
+        layer.merge("a").unwrap();
+        assert_close(
+            layer.forward(x.clone()).unwrap(),
+            y.clone(),
+            1e-5,
+            "one merged",
+        );
+        layer.merge_active().unwrap();
+        assert!(layer.is_merged("b").unwrap());
+        assert_close(
+            layer.forward(x.clone()).unwrap(),
+            y.clone(),
+            1e-5,
+            "both merged",
+        );
+        layer.unmerge_all().unwrap();
+        let rel = max_abs_diff(layer.base.weight.val(), w0.clone())
+            / vals(w0.clone()).iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(rel < 1e-6, "unmerge left a relative error of {rel:e}");
+        assert_close(layer.forward(x).unwrap(), y, 1e-5, "after unmerge");
+    }
+}
+
+#[test]
+fn active_subsets_sum_their_deltas() {
+    for device in devices() {
+        let mut rng = Rng(2);
+        let mut layer = two_adapter_layer(&mut rng, 20, 10, &device);
+        let x = rng.tensor(6, 20, &device);
+        let base = layer.base.forward(x.clone());
+        let da = layer.adapter("a").unwrap().delta_forward(x.clone());
+        let db = layer.adapter("b").unwrap().delta_forward(x.clone());
+        layer.set_active(&["b"]).unwrap();
+        assert_eq!(layer.active_adapters(), ["b"]);
+        assert_close(
+            layer.forward(x.clone()).unwrap(),
+            base.clone() + db.clone(),
+            1e-5,
+            "only b",
+        );
+        layer.set_active(&["a", "b"]).unwrap();
+        assert_close(
+            layer.forward(x.clone()).unwrap(),
+            base.clone() + da + db,
+            1e-5,
+            "a and b",
+        );
+        layer.set_active(&[]).unwrap();
+        assert_close(layer.forward(x).unwrap(), base, 0.0, "none active");
+        // rsLoRA scaling is alpha/sqrt(r), LoRA alpha/r.
+        assert_eq!(layer.adapter("a").unwrap().scaling(), 4.0);
+        assert!((layer.adapter("b").unwrap().scaling() - 16.0 / 8f64.sqrt()).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn new_adapters_start_as_identity_with_peft_init() {
+    let device = Device::flex();
+    device.seed(5);
+    let mut layer = LoraLinear::new(LinearConfig::new(256, 32).init(&device));
+    layer.add_adapter("k", &LoraConfig::new(8)).unwrap();
+    layer
+        .add_adapter(
+            "g",
+            &LoraConfig::new(8).with_init(modula::LoraInit::Gaussian),
+        )
+        .unwrap();
+    let x = Rng(9).tensor(4, 256, &device);
+    assert_close(
+        layer.forward(x.clone()).unwrap(),
+        layer.base.forward(x),
+        0.0,
+        "B = 0 at init",
+    );
+    let a = vals(layer.adapter("k").unwrap().a.val());
+    let bound = 1.0 / 16.0; // 1/sqrt(d_in)
+    assert!(a.iter().all(|v| v.abs() <= bound));
+    assert!(
+        a.iter().any(|v| v.abs() > 0.8 * bound),
+        "kaiming-uniform should fill its range"
+    );
+    let g = vals(layer.adapter("g").unwrap().a.val());
+    let std = (g.iter().map(|v| v * v).sum::<f32>() / g.len() as f32).sqrt();
+    assert!(
+        (std - 0.125).abs() < 0.02,
+        "gaussian init std {std}, expected 1/r = 0.125"
+    );
+}
+
+#[test]
+fn only_adapter_parameters_receive_gradients_and_training_works() {
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(4);
+    let mut layer = LoraLinear::new(LinearConfig::new(12, 6).init(&device));
+    let ad = LoraAdapter::from_factors(
+        rng.tensor(12, 2, &device),
+        rng.tensor(2, 6, &device),
+        4.0,
+        false,
+        0.0,
+    )
+    .unwrap();
+    layer.insert_adapter("t", ad).unwrap();
+    let x = rng.tensor(32, 12, &device);
+    let target = rng.tensor(32, 6, &device);
+    let loss = (layer.forward(x.clone()).unwrap() - target.clone())
+        .powf_scalar(2.0)
+        .mean();
+    let grads = loss.backward();
+    assert!(
+        layer.base.weight.val().grad(&grads).is_none(),
+        "base weight must be frozen"
+    );
+    assert!(
+        layer
+            .base
+            .bias
+            .as_ref()
+            .unwrap()
+            .val()
+            .grad(&grads)
+            .is_none(),
+        "base bias frozen"
+    );
+    let ad = layer.adapter("t").unwrap();
+    for (name, g) in [
+        ("A", ad.a.val().grad(&grads)),
+        ("B", ad.b.val().grad(&grads)),
+    ] {
+        let g = g.unwrap_or_else(|| panic!("{name} must receive a gradient"));
+        assert!(vals(g).iter().any(|v| *v != 0.0), "{name} gradient is zero");
+    }
+    // A few Adam steps lower the loss and leave the base bit-identical.
+    let w0 = vals(layer.base.weight.val());
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::new();
+    for _ in 0..20 {
+        let loss = (layer.forward(x.clone()).unwrap() - target.clone())
+            .powf_scalar(2.0)
+            .mean();
+        losses.push(loss.clone().into_scalar::<f32>());
+        let grads = GradientsParams::from_grads(loss.backward(), &layer);
+        layer = optim.step(0.05, layer, grads);
+    }
+    assert!(
+        losses[19] < 0.8 * losses[0],
+        "loss {} -> {}",
+        losses[0],
+        losses[19]
+    );
+    assert_eq!(
+        vals(layer.base.weight.val()),
+        w0,
+        "base weight changed during training"
+    );
+}
+
+#[test]
+fn dropout_applies_in_training_only() {
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(8);
+    let mut layer = LoraLinear::new(LinearConfig::new(32, 8).init(&device));
+    let ad = LoraAdapter::from_factors(
+        rng.tensor(32, 4, &device),
+        rng.tensor(4, 8, &device),
+        8.0,
+        false,
+        0.5,
+    )
+    .unwrap();
+    layer.insert_adapter("d", ad).unwrap();
+    let x = rng.tensor(16, 32, &device);
+    let eval = layer.valid();
+    let y_eval = eval.forward(x.clone().without_autodiff()).unwrap();
+    let y_eval2 = eval.forward(x.clone().without_autodiff()).unwrap();
+    assert_close(y_eval.clone(), y_eval2, 0.0, "eval is deterministic");
+    let y_train = layer.forward(x).unwrap().without_autodiff();
+    assert!(
+        max_abs_diff(y_train, y_eval) > 1e-3,
+        "dropout had no effect in training"
+    );
+}
+
+#[test]
+fn record_round_trip_restores_outputs() {
+    let device = Device::flex();
+    let mut rng = Rng(12);
+    let layer = two_adapter_layer(&mut rng, 16, 8, &device);
+    let x = rng.tensor(3, 16, &device);
+    let y = layer.forward(x.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("layer.bpk");
+    layer.clone().save_file(&path).unwrap();
+    let fresh = two_adapter_layer(&mut Rng(99), 16, 8, &device);
+    assert!(max_abs_diff(fresh.forward(x.clone()).unwrap(), y.clone()) > 1e-3);
+    let loaded = fresh.load_file(&path);
+    assert_close(loaded.forward(x).unwrap(), y, 0.0, "reloaded layer");
+}
+
+#[test]
+fn peft_folder_round_trip_keeps_outputs_and_per_module_ranks() {
+    for device in devices() {
+        let mut rng = Rng(21);
+        let mut peft = PeftLora::new(4, 8.0, true);
+        let mk = |rng: &mut Rng, din, r, dout, alpha| {
+            LoraAdapter::from_factors(
+                rng.tensor(din, r, &device),
+                rng.tensor(r, dout, &device),
+                alpha,
+                true,
+                0.0,
+            )
+            .unwrap()
+        };
+        peft.insert("encoder.q_proj", mk(&mut rng, 10, 4, 6, 8.0));
+        peft.insert("encoder.v_proj", mk(&mut rng, 10, 2, 6, 3.0));
+        let dir = tempfile::tempdir().unwrap();
+        peft.save(dir.path()).unwrap();
+        let back = PeftLora::load(dir.path(), &device).unwrap();
+        assert_eq!(back.config.rank_for("encoder.v_proj"), 2);
+        assert_eq!(back.config.alpha_for("encoder.v_proj"), 3.0);
+        assert_eq!(back.config.rank_for("encoder.q_proj"), 4);
+        let x = rng.tensor(5, 10, &device);
+        for p in ["encoder.q_proj", "encoder.v_proj"] {
+            let (a, b) = (peft.get(p).unwrap(), back.get(p).unwrap());
+            assert_eq!(a.scaling(), b.scaling());
+            assert_close(
+                a.delta_forward(x.clone()),
+                b.delta_forward(x.clone()),
+                0.0,
+                p,
+            );
+        }
+        // The written config is a full PEFT 0.21 LoRA config.
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], "LORA");
+        assert_eq!(cfg["use_rslora"], true);
+        assert_eq!(cfg["use_dora"], false);
+        assert_eq!(
+            cfg["target_modules"],
+            serde_json::json!(["encoder.q_proj", "encoder.v_proj"])
+        );
+    }
+}
+
+#[test]
+fn golden_peft_folders_survive_save_and_reload() {
+    let device = Device::flex();
+    let g = golden("peft_lora_tiny_mlp_expected.safetensors");
+    let base = golden("tiny_mlp_base.safetensors");
+    let loaded = PeftLora::load(data("peft_lora_tiny_mlp"), &device).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    loaded.save(dir.path()).unwrap();
+    let again = PeftLora::load(dir.path(), &device).unwrap();
+    let mut fc1 = LoraLinear::new(base.linear_torch("fc1", &device).unwrap());
+    let mut fc2 = LoraLinear::new(base.linear_torch("fc2", &device).unwrap());
+    again.attach("fc1", &mut fc1, "default").unwrap();
+    again.attach("fc2", &mut fc2, "default").unwrap();
+    let x: Tensor<2> = g.tensor("x", &device).unwrap();
+    let y = fc2
+        .forward(burn::tensor::activation::relu(fc1.forward(x).unwrap()))
+        .unwrap();
+    assert_close(
+        y,
+        g.tensor("expected_out", &device).unwrap(),
+        1e-5,
+        "re-saved LoRA folder",
+    );
+
+    let ia3 = PeftIa3::load(data("peft_ia3_tiny_mlp"), &device).unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    ia3.save(dir2.path()).unwrap();
+    let ia3b = PeftIa3::load(dir2.path(), &device).unwrap();
+    for (p, (v, ff)) in &ia3.modules {
+        let (v2, ff2) = &ia3b.modules[p];
+        assert_eq!(ff, ff2);
+        assert_close(v.clone(), v2.clone(), 0.0, p);
+    }
+}
+
+#[test]
+fn ia3_merge_unmerge_round_trip() {
+    for device in devices() {
+        for ff in [false, true] {
+            let mut rng = Rng(31);
+            let base = LinearConfig::new(9, 7).init(&device);
+            let n = if ff { 9 } else { 7 };
+            let l = rng.tensor(1, n, &device).reshape([n]) + 1.5;
+            let mut layer = Ia3Linear::with_scale(base, l, ff).unwrap();
+            let x = rng.tensor(4, 9, &device);
+            let y = layer.forward(x.clone()).unwrap();
+            let w0 = layer.base.weight.val();
+            layer.merge().unwrap();
+            assert_close(
+                layer.forward(x.clone()).unwrap(),
+                y.clone(),
+                1e-5,
+                "IA3 merged",
+            );
+            layer.unmerge().unwrap();
+            assert_close(layer.base.weight.val(), w0, 1e-6, "IA3 unmerged weight");
+            assert_close(layer.forward(x).unwrap(), y, 1e-5, "IA3 unmerged");
+        }
+    }
+}
+
+#[test]
+fn bottleneck_adapters_forms_and_placements() {
+    for device in devices() {
+        let cfg = BottleneckConfig::new(32)
+            .with_reduction_factor(8)
+            .with_scaling(0.5);
+        assert_eq!(cfg.bottleneck(), 4);
+        let mut ad = cfg.init(&device).unwrap();
+        let mut rng = Rng(41);
+        let h = rng.tensor(5, 32, &device);
+        // Zero-initialised up projection: the identity.
+        assert_close(
+            ad.forward(h.clone(), h.clone()).unwrap(),
+            h.clone(),
+            0.0,
+            "identity at init",
+        );
+        ad.up.weight = burn::module::Param::from_tensor(rng.tensor(4, 32, &device));
+        let x_in = rng.tensor(5, 32, &device);
+        let by_hand = |t: Tensor<2>| {
+            let z = burn::tensor::activation::relu(ad.down.forward(t));
+            ad.up.forward(z).mul_scalar(0.5)
+        };
+        assert_close(
+            ad.forward(x_in.clone(), h.clone()).unwrap(),
+            h.clone() + by_hand(h.clone()),
+            1e-5,
+            "sequential",
+        );
+        ad.form = AdapterForm::Parallel;
+        assert_close(
+            ad.forward(x_in.clone(), h.clone()).unwrap(),
+            h.clone() + by_hand(x_in),
+            1e-5,
+            "parallel",
+        );
+        let houlsby = BlockAdapters::new(AdapterPlacement::Houlsby, &cfg, &device).unwrap();
+        let pfeiffer = BlockAdapters::new(AdapterPlacement::Pfeiffer, &cfg, &device).unwrap();
+        assert!(houlsby.attention.is_some() && pfeiffer.attention.is_none());
+        assert!(houlsby.num_params() == 2 * pfeiffer.num_params());
+        assert_close(
+            pfeiffer.after_attention(h.clone(), h.clone()).unwrap(),
+            h,
+            0.0,
+            "pfeiffer attention",
+        );
+    }
+}
+
+#[test]
+fn lora_embedding_lookup_merge_and_peft_keys() {
+    use burn::nn::EmbeddingConfig;
+    use burn::tensor::{Int, TensorData};
+    for device in devices() {
+        let mut rng = Rng(51);
+        let mut emb = modula::LoraEmbedding::new(EmbeddingConfig::new(11, 6).init(&device));
+        let ad = LoraAdapter::from_factors(
+            rng.tensor(11, 3, &device),
+            rng.tensor(3, 6, &device),
+            6.0,
+            false,
+            0.0,
+        )
+        .unwrap();
+        emb.insert_adapter("e", ad.clone()).unwrap();
+        let original = emb.base.clone();
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![0i64, 3, 10, 3, 7, 1], [2, 3]),
+            &device,
+        );
+        let y = emb.forward(ids.clone()).unwrap();
+        // By hand: row t of (E + s·A B).
+        let table = emb.base.weight.val() + ad.a.val().matmul(ad.b.val()).mul_scalar(2.0);
+        let want = burn::tensor::module::embedding(table, ids.clone());
+        assert_close(y.clone(), want, 1e-5, "embedding LoRA lookup");
+        emb.merge("e").unwrap();
+        assert_close(
+            emb.forward(ids.clone()).unwrap(),
+            y,
+            1e-5,
+            "merged embedding",
+        );
+        let bad = Tensor::<2, Int>::from_data(TensorData::new(vec![11i64], [1, 1]), &device);
+        assert!(matches!(
+            emb.forward(bad),
+            Err(modula::Error::Invalid { .. })
+        ));
+        // PEFT keys: lora_embedding_A [r, n], lora_embedding_B [d, r].
+        let mut peft = PeftLora::new(3, 6.0, false);
+        peft.insert_embedding("embed_tokens", ad);
+        let dir = tempfile::tempdir().unwrap();
+        peft.save(dir.path()).unwrap();
+        let f = TensorFile::open(dir.path().join("adapter_model.safetensors")).unwrap();
+        assert_eq!(
+            f.get("base_model.model.embed_tokens.lora_embedding_A")
+                .unwrap()
+                .shape,
+            [3, 11]
+        );
+        assert_eq!(
+            f.get("base_model.model.embed_tokens.lora_embedding_B")
+                .unwrap()
+                .shape,
+            [6, 3]
+        );
+        let back = PeftLora::load(dir.path(), &device).unwrap();
+        let mut emb2 = modula::LoraEmbedding::new(original);
+        back.attach_embedding("embed_tokens", &mut emb2, "e")
+            .unwrap();
+        emb2.merge("e").unwrap();
+        assert_close(
+            emb2.base.weight.val(),
+            emb.base.weight.val(),
+            1e-6,
+            "re-loaded embedding adapter",
+        );
+    }
+}
