@@ -2,7 +2,14 @@
 //!
 //! Run with `cargo run --release --example bench_report`. The last line is one JSON object.
 //! Shapes follow the peers' script (../shared/peers/bench_peers.py): d_in = d_out = 1024,
-//! 4096 tokens, f32, on Flex (or `--wgpu` with the `wgpu` feature).
+//! 4096 tokens, f32, on Flex (or `--wgpu` with the `wgpu` feature); `--quick` for small shapes.
+//!
+//! `lora_r8_fwd_over_linear_fwd` uses the default [`LoraForward::Auto`](modula::LoraForward)
+//! (the fused-weight form at this size), `lora_r8_thin_fwd_over_linear_fwd` forces the thin
+//! `s·(x A) B` form. glibc's default malloc returns large freed buffers to the OS, so every
+//! fresh activation is page-faulted again; run with `MALLOC_TRIM_THRESHOLD_=4000000000
+//! MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=268435456` (or a caching allocator) to
+//! see the compute-bound figures.
 
 use std::time::Instant;
 
@@ -67,9 +74,12 @@ fn main() -> modula::Result<()> {
     let lora = lora_layer(linear.clone(), 8, &device)?;
     let mut merged = lora.clone();
     merged.merge("bench")?;
+    let mut thin = lora.clone();
+    thin.set_forward_mode(modula::LoraForward::Thin);
     // Interleave the three measurements twice and keep the best median of each, so a burst of
     // machine noise hits all of them alike.
-    let (mut t_lin, mut t_lora, mut t_merged) = (f64::MAX, f64::MAX, f64::MAX);
+    let (mut t_lin, mut t_lora, mut t_merged, mut t_thin) =
+        (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
     for _ in 0..2 {
         t_lin = t_lin.min(median_s(warm, reps, || {
             let _ = linear.forward(x.clone());
@@ -81,6 +91,10 @@ fn main() -> modula::Result<()> {
         }));
         t_merged = t_merged.min(median_s(warm, reps, || {
             let _ = merged.forward(x.clone());
+            sync(&device);
+        }));
+        t_thin = t_thin.min(median_s(warm, reps, || {
+            let _ = thin.forward(x.clone());
             sync(&device);
         }));
     }

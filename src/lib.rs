@@ -82,7 +82,7 @@ pub use modules::adapter::{
 };
 pub use modules::ia3::Ia3Linear;
 pub use modules::lora::{
-    AdapterSlots, LoraAdapter, LoraConfig, LoraEmbedding, LoraInit, LoraLinear,
+    AdapterSlots, LoraAdapter, LoraConfig, LoraEmbedding, LoraForward, LoraInit, LoraLinear,
 };
 pub use modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
 pub use modules::{ComputeModule, dispatch_modules};

@@ -5,7 +5,7 @@ mod common;
 
 use burn::module::Module;
 use burn::nn::LinearConfig;
-use burn::optim::{AdamConfig, GradientsParams, Optimizer as _};
+use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use common::{Rng, assert_close, data, devices, golden, max_abs_diff, vals};
 use modula::prelude::*;
@@ -458,4 +458,43 @@ fn lora_embedding_lookup_merge_and_peft_keys() {
             "re-loaded embedding adapter",
         );
     }
+}
+
+#[test]
+fn thin_and_fused_weight_forms_agree_and_training_stays_thin() {
+    use modula::LoraForward;
+    for device in devices() {
+        let mut rng = Rng(61);
+        let mut layer = two_adapter_layer(&mut rng, 32, 24, &device);
+        let x = rng.tensor(40, 32, &device);
+        // Auto: 40·(32+24) ≥ 32·24, so inference takes the fused-weight form.
+        assert_eq!(layer.resolved_forward(40), LoraForward::FusedWeight);
+        assert_eq!(layer.resolved_forward(3), LoraForward::Thin);
+        let auto = layer.forward(x.clone()).unwrap();
+        layer.set_forward_mode(LoraForward::Thin);
+        let thin = layer.forward(x.clone()).unwrap();
+        layer.set_forward_mode(LoraForward::FusedWeight);
+        assert_eq!(layer.resolved_forward(1), LoraForward::FusedWeight);
+        let fused = layer.forward(x.clone()).unwrap();
+        assert_close(auto.clone(), thin.clone(), 1e-5, "auto vs thin");
+        assert_close(fused, thin, 1e-5, "fused weight vs thin");
+        // By hand: base + Σ s (x A) B.
+        let mut want = layer.base.forward(x.clone());
+        for n in ["a", "b"] {
+            let ad = layer.adapter(n).unwrap();
+            want = want
+                + x.clone()
+                    .matmul(ad.a.val())
+                    .matmul(ad.b.val())
+                    .mul_scalar(ad.scaling());
+        }
+        assert_close(auto, want, 1e-5, "by hand");
+    }
+    // While adapters train, even a forced fused-weight mode stays thin.
+    let device = Device::flex().autodiff();
+    let mut layer = two_adapter_layer(&mut Rng(62), 32, 24, &device);
+    layer.set_forward_mode(LoraForward::FusedWeight);
+    assert_eq!(layer.resolved_forward(4096), LoraForward::Thin);
+    let eval = layer.valid();
+    assert_eq!(eval.resolved_forward(4096), LoraForward::FusedWeight);
 }

@@ -211,6 +211,15 @@ impl LoraAdapter {
             .matmul(self.b.val().unsqueeze())
     }
 
+    /// Whether this adapter is in training: its factors track gradients, or dropout is live.
+    fn is_training(&self) -> bool {
+        self.a.val().is_require_grad()
+            || self.b.val().is_require_grad()
+            || (self.dropout.prob > 0.0
+                && self.dropout.training.is_enabled()
+                && self.a.device().is_autodiff())
+    }
+
     /// The dense update `s · A B`, `[d_in, d_out]`. Only merging needs it.
     pub fn delta_weight(&self) -> Tensor<2> {
         self.a.val().mul_scalar(self.scaling()).matmul(self.b.val())
@@ -457,9 +466,32 @@ macro_rules! adapter_host_api {
     };
 }
 
+/// How [`LoraLinear`] applies its unmerged active adapters in the forward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoraForward {
+    /// Pick per call (the default): [`FusedWeight`](Self::FusedWeight) in inference when it
+    /// moves less data and does fewer FLOPs than [`Thin`](Self::Thin), that is when
+    /// `rows · (d_in + d_out) ≥ d_in · d_out`; [`Thin`](Self::Thin) otherwise, and always while
+    /// any adapter trains.
+    #[default]
+    Auto,
+    /// `x W + b + Σ s·(x A) B`: never forms `A B`. Costs `2·rows·r·(d_in + d_out)` FLOPs and
+    /// two `[rows, d_out]` passes over memory per adapter.
+    Thin,
+    /// `x (W + Σ s·A B) + b` with a transient `[d_in, d_out]` weight, built and dropped within
+    /// the call (never stored): `2·d_in·d_out·r` FLOPs per adapter, independent of the batch.
+    /// Inference only: in training [`Auto`](Self::Auto) never picks it, and forcing it still
+    /// falls back to [`Thin`](Self::Thin) so that backward never forms a `d_in × d_out`
+    /// gradient.
+    FusedWeight,
+}
+
 /// A frozen burn [`Linear`] with any number of named LoRA adapters.
 ///
 /// `y = x W + b + Σ_{a active, not merged} s_a · (x A_a) B_a`.
+///
+/// For large inference batches the same sum is computed as `x (W + Σ s_a A_a B_a) + b` (see
+/// [`LoraForward`]); both forms agree to f32 rounding.
 ///
 /// The base parameters never receive gradients; each adapter's factors do. Adapters can be
 /// activated in any combination, merged into the base weight for inference and unmerged again.
@@ -471,6 +503,8 @@ pub struct LoraLinear {
     pub adapters: Vec<LoraAdapter>,
     #[module(skip)]
     slots: AdapterSlots,
+    #[module(skip)]
+    mode: LoraForward,
 }
 
 adapter_host_api!(LoraLinear);
@@ -482,7 +516,18 @@ impl LoraLinear {
             base: base.no_grad(),
             adapters: Vec::new(),
             slots: AdapterSlots::default(),
+            mode: LoraForward::Auto,
         }
+    }
+
+    /// Chooses how unmerged adapters are applied (default [`LoraForward::Auto`]).
+    pub fn set_forward_mode(&mut self, mode: LoraForward) {
+        self.mode = mode;
+    }
+
+    /// The current forward mode.
+    pub fn forward_mode(&self) -> LoraForward {
+        self.mode
     }
 
     fn host_dims(&self) -> (usize, usize) {
@@ -520,13 +565,61 @@ impl LoraLinear {
     }
 
     fn forward_unchecked<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let mut y = self.base.forward(x.clone());
-        for (i, adapter) in self.adapters.iter().enumerate() {
-            if self.slots.contributes(i) {
-                y = y + adapter.delta_forward(x.clone());
+        let live: Vec<&LoraAdapter> = self
+            .adapters
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.slots.contributes(*i))
+            .map(|(_, a)| a)
+            .collect();
+        if live.is_empty() {
+            return self.base.forward(x);
+        }
+        if self.use_fused_weight(&x, &live) {
+            let mut w = self.base.weight.val();
+            for a in &live {
+                w = w + a.delta_weight();
             }
+            return burn::tensor::module::linear(x, w, self.base.bias.as_ref().map(|b| b.val()));
+        }
+        let mut y = self.base.forward(x.clone());
+        for a in live {
+            y = y + a.delta_forward(x.clone());
         }
         y
+    }
+
+    fn use_fused_weight<const D: usize>(&self, x: &Tensor<D>, live: &[&LoraAdapter]) -> bool {
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let training = live.iter().any(|a| a.is_training());
+        self.resolve_mode(rows, training) == LoraForward::FusedWeight
+    }
+
+    /// The form ([`LoraForward::Thin`] or [`LoraForward::FusedWeight`]) a forward pass over
+    /// `rows` rows takes with the current mode and adapters.
+    pub fn resolved_forward(&self, rows: usize) -> LoraForward {
+        let training = self
+            .adapters
+            .iter()
+            .enumerate()
+            .any(|(i, a)| self.slots.contributes(i) && a.is_training());
+        self.resolve_mode(rows, training)
+    }
+
+    fn resolve_mode(&self, rows: usize, training: bool) -> LoraForward {
+        let (d_in, d_out) = (self.d_in(), self.d_out());
+        let fused = !training
+            && match self.mode {
+                LoraForward::Thin => false,
+                LoraForward::FusedWeight => true,
+                LoraForward::Auto => rows * (d_in + d_out) >= d_in * d_out,
+            };
+        if fused {
+            LoraForward::FusedWeight
+        } else {
+            LoraForward::Thin
+        }
     }
 
     /// PEFT's `merge_and_unload`: merges the active adapters and returns the plain layer.
