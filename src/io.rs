@@ -178,6 +178,22 @@ impl TensorFile {
     }
 }
 
+impl TensorFile {
+    /// Builds a burn [`Linear`] from a GPT-2-style `Conv1D` (PEFT's `fan_in_fan_out=True`
+    /// hosts): `{prefix}.weight: [in, out]`, burn's own layout, and optional `{prefix}.bias`.
+    ///
+    /// # Errors
+    /// Missing weight, wrong rank, or a bias whose length is not `out`.
+    pub fn linear_conv1d(&self, prefix: &str, device: &Device) -> Result<Linear> {
+        let w: Tensor<2> = self.tensor(&format!("{prefix}.weight"), device)?;
+        let bias = match self.tensors.get(&format!("{prefix}.bias")) {
+            Some(b) => Some(b.to_tensor::<1>(device)?),
+            None => None,
+        };
+        linear_from_torch(w.transpose(), bias)
+    }
+}
+
 /// Builds a burn [`Linear`] from a PyTorch-layout weight `[out, in]` and optional bias `[out]`.
 ///
 /// # Errors

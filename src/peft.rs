@@ -776,3 +776,38 @@ fn write_folder(
     })?;
     atomic_write(&cfg_path, text.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_whole_paths_or_dotted_suffixes() {
+        assert!(pattern_matches("fc1", "fc1"));
+        assert!(pattern_matches("q_proj", "model.layers.0.self_attn.q_proj"));
+        assert!(!pattern_matches("proj", "model.layers.0.self_attn.q_proj"));
+        assert!(pattern_matches(r"layers\.[01]\.mlp", "model.layers.1.mlp"));
+        assert!(!pattern_matches(r"layers\.[01]\.mlp", "model.layers.2.mlp"));
+        assert!(!pattern_matches("(unclosed", "x.(unclosed2"));
+    }
+
+    #[test]
+    fn keys_split_into_module_path_and_part() {
+        let parts = ["lora_A.weight", "lora_B.weight"];
+        assert_eq!(
+            split_key("base_model.model.enc.fc1.lora_A.weight", &parts),
+            Some(("enc.fc1", "lora_A.weight"))
+        );
+        assert_eq!(split_key("base_model.model.fc1.bias", &parts), None);
+    }
+
+    #[test]
+    fn rank_and_alpha_patterns_override_defaults() {
+        let text = r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": true,
+            "rank_pattern": {"v_proj": 4}, "alpha_pattern": {"v_proj": 2}}"#;
+        let c = PeftConfig::from_json(text, "cfg").unwrap();
+        assert_eq!((c.rank_for("a.q_proj"), c.alpha_for("a.q_proj")), (8, 16.0));
+        assert_eq!((c.rank_for("a.v_proj"), c.alpha_for("a.v_proj")), (4, 2.0));
+        assert_eq!(c.scaling_for("a.v_proj"), 1.0); // rsLoRA: 2 / sqrt(4)
+    }
+}

@@ -519,3 +519,36 @@ where
     let y = plan.apply(&routing, x, d_out, agg, f)?;
     Ok((y, routing))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_sorts_slots_by_module() {
+        let device = Device::flex();
+        let r = Routing::from_rows(
+            &[vec![2, 0], vec![0, -1], vec![2, 2]],
+            &[vec![1.0, 2.0], vec![3.0, 4.0], vec![5.0, 6.0]],
+            3,
+            &device,
+        )
+        .unwrap();
+        let plan = DispatchPlan::new(&r).unwrap();
+        assert_eq!(plan.rows_per_module(), [2, 0, 3]);
+        assert_eq!(plan.num_entries(), 5);
+        // Module 0 owns slots (0,1) and (1,0); module 2 owns (0,0), (2,0), (2,1).
+        assert_eq!(plan.slots, [1, 2, 0, 4, 5]);
+        assert_eq!(plan.segment(2), 2..5);
+        let w: Vec<f32> = plan.weights.clone().into_data().iter::<f32>().collect();
+        assert_eq!(w, [2.0, 3.0, 1.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn index_range_is_checked() {
+        assert!(check_index(-1, 2).is_ok());
+        assert!(check_index(1, 2).is_ok());
+        assert!(check_index(2, 2).is_err());
+        assert!(check_index(-2, 2).is_err());
+    }
+}

@@ -3,7 +3,6 @@
 
 mod common;
 
-use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{Device, Tensor, activation};
 use common::{assert_close, data, devices, golden};
@@ -266,18 +265,8 @@ fn prefix_tuning_matches_peft_gpt2_layer() {
             "prefix values",
         );
         // GPT-2 Conv1D weights are [in, out], burn's own layout.
-        let c_attn = Linear {
-            weight: Param::from_tensor(g.tensor("c_attn.weight", &device).unwrap()),
-            bias: Some(Param::from_tensor(
-                g.tensor("c_attn.bias", &device).unwrap(),
-            )),
-        };
-        let c_proj = Linear {
-            weight: Param::from_tensor(g.tensor("c_proj.weight", &device).unwrap()),
-            bias: Some(Param::from_tensor(
-                g.tensor("c_proj.bias", &device).unwrap(),
-            )),
-        };
+        let c_attn = g.linear_conv1d("c_attn", &device).unwrap();
+        let c_proj = g.linear_conv1d("c_proj", &device).unwrap();
         let attn = PrefixAttention::from_linears(c_attn, c_proj, 2).unwrap();
         let h: Tensor<2> = g.tensor("hidden_in", &device).unwrap();
         let out = attn.forward(h.clone().unsqueeze(), Some((k, v))).unwrap();

@@ -730,3 +730,39 @@ impl LoraEmbedding {
         Ok(y)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_track_activity_and_merge_state() {
+        let mut s = AdapterSlots::default();
+        s.push("a").unwrap();
+        s.push("b").unwrap();
+        assert!(matches!(s.push("a"), Err(Error::DuplicateAdapter { .. })));
+        s.set_active(&["b"]).unwrap();
+        assert_eq!(s.active(), ["b"]);
+        assert!(!s.contributes(0) && s.contributes(1));
+        s.merged[1] = true;
+        assert!(
+            !s.contributes(1),
+            "a merged adapter contributes through the weight"
+        );
+        assert!(matches!(
+            s.index_for_merge("b", false),
+            Err(Error::State(_))
+        ));
+        assert_eq!(s.all_merged(), ["b"]);
+        s.remove(0);
+        assert_eq!(s.names(), ["b"]);
+        assert_eq!(s.index("b").unwrap(), 0);
+    }
+
+    #[test]
+    fn scaling_follows_lora_and_rslora() {
+        assert_eq!(lora_scaling(16.0, 8, false), 2.0);
+        assert_eq!(lora_scaling(16.0, 4, true), 8.0);
+        assert_eq!(LoraConfig::new(4).with_alpha(8.0).scaling(), 2.0);
+    }
+}

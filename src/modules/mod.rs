@@ -10,7 +10,7 @@
 //!   [`adapter`] (bottleneck adapters, Houlsby and Pfeiffer placements).
 //!
 //! Any of them can also serve as a routed expert: the [`ComputeModule`] trait is what the
-//! sparse dispatch ([`DispatchPlan`](crate::routing::DispatchPlan)) calls on the rows a module
+//! sparse dispatch ([`DispatchPlan`]) calls on the rows a module
 //! was routed.
 
 pub mod adapter;

@@ -138,7 +138,7 @@ impl PrefixEncoder {
         let flat = self.kv_flat();
         let [p, total] = flat.dims();
         let d = total / (2 * self.num_layers);
-        if heads == 0 || d % heads != 0 {
+        if heads == 0 || !d.is_multiple_of(heads) {
             return Err(Error::invalid(
                 "prefix heads",
                 format!("{heads} heads do not divide d_model {d}"),
@@ -198,7 +198,7 @@ impl PrefixAttention {
                 format!("c_attn [{d}, {three_d}], c_proj {pd:?}"),
             ));
         }
-        if heads == 0 || d % heads != 0 {
+        if heads == 0 || !d.is_multiple_of(heads) {
             return Err(Error::invalid(
                 "attention heads",
                 format!("{heads} heads do not divide d_model {d}"),
@@ -273,7 +273,7 @@ impl PrefixEncoder {
     /// [`Error::Invalid`] if `num_layers` is zero or does not divide the width into `L·2·d`.
     pub fn from_embedding(embedding: Tensor<2>, num_layers: usize) -> Result<Self> {
         let [_, w] = embedding.dims();
-        if num_layers == 0 || w % (2 * num_layers) != 0 {
+        if num_layers == 0 || !w.is_multiple_of(2 * num_layers) {
             return Err(Error::invalid(
                 "prefix embedding",
                 format!("width {w} is not L·2·d for L = {num_layers}"),
