@@ -45,10 +45,13 @@
 //! ```
 //!
 //! ## Modules
-//! - [`modules::lora`]: LoRA and rsLoRA with dropout, PEFT initialisation, many named adapters
-//!   per layer (any subset active), merge/unmerge, training with burn's optimizers (only the
-//!   factors get gradients). It goes beyond burn-core's own `apply_lora` (one adapter, merged on
-//!   every forward, no unmerge); see the module docs.
+//! - [`modules::lora`]: LoRA and rsLoRA on `Linear` ([`LoraLinear`]) and `Embedding`
+//!   ([`LoraEmbedding`]), with dropout, PEFT initialisation, many named adapters per layer (any
+//!   subset active), merge/unmerge, training with burn's optimizers (only the factors get
+//!   gradients). In training the delta is always `s·(x A) B`; for large inference batches
+//!   [`LoraForward::Auto`] uses a transient `W + s·A B` when that costs less. It goes beyond
+//!   burn-core's own `apply_lora` (one adapter, merged into the weight on every forward, no
+//!   unmerge); see the module docs.
 //! - [`modules::ia3`]: (IA)³ output-side and input-side (feed-forward) scaling, merge/unmerge.
 //! - [`modules::adapter`]: bottleneck adapters, sequential and parallel, Houlsby and Pfeiffer
 //!   placements, configurable reduction factor, non-linearity and scaling.
@@ -59,7 +62,8 @@
 //! - [`peft`]: PEFT LoRA and IA3 folders, loaded by module path and saved so that PEFT 0.21
 //!   loads them with identical outputs; unsupported settings (DoRA, bias training, ...) are
 //!   errors, never silently different models.
-//! - [`io`]: safetensors reading/writing (atomic writes) and PyTorch-layout `Linear` loading.
+//! - [`io`]: safetensors reading/writing (atomic writes) and `Linear` loading from PyTorch
+//!   (`[out, in]`) or GPT-2 `Conv1D` (`[in, out]`) layouts.
 //!
 //! ## Errors
 //! Every fallible API returns [`Result`] with an [`Error`] that says what was wrong and how to

@@ -528,7 +528,7 @@ impl PeftLora {
                 rank_pattern.insert(format!("^{}$", regex::escape(path)), json!(ad.rank()));
             }
             if ad.alpha != a0 {
-                alpha_pattern.insert(format!("^{}$", regex::escape(path)), json!(ad.alpha));
+                alpha_pattern.insert(format!("^{}$", regex::escape(path)), py_number(ad.alpha));
             }
             let (ka, kb) = if self.embeddings.contains(path) {
                 ("lora_embedding_A", "lora_embedding_B")
@@ -551,7 +551,7 @@ impl PeftLora {
         let targets: Vec<&str> = self.paths().collect();
         doc.insert("peft_type".into(), json!("LORA"));
         doc.insert("r".into(), json!(r0));
-        doc.insert("lora_alpha".into(), json!(a0));
+        doc.insert("lora_alpha".into(), py_number(a0));
         doc.insert("use_rslora".into(), json!(use_rslora));
         doc.insert("rank_pattern".into(), Value::Object(rank_pattern));
         doc.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
@@ -720,6 +720,16 @@ impl PeftAdapter {
             PeftType::Lora => PeftLora::load(dir, device).map(Self::Lora),
             PeftType::Ia3 => PeftIa3::load(dir, device).map(Self::Ia3),
         }
+    }
+}
+
+/// A number as Python's `json` writes it: integral values without a fraction (`8`, not `8.0`),
+/// so a re-saved config is identical to the one PEFT wrote.
+fn py_number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
     }
 }
 

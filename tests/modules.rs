@@ -280,6 +280,22 @@ fn peft_folder_round_trip_keeps_outputs_and_per_module_ranks() {
     }
 }
 
+/// What modula writes is what PEFT wrote: the same tensors (names, shapes, values) and the
+/// same config document, key for key.
+fn assert_same_peft_folder(peft: &std::path::Path, ours: &std::path::Path) {
+    let a = TensorFile::open(peft.join("adapter_model.safetensors")).unwrap();
+    let b = TensorFile::open(ours.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(a.tensors(), b.tensors(), "re-saved tensors differ");
+    let read = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(
+        read(peft.join("adapter_config.json")),
+        read(ours.join("adapter_config.json")),
+        "re-saved config differs"
+    );
+}
+
 #[test]
 fn golden_peft_folders_survive_save_and_reload() {
     let device = Device::flex();
@@ -288,6 +304,7 @@ fn golden_peft_folders_survive_save_and_reload() {
     let loaded = PeftLora::load(data("peft_lora_tiny_mlp"), &device).unwrap();
     let dir = tempfile::tempdir().unwrap();
     loaded.save(dir.path()).unwrap();
+    assert_same_peft_folder(&data("peft_lora_tiny_mlp"), dir.path());
     let again = PeftLora::load(dir.path(), &device).unwrap();
     let mut fc1 = LoraLinear::new(base.linear_torch("fc1", &device).unwrap());
     let mut fc2 = LoraLinear::new(base.linear_torch("fc2", &device).unwrap());
@@ -307,6 +324,7 @@ fn golden_peft_folders_survive_save_and_reload() {
     let ia3 = PeftIa3::load(data("peft_ia3_tiny_mlp"), &device).unwrap();
     let dir2 = tempfile::tempdir().unwrap();
     ia3.save(dir2.path()).unwrap();
+    assert_same_peft_folder(&data("peft_ia3_tiny_mlp"), dir2.path());
     let ia3b = PeftIa3::load(dir2.path(), &device).unwrap();
     for (p, (v, ff)) in &ia3.modules {
         let (v2, ff2) = &ia3b.modules[p];
@@ -497,4 +515,36 @@ fn thin_and_fused_weight_forms_agree_and_training_stays_thin() {
     assert_eq!(layer.resolved_forward(4096), LoraForward::Thin);
     let eval = layer.valid();
     assert_eq!(eval.resolved_forward(4096), LoraForward::FusedWeight);
+}
+
+#[test]
+fn prefix_tuning_trains_the_prefix_only() {
+    let device = Device::flex().autodiff();
+    device.seed(3);
+    let enc = PrefixConfig::new(4, 2, 16)
+        .with_projection_hidden(Some(8))
+        .init(&device)
+        .unwrap();
+    let attn = PrefixAttention::new(16, 4, &device).unwrap().no_grad();
+    let h = Rng(71).tensor(6, 16, &device).unsqueeze::<3>();
+    let (k, v) = enc.layer_kv(1, 4).unwrap();
+    assert_eq!(k.dims(), [4, 4, 4]);
+    let out = attn.forward(h.clone(), Some((k, v))).unwrap();
+    assert_eq!(out.dims(), [1, 6, 16]);
+    let grads = out.powf_scalar(2.0).mean().backward();
+    let g = enc
+        .embedding
+        .val()
+        .grad(&grads)
+        .expect("prefix embedding gets a gradient");
+    assert!(vals(g).iter().any(|x| *x != 0.0));
+    let proj = enc.projection.as_ref().unwrap();
+    assert!(proj.first.weight.val().grad(&grads).is_some());
+    assert!(
+        attn.c_attn.weight.val().grad(&grads).is_none(),
+        "attention is frozen"
+    );
+    // Errors: a layer past the end, heads that do not divide the width.
+    assert!(enc.layer_kv(2, 4).is_err());
+    assert!(enc.layer_kv(0, 5).is_err());
 }

@@ -20,9 +20,15 @@
 //!
 //! # Relation to burn's own LoRA
 //! burn-core 0.22's `Module::apply_lora` reparameterises every 2-D weight with one adapter and
-//! materialises `W + s·A B` on every forward; it has no rsLoRA, dropout, named adapters,
-//! unmerge or PEFT files. modula's [`LoraLinear`] wraps a burn `Linear` instead: several named
-//! adapters, any subset active, merged or not, and the delta is applied as two thin matmuls.
+//! materialises `W + s·A B` on every forward, in training too: its backward then forms a full
+//! `d_in × d_out` weight gradient before reaching the factors. It has no rsLoRA, dropout, named
+//! adapters, unmerge or PEFT files. modula's [`LoraLinear`] wraps a burn `Linear` instead:
+//! several named adapters, any subset active, merged or not. While adapters train, the delta
+//! is applied as two thin matmuls, so backward costs `O(rows·r·(d_in + d_out))` beyond the
+//! base. In inference, [`LoraForward::Auto`] forms the fused weight transiently only when the
+//! batch is large enough that doing so is cheaper. Both crates' adapters are plain factor
+//! pairs: burn's `LoraAdapter { a: [d_in, r], b: [r, d_out], scale }` holds the same numbers as
+//! modula's [`LoraAdapter`] (`scale` = [`LoraAdapter::scaling`]).
 
 use burn::config::Config;
 use burn::module::{Module, Param};
