@@ -19,20 +19,35 @@ use burn::tensor::{Device, Distribution, Tensor};
 use modula::LoraLinear;
 use modula::prelude::*;
 
-/// Median wall time in seconds of `reps` runs after `warmup` runs; `f` must sync the device.
-fn median_s(warmup: usize, reps: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..warmup {
-        f();
-    }
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
+/// Median wall times in seconds of each closure over `reps` rounds after `warmup` rounds.
+/// Every round runs all closures once, in rotating order, so drift in machine speed and the
+/// allocator's state affect them alike. Each closure must sync the device.
+fn interleaved(warmup: usize, reps: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+    let n = fs.len();
+    let mut times = vec![Vec::with_capacity(reps); n];
+    for round in 0..warmup + reps {
+        for j in 0..n {
+            let i = (round + j) % n;
             let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
+            (fs[i])();
+            if round >= warmup {
+                times[i].push(s.elapsed().as_secs_f64());
+            }
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(|a, b| a.total_cmp(b));
+            t[t.len() / 2]
         })
-        .collect();
-    t.sort_by(|a, b| a.total_cmp(b));
-    t[reps / 2]
+        .collect()
+}
+
+/// Prints `label`'s time and its ratio to `base`, and records the ratio under `key`.
+fn ratio(metrics: &mut Vec<(String, f64)>, label: &str, key: &str, t: f64, base: f64) {
+    println!("{label:<17} {:8.2} ms  ratio {:.3}", t * 1e3, t / base);
+    metrics.push((key.into(), t / base));
 }
 
 fn device_from_args() -> Device {
@@ -76,50 +91,57 @@ fn main() -> modula::Result<()> {
     merged.merge("bench")?;
     let mut thin = lora.clone();
     thin.set_forward_mode(modula::LoraForward::Thin);
-    // Interleave the three measurements twice and keep the best median of each, so a burst of
-    // machine noise hits all of them alike.
-    let (mut t_lin, mut t_lora, mut t_merged, mut t_thin) =
-        (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
-    for _ in 0..2 {
-        t_lin = t_lin.min(median_s(warm, reps, || {
-            let _ = linear.forward(x.clone());
-            sync(&device);
-        }));
-        t_lora = t_lora.min(median_s(warm, reps, || {
-            let _ = lora.forward(x.clone());
-            sync(&device);
-        }));
-        t_merged = t_merged.min(median_s(warm, reps, || {
-            let _ = merged.forward(x.clone());
-            sync(&device);
-        }));
-        t_thin = t_thin.min(median_s(warm, reps, || {
-            let _ = thin.forward(x.clone());
-            sync(&device);
-        }));
-    }
+    let t = interleaved(
+        warm,
+        reps,
+        &mut [
+            &mut || {
+                let _ = linear.forward(x.clone());
+                sync(&device);
+            },
+            &mut || {
+                let _ = lora.forward(x.clone());
+                sync(&device);
+            },
+            &mut || {
+                let _ = merged.forward(x.clone());
+                sync(&device);
+            },
+            &mut || {
+                let _ = thin.forward(x.clone());
+                sync(&device);
+            },
+        ],
+    );
+    let (t_lin, t_lora, t_merged, t_thin) = (t[0], t[1], t[2], t[3]);
     let gflop = 2.0 * (tokens * d * d) as f64 / 1e9;
     println!(
         "linear fwd        {:8.2} ms  {:6.1} GFLOP/s",
         t_lin * 1e3,
         gflop / t_lin
     );
-    println!(
-        "lora r8 fwd       {:8.2} ms  ratio {:.3}",
-        t_lora * 1e3,
-        t_lora / t_lin
-    );
-    println!(
-        "lora r8 merged    {:8.2} ms  ratio {:.3}",
-        t_merged * 1e3,
-        t_merged / t_lin
-    );
     metrics.push(("linear_fwd_gflops".into(), gflop / t_lin));
-    metrics.push(("lora_r8_fwd_over_linear_fwd".into(), t_lora / t_lin));
-    metrics.push((
-        "lora_r8_merged_fwd_over_linear_fwd".into(),
-        t_merged / t_lin,
-    ));
+    ratio(
+        &mut metrics,
+        "lora r8 fwd",
+        "lora_r8_fwd_over_linear_fwd",
+        t_lora,
+        t_lin,
+    );
+    ratio(
+        &mut metrics,
+        "lora r8 merged",
+        "lora_r8_merged_fwd_over_linear_fwd",
+        t_merged,
+        t_lin,
+    );
+    ratio(
+        &mut metrics,
+        "lora r8 thin fwd",
+        "lora_r8_thin_fwd_over_linear_fwd",
+        t_thin,
+        t_lin,
+    );
 
     // --- Training step: fwd + bwd. Linear: dX, dW, db. LoRA: dX + dA, dB, base frozen.
     let ad = device.clone().autodiff();
@@ -127,28 +149,30 @@ fn main() -> modula::Result<()> {
     let lora_t = lora_layer(LinearConfig::new(d, d).init(&ad), 8, &ad)?;
     let xg = Tensor::<2>::random([tokens, d], Distribution::Default, &ad).require_grad();
     let g = Tensor::<2>::random([tokens, d], Distribution::Default, &ad);
-    let (mut t_lin_fb, mut t_lora_fb) = (f64::MAX, f64::MAX);
-    for _ in 0..2 {
-        t_lin_fb = t_lin_fb.min(median_s(warm, reps, || {
-            let _grads = (lin_t.forward(xg.clone()) * g.clone()).sum().backward();
-            sync(&ad);
-        }));
-        t_lora_fb = t_lora_fb.min(median_s(warm, reps, || {
-            let y = lora_t.forward(xg.clone()).expect("shapes are right");
-            let _grads = (y * g.clone()).sum().backward();
-            sync(&ad);
-        }));
-    }
-    println!("linear fwd+bwd    {:8.2} ms", t_lin_fb * 1e3);
-    println!(
-        "lora r8 fwd+bwd   {:8.2} ms  ratio {:.3}",
-        t_lora_fb * 1e3,
-        t_lora_fb / t_lin_fb
+    let t = interleaved(
+        warm,
+        reps,
+        &mut [
+            &mut || {
+                let _grads = (lin_t.forward(xg.clone()) * g.clone()).sum().backward();
+                sync(&ad);
+            },
+            &mut || {
+                let y = lora_t.forward(xg.clone()).expect("shapes are right");
+                let _grads = (y * g.clone()).sum().backward();
+                sync(&ad);
+            },
+        ],
     );
-    metrics.push((
-        "lora_r8_fwd_bwd_over_linear_fwd_bwd".into(),
-        t_lora_fb / t_lin_fb,
-    ));
+    let (t_lin_fb, t_lora_fb) = (t[0], t[1]);
+    println!("linear fwd+bwd    {:8.2} ms", t_lin_fb * 1e3);
+    ratio(
+        &mut metrics,
+        "lora r8 fwd+bwd",
+        "lora_r8_fwd_bwd_over_linear_fwd_bwd",
+        t_lora_fb,
+        t_lin_fb,
+    );
 
     // --- Sparse dispatch: top-2 of 8 LoRA experts (r = 64) against all 8 on every row.
     let experts: Vec<LoraAdapter> = (0..8)
@@ -170,24 +194,29 @@ fn main() -> modula::Result<()> {
     let w: Vec<Vec<f32>> = vec![vec![0.6, 0.4]; tokens];
     let top2 = Routing::from_rows(&idx, &w, 8, &device)?;
     let dense = Routing::from_dense(Tensor::<2>::ones([tokens, 8], &device))?;
-    let (mut t_top2, mut t_all) = (f64::MAX, f64::MAX);
-    for _ in 0..2 {
-        t_top2 = t_top2.min(median_s(warm, reps, || {
-            let _ = dispatch_modules(&experts, &top2, x.clone(), &WeightedSum);
-            sync(&device);
-        }));
-        t_all = t_all.min(median_s(warm, reps, || {
-            let _ = dispatch_modules(&experts, &dense, x.clone(), &WeightedSum);
-            sync(&device);
-        }));
-    }
-    println!(
-        "dispatch top-2/8  {:8.2} ms  all 8: {:.2} ms  ratio {:.3}",
-        t_top2 * 1e3,
-        t_all * 1e3,
-        t_top2 / t_all
+    let t = interleaved(
+        warm,
+        reps,
+        &mut [
+            &mut || {
+                let _ = dispatch_modules(&experts, &top2, x.clone(), &WeightedSum);
+                sync(&device);
+            },
+            &mut || {
+                let _ = dispatch_modules(&experts, &dense, x.clone(), &WeightedSum);
+                sync(&device);
+            },
+        ],
     );
-    metrics.push(("dispatch_top2_of_8_over_all_8".into(), t_top2 / t_all));
+    let (t_top2, t_all) = (t[0], t[1]);
+    println!("all 8 experts     {:8.2} ms", t_all * 1e3);
+    ratio(
+        &mut metrics,
+        "dispatch top-2/8",
+        "dispatch_top2_of_8_over_all_8",
+        t_top2,
+        t_all,
+    );
 
     let body: Vec<String> = metrics
         .iter()
