@@ -548,3 +548,38 @@ fn prefix_tuning_trains_the_prefix_only() {
     assert!(enc.layer_kv(2, 4).is_err());
     assert!(enc.layer_kv(0, 5).is_err());
 }
+
+#[test]
+fn remove_and_merge_and_unload() {
+    for device in devices() {
+        let mut rng = Rng(81);
+        let mut layer = two_adapter_layer(&mut rng, 16, 12, &device);
+        let x = rng.tensor(5, 16, &device);
+        let base_w = layer.base.weight.val();
+        let only_b = {
+            let mut l = layer.clone();
+            l.set_active(&["b"]).unwrap();
+            l.forward(x.clone()).unwrap()
+        };
+        // Removing a merged adapter unmerges it first: the weight is the base again.
+        layer.merge("a").unwrap();
+        let removed = layer.remove_adapter("a").unwrap();
+        assert_eq!(removed.rank(), 4);
+        assert_eq!(layer.names(), ["b"]);
+        assert_close(
+            layer.base.weight.val(),
+            base_w,
+            1e-6,
+            "weight after removing merged adapter",
+        );
+        assert_close(
+            layer.forward(x.clone()).unwrap(),
+            only_b.clone(),
+            1e-5,
+            "after remove",
+        );
+        // merge_and_unload: a plain Linear that computes the adapted function.
+        let plain = layer.merge_and_unload().unwrap();
+        assert_close(plain.forward(x), only_b, 1e-5, "merge_and_unload");
+    }
+}
