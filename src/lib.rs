@@ -74,6 +74,7 @@
 pub mod error;
 pub mod io;
 pub mod modules;
+pub mod moe;
 pub mod peft;
 pub mod routing;
 pub mod tensor_util;
@@ -90,6 +91,9 @@ pub use modules::lora::{
 };
 pub use modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
 pub use modules::{ComputeModule, dispatch_modules};
+pub use moe::MoeLayer;
+pub use moe::experts::{Expert, ExpertConfig, ExpertKind};
+pub use moe::router::{TopKRouter, TopKRouterConfig};
 pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora};
 pub use routing::{
     Aggregator, DispatchPlan, FixedRouter, Router, Routing, WeightedMean, WeightedSum,

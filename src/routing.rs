@@ -39,6 +39,8 @@ pub struct Routing {
     /// Auxiliary losses a router attaches (load balance, z-loss, ...), by name. Each is a scalar
     /// tensor `[1]` that stays in the autodiff graph.
     pub aux_losses: Vec<(String, Tensor<1>)>,
+    /// Diagnostics a router reports (router entropy, ...), by name; not losses.
+    pub diagnostics: Vec<(String, Tensor<1>)>,
 }
 
 impl Routing {
@@ -66,6 +68,7 @@ impl Routing {
             weights,
             num_modules,
             aux_losses: Vec::new(),
+            diagnostics: Vec::new(),
         })
     }
 
@@ -180,6 +183,33 @@ impl Routing {
         Tensor::<2>::zeros([rows, self.num_modules + 1], &device)
             .scatter(1, idx, self.weights.clone(), IndexingUpdateOp::Add)
             .slice([0..rows, 0..self.num_modules])
+    }
+
+    /// Number of non-dropped slots per module, read on the host.
+    pub fn tokens_per_module(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.num_modules];
+        for i in to_vec_i64(self.indices.clone()) {
+            if i >= 0 && (i as usize) < self.num_modules {
+                counts[i as usize] += 1;
+            }
+        }
+        counts
+    }
+
+    /// Number of dropped slots (index `-1`).
+    pub fn dropped_slots(&self) -> usize {
+        to_vec_i64(self.indices.clone())
+            .iter()
+            .filter(|&&i| i < 0)
+            .count()
+    }
+
+    /// The auxiliary loss called `name`, if the router attached one.
+    pub fn aux_loss(&self, name: &str) -> Option<Tensor<1>> {
+        self.aux_losses
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, l)| l.clone())
     }
 
     /// Sum of all auxiliary losses (zero if none), a `[1]` tensor.

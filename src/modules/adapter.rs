@@ -38,7 +38,7 @@ pub enum AdapterActivation {
 }
 
 impl AdapterActivation {
-    fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+    pub(crate) fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         match self {
             Self::Relu => activation::relu(x),
             Self::Gelu => activation::gelu(x),

@@ -1,0 +1,268 @@
+//! Mixture-of-experts: sparse ≡ dense, losses on hand-computed cases, bad inputs, gradients
+//! (autodiff against finite differences).
+
+mod common;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use common::{Rng, assert_close, devices, vals};
+use modula::moe::losses::{cv_squared, load_balancing_loss, router_entropy, z_loss};
+use modula::prelude::*;
+use modula::{Error, ExpertConfig, ExpertKind, MoeLayer, TopKRouterConfig};
+
+fn t2(v: Vec<f32>, r: usize, c: usize, device: &Device) -> Tensor<2> {
+    Tensor::<2>::from_data(TensorData::new(v, [r, c]), device)
+}
+
+fn close(a: f32, b: f64, what: &str) {
+    assert!((a as f64 - b).abs() < 1e-5, "{what}: {a} vs {b}");
+}
+
+#[test]
+fn sparse_moe_equals_dense_all_experts() {
+    for device in devices() {
+        device.seed(1);
+        for (k, renorm, kind, bias) in [
+            (1, false, ExpertKind::Mlp, true),
+            (2, true, ExpertKind::SwiGlu, false),
+            (2, false, ExpertKind::SwiGlu, true),
+            (4, true, ExpertKind::Mlp, false),
+        ] {
+            let rc = TopKRouterConfig::new(12, 4)
+                .with_k(k)
+                .with_renormalize(renorm);
+            let ec = ExpertConfig::new(12, 20).with_kind(kind).with_bias(bias);
+            let moe = MoeLayer::new(&rc, &ec, &device).unwrap();
+            let x = Rng(k as u64 + 3).tensor(37, 12, &device);
+            let (y, routing) = moe.forward(x.clone()).unwrap();
+            assert_eq!(routing.k(), k);
+            assert_eq!(routing.tokens_per_module().iter().sum::<usize>(), 37 * k);
+            let dense = moe.forward_dense(x, &routing).unwrap();
+            assert_close(y, dense, 1e-5, &format!("k={k} renorm={renorm} {kind:?}"));
+            // Renormalised weights sum to one per token.
+            if renorm {
+                let sums = vals(routing.weights().sum_dim(1));
+                assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+            }
+        }
+    }
+}
+
+#[test]
+fn top_k_weights_on_a_hand_computed_case() {
+    let device = Device::flex();
+    let l = vec![0.0, 2f32.ln(), 3f32.ln()]; // probabilities 1/6, 2/6, 3/6
+    for (renorm, w0, w1) in [(true, 0.6, 0.4), (false, 0.5, 1.0 / 3.0)] {
+        let router = TopKRouterConfig::new(4, 3)
+            .with_k(2)
+            .with_renormalize(renorm)
+            .init(&device)
+            .unwrap();
+        let r = router.route_logits(t2(l.clone(), 1, 3, &device)).unwrap();
+        let idx: Vec<i64> = r.indices().into_data().iter::<i64>().collect();
+        assert_eq!(idx, [2, 1]);
+        let w = vals(r.weights());
+        close(w[0], w0, "first weight");
+        close(w[1], w1, "second weight");
+    }
+}
+
+#[test]
+fn losses_match_their_formulas_by_hand() {
+    let device = Device::flex();
+    let ln3 = 3f32.ln();
+    // Balanced: token 0 picks expert 1 (p = 3/4), token 1 picks expert 0.
+    let logits = t2(vec![0.0, ln3, ln3, 0.0], 2, 2, &device);
+    let probs = burn::tensor::activation::softmax(logits.clone(), 1);
+    let idx =
+        Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(vec![1i64, 0], [2, 1]), &device);
+    // f = [1/2, 1/2], P̄ = [1/2, 1/2]: E·Σ f·P̄ = 2·(1/4 + 1/4) = 1.
+    close(
+        load_balancing_loss(probs.clone(), idx).into_scalar::<f32>(),
+        1.0,
+        "balanced LB",
+    );
+    // logsumexp(0, ln 3) = ln 4 for both tokens.
+    close(
+        z_loss(logits).into_scalar::<f32>(),
+        4f64.ln().powi(2),
+        "z-loss",
+    );
+    let h = -(0.25f64 * 0.25f64.ln() + 0.75 * 0.75f64.ln());
+    close(router_entropy(probs).into_scalar::<f32>(), h, "entropy");
+    // Imbalanced: both tokens pick expert 1; f = [0, 1], P̄ = [1/4, 3/4]: 2·3/4 = 1.5.
+    let logits = t2(vec![0.0, ln3, 0.0, ln3], 2, 2, &device);
+    let probs = burn::tensor::activation::softmax(logits, 1);
+    let idx =
+        Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(vec![1i64, 1], [2, 1]), &device);
+    close(
+        load_balancing_loss(probs, idx).into_scalar::<f32>(),
+        1.5,
+        "imbalanced LB",
+    );
+    // CV² of [1, 2, 3]: population variance 2/3 over mean² 4.
+    let v = Tensor::<1>::from_floats([1.0, 2.0, 3.0], &device);
+    close(cv_squared(v).into_scalar::<f32>(), 1.0 / 6.0, "cv²");
+    // The router attaches the scaled losses to its routing.
+    let router = TopKRouterConfig::new(2, 2)
+        .with_k(1)
+        .with_load_balance_coef(0.5)
+        .with_z_loss_coef(0.25)
+        .init(&device)
+        .unwrap();
+    let r = router
+        .route_logits(t2(vec![0.0, ln3, ln3, 0.0], 2, 2, &device))
+        .unwrap();
+    close(
+        r.aux_loss("load_balance").unwrap().into_scalar::<f32>(),
+        0.5,
+        "scaled LB",
+    );
+    close(
+        r.aux_loss("z_loss").unwrap().into_scalar::<f32>(),
+        0.25 * 4f64.ln().powi(2),
+        "scaled z",
+    );
+    close(
+        r.total_aux_loss().into_scalar::<f32>(),
+        0.5 + 0.25 * 4f64.ln().powi(2),
+        "total",
+    );
+}
+
+#[test]
+fn bad_router_inputs_are_typed_errors() {
+    let device = Device::flex();
+    for k in [0, 5] {
+        let err = TopKRouterConfig::new(8, 4)
+            .with_k(k)
+            .init(&device)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("between 1 and the number of experts (4)"),
+            "{err}"
+        );
+    }
+    assert!(matches!(
+        TopKRouterConfig::new(8, 4).with_jitter(1.5).init(&device),
+        Err(Error::Invalid { .. })
+    ));
+    let router = TopKRouterConfig::new(2, 2).with_k(1).init(&device).unwrap();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let err = router
+            .route_logits(t2(vec![0.0, bad], 1, 2, &device))
+            .unwrap_err();
+        assert!(matches!(err, Error::Routing(_)), "{err:?}");
+    }
+    let moe = MoeLayer::new(
+        &TopKRouterConfig::new(8, 4),
+        &ExpertConfig::new(8, 16),
+        &device,
+    )
+    .unwrap();
+    assert!(matches!(
+        moe.forward(Tensor::zeros([3, 7], &device)),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        MoeLayer::new(
+            &TopKRouterConfig::new(8, 4),
+            &ExpertConfig::new(6, 16),
+            &device
+        ),
+        Err(Error::Shape { .. })
+    ));
+}
+
+/// Adds `h` to entry `(r, c)` of a frozen copy of `w`.
+fn bump(
+    w: &burn::module::Param<Tensor<2>>,
+    r: usize,
+    c: usize,
+    h: f32,
+) -> burn::module::Param<Tensor<2>> {
+    let [rows, cols] = w.shape().dims();
+    let mut d = vec![0.0f32; rows * cols];
+    d[r * cols + c] = h;
+    let delta = t2(d, rows, cols, &w.device());
+    w.clone().map(|t| t + delta)
+}
+
+#[test]
+fn gradients_reach_router_and_experts_and_match_finite_differences() {
+    let device = Device::flex().autodiff();
+    device.seed(7);
+    let rc = TopKRouterConfig::new(3, 3)
+        .with_k(2)
+        .with_load_balance_coef(0.1)
+        .with_z_loss_coef(0.1);
+    let moe = MoeLayer::new(&rc, &ExpertConfig::new(3, 4), &device).unwrap();
+    let x = Rng(5).tensor(5, 3, &device);
+    let c = Rng(6).tensor(5, 3, &device);
+    let loss_of = |m: &MoeLayer| -> Tensor<1> {
+        let (y, r) = m.forward(x.clone()).unwrap();
+        (y * c.clone()).sum() + r.total_aux_loss()
+    };
+    let grads = loss_of(&moe).backward();
+    let g_gate = vals(
+        moe.router
+            .gate
+            .weight
+            .val()
+            .grad(&grads)
+            .expect("router gets a gradient"),
+    );
+    let g_out = vals(
+        moe.experts[1]
+            .w_out
+            .weight
+            .val()
+            .grad(&grads)
+            .expect("expert gets a gradient"),
+    );
+    let h = 1e-2f32;
+    let eval = |m: &MoeLayer| loss_of(m).into_scalar::<f32>() as f64;
+    for (r, col) in [(0usize, 1usize), (2, 0)] {
+        let (mut plus, mut minus) = (moe.clone(), moe.clone());
+        plus.router.gate.weight = bump(&moe.router.gate.weight, r, col, h);
+        minus.router.gate.weight = bump(&moe.router.gate.weight, r, col, -h);
+        let fd = (eval(&plus) - eval(&minus)) / (2.0 * h as f64);
+        let ad = g_gate[r * 3 + col] as f64;
+        assert!(
+            (fd - ad).abs() < 2e-2 * (1.0 + ad.abs()),
+            "gate[{r},{col}]: fd {fd} vs autodiff {ad}"
+        );
+    }
+    for (r, col) in [(1usize, 2usize), (3, 0)] {
+        let (mut plus, mut minus) = (moe.clone(), moe.clone());
+        plus.experts[1].w_out.weight = bump(&moe.experts[1].w_out.weight, r, col, h);
+        minus.experts[1].w_out.weight = bump(&moe.experts[1].w_out.weight, r, col, -h);
+        let fd = (eval(&plus) - eval(&minus)) / (2.0 * h as f64);
+        let ad = g_out[r * 3 + col] as f64;
+        assert!(
+            (fd - ad).abs() < 2e-2 * (1.0 + ad.abs()),
+            "w_out[{r},{col}]: fd {fd} vs autodiff {ad}"
+        );
+    }
+}
+
+#[test]
+fn jitter_applies_in_training_only() {
+    let device = Device::flex().autodiff();
+    device.seed(9);
+    let router = TopKRouterConfig::new(6, 3)
+        .with_jitter(0.2)
+        .init(&device)
+        .unwrap();
+    let x = Rng(4).tensor(10, 6, &device);
+    let a = vals(router.logits(&x).unwrap());
+    let b = vals(router.logits(&x).unwrap());
+    assert_ne!(a, b, "jitter should change the logits in training");
+    let eval = router.valid();
+    let xv = x.without_autodiff();
+    assert_eq!(
+        vals(eval.logits(&xv).unwrap()),
+        vals(eval.logits(&xv).unwrap())
+    );
+}
