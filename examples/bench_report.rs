@@ -16,8 +16,8 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Distribution, Tensor};
-use modula::LoraLinear;
 use modula::prelude::*;
+use modula::{ExpertConfig, LoraLinear, MoeLayer, TopKRouterConfig};
 
 /// Median wall times in seconds of each closure over `reps` rounds after `warmup` rounds.
 /// Every round runs all closures once, in rotating order, so drift in machine speed and the
@@ -217,6 +217,59 @@ fn main() -> modula::Result<()> {
         t_top2,
         t_all,
     );
+
+    // --- MoE layer: E = 8, top-2, SwiGLU d_ff = 2·d, `tokens` tokens (Mixtral-style block).
+    let (e, k, d_ff) = (8, 2, 2 * d);
+    let moe = MoeLayer::new(
+        &TopKRouterConfig::new(d, e).with_k(k),
+        &ExpertConfig::new(d, d_ff),
+        &device,
+    )?;
+    let moe = moe.no_grad();
+    let (_, routing) = moe.forward(x.clone())?;
+    let w_up = Tensor::<2>::random([d, 2 * d_ff], Distribution::Default, &device);
+    let (moe_warm, moe_reps) = if quick { (1, 3) } else { (1, 5) };
+    let t = interleaved(
+        moe_warm,
+        moe_reps,
+        &mut [
+            &mut || {
+                let _ = moe.forward(x.clone()).expect("valid input");
+                sync(&device);
+            },
+            &mut || {
+                let _ = moe.forward_dense(x.clone(), &routing).expect("valid input");
+                sync(&device);
+            },
+            &mut || {
+                let _ = x.clone().matmul(w_up.clone());
+                sync(&device);
+            },
+        ],
+    );
+    let (t_moe, t_moe_dense, t_mm) = (t[0], t[1], t[2]);
+    // Useful FLOPs: each token through k experts of 3 d×d_ff projections.
+    let moe_gflops = (tokens * k * 3 * 2 * d * d_ff) as f64 / 1e9 / t_moe;
+    let mm_gflops = (2 * tokens * d * 2 * d_ff) as f64 / 1e9 / t_mm;
+    println!("moe dense (all 8) {:8.2} ms", t_moe_dense * 1e3);
+    ratio(
+        &mut metrics,
+        "moe top-2 of 8",
+        "moe_top2_over_dense_all_experts",
+        t_moe,
+        t_moe_dense,
+    );
+    println!(
+        "moe {:.1} GFLOP/s, plain matmul {:.1} GFLOP/s, {:.0} tokens/s",
+        moe_gflops,
+        mm_gflops,
+        tokens as f64 / t_moe
+    );
+    metrics.push((
+        "moe_gflops_over_matmul_gflops".into(),
+        moe_gflops / mm_gflops,
+    ));
+    metrics.push(("moe_tokens_per_s".into(), tokens as f64 / t_moe));
 
     let body: Vec<String> = metrics
         .iter()

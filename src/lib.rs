@@ -9,7 +9,7 @@
 //! | role | trait | what exists today |
 //! |---|---|---|
 //! | module (computation function) | [`ComputeModule`] | [`LoraAdapter`], [`LoraLinear`], [`LoraEmbedding`], [`Ia3Linear`], [`BottleneckAdapter`]; prefix tuning ([`PrefixEncoder`], [`PrefixAttention`]) |
-//! | router | [`Router`] | [`FixedRouter`] (task id / one module per row) |
+//! | router | [`Router`] | [`FixedRouter`] (task id / one module per row), [`TopKRouter`] (softmax / top-k gate with load-balance and z-losses) |
 //! | aggregator | [`Aggregator`] | [`WeightedSum`], [`WeightedMean`] |
 //!
 //! They meet in one sparse dispatch, [`DispatchPlan`]: a [`Routing`] (per row, `k` module
@@ -57,6 +57,11 @@
 //!   placements, configurable reduction factor, non-linearity and scaling.
 //! - [`modules::prefix`]: prefix tuning with the optional reparameterisation MLP, and a
 //!   GPT-2-style attention that consumes the prefix as PEFT does.
+//!
+//! ## Mixture-of-experts
+//! - [`moe`]: [`Expert`] networks (MLP, SwiGLU), the [`TopKRouter`] gate and its losses
+//!   ([`moe::losses`]), and [`MoeLayer`], which runs only the selected experts through the
+//!   dispatch. Capacity-limited, expert-choice, hash and Soft-MoE routing are not there yet.
 //!
 //! ## Files
 //! - [`peft`]: PEFT LoRA and IA3 folders, loaded by module path and saved so that PEFT 0.21

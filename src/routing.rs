@@ -468,20 +468,62 @@ impl DispatchPlan {
     }
 
     /// The full sparse path: run each selected module on its rows, then aggregate with `agg`.
+    ///
+    /// For aggregators that are linear in the outputs ([`Aggregator::is_weighted_sum`]) each
+    /// module's output is weighted and scatter-added into the result as soon as it is
+    /// computed, so the outputs are never concatenated.
     pub fn apply<F, A>(
         &self,
         routing: &Routing,
         x: Tensor<2>,
         d_out: usize,
         agg: &A,
-        f: F,
+        mut f: F,
     ) -> Result<Tensor<2>>
     where
         F: FnMut(usize, Tensor<2>) -> Result<Tensor<2>>,
         A: Aggregator + ?Sized,
     {
-        let y = self.run(x, d_out, f)?;
-        Ok(agg.combine(self, routing, y))
+        if !agg.is_weighted_sum() {
+            let y = self.run(x, d_out, f)?;
+            return Ok(agg.combine(self, routing, y));
+        }
+        let [rows, d] = x.dims();
+        if rows != self.rows {
+            return Err(Error::shape(
+                "DispatchPlan::apply (rows of x vs routing)",
+                self.rows.to_string(),
+                rows.to_string(),
+            ));
+        }
+        let mut out = Tensor::<2>::zeros([rows, d_out], &x.device());
+        if self.num_entries() == 0 {
+            return Ok(out);
+        }
+        let gathered = self.gather(x);
+        for m in 0..self.num_modules {
+            let seg = self.segment(m);
+            if seg.is_empty() {
+                continue;
+            }
+            let len = seg.len();
+            let ym = f(m, gathered.clone().slice([seg.clone(), 0..d]))?;
+            if ym.dims() != [len, d_out] {
+                return Err(Error::shape(
+                    format!("output of module {m}"),
+                    format!("[{len}, {d_out}]"),
+                    format!("{:?}", ym.dims()),
+                ));
+            }
+            let w = self.weights.clone().slice([seg.clone(), 0..1]);
+            out = out.select_assign(
+                0,
+                self.row_index.clone().slice([seg]),
+                ym * w,
+                IndexingUpdateOp::Add,
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -490,6 +532,12 @@ pub trait Aggregator {
     /// Combines per-slot outputs `slots: [rows, k, d]` (zeros for dropped slots) with the
     /// routing weights `[rows, k]` into `[rows, d]`.
     fn aggregate(&self, slots: Tensor<3>, weights: Tensor<2>) -> Tensor<2>;
+
+    /// Whether this aggregator is the plain weighted sum `Σ_j w_ij y_ij`, which the dispatch
+    /// can accumulate module by module without keeping every output.
+    fn is_weighted_sum(&self) -> bool {
+        false
+    }
 
     /// Combines plan-ordered outputs. The default places them into slots and calls
     /// [`aggregate`](Self::aggregate); linear aggregators override it with a scatter-add.
@@ -512,6 +560,10 @@ impl Aggregator for WeightedSum {
 
     fn combine(&self, plan: &DispatchPlan, _routing: &Routing, y: Tensor<2>) -> Tensor<2> {
         plan.combine(y)
+    }
+
+    fn is_weighted_sum(&self) -> bool {
+        true
     }
 }
 
