@@ -518,7 +518,7 @@ impl DispatchPlan {
             let w = self.weights.clone().slice([seg.clone(), 0..1]);
             out = out.select_assign(
                 0,
-                self.row_index.clone().slice([seg]),
+                self.row_index.clone().narrow(0, seg.start, len),
                 ym * w,
                 IndexingUpdateOp::Add,
             );

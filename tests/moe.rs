@@ -7,7 +7,6 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use common::{Rng, assert_close, devices, vals};
 use modula::moe::losses::{cv_squared, load_balancing_loss, router_entropy, z_loss};
-use modula::prelude::*;
 use modula::{Error, ExpertConfig, ExpertKind, MoeLayer, TopKRouterConfig};
 
 fn t2(v: Vec<f32>, r: usize, c: usize, device: &Device) -> Tensor<2> {

@@ -44,7 +44,7 @@ pub fn slot_fractions(
         Tensor::<1>::ones([t * k], device),
         IndexingUpdateOp::Add,
     );
-    let counts = counts.slice([0..e]);
+    let counts = counts.narrow(0, 0, e);
     let total = counts.clone().sum().clamp_min(1.0);
     counts / total
 }

@@ -2,7 +2,7 @@
 //! layer that runs through the crate's one sparse dispatch.
 //!
 //! `y = Σ_{e ∈ topk(x)} w_e(x) · expert_e(x)`: only the selected experts compute, each on its
-//! own rows ([`DispatchPlan`](crate::routing::DispatchPlan)), so top-k of `E` experts costs
+//! own rows ([`DispatchPlan`]), so top-k of `E` experts costs
 //! about `k/E` of running every expert, plus routing.
 
 pub mod experts;
