@@ -265,3 +265,70 @@ fn jitter_applies_in_training_only() {
         vals(eval.logits(&xv).unwrap())
     );
 }
+
+#[test]
+fn capacity_dropping_matches_a_hand_worked_case() {
+    use modula::SecondExpertPolicy;
+    use modula::moe::capacity::{apply_capacity, expert_capacity};
+    let device = Device::flex();
+    // 5 tokens, 2 experts, top-2, capacity 3. First choices 0,0,1,0,0; second 1,1,0,1,1.
+    // Firsts in token order: expert 0 accepts tokens 0,1,3 and is full, so token 4's first
+    // choice is dropped; expert 1 accepts token 2. Seconds queue after all firsts: expert 1
+    // accepts tokens 0,1 (positions 1,2) and is full; token 2's second (expert 0) and
+    // tokens 3,4's seconds are dropped.
+    let idx = vec![vec![0, 1], vec![0, 1], vec![1, 0], vec![0, 1], vec![0, 1]];
+    let w = vec![vec![0.7, 0.3]; 5];
+    let r = modula::Routing::from_rows(&idx, &w, 2, &device).unwrap();
+    let out = apply_capacity(r, 3, SecondExpertPolicy::All).unwrap();
+    let got: Vec<i64> = out.indices().into_data().iter::<i64>().collect();
+    assert_eq!(got, [0, 1, 0, 1, 1, -1, 0, -1, -1, -1]);
+    assert_eq!(out.dropped_slots(), 4);
+    assert_eq!(out.tokens_per_module(), [3, 3]);
+    // Threshold policy: second choices below 0.5 are not dispatched at all.
+    let r = modula::Routing::from_rows(&idx, &w, 2, &device).unwrap();
+    let out = apply_capacity(r, 10, SecondExpertPolicy::Threshold(0.5)).unwrap();
+    let got: Vec<i64> = out.indices().into_data().iter::<i64>().collect();
+    assert_eq!(got, [0, -1, 0, -1, 1, -1, 0, -1, 0, -1]);
+    // Random policy keeps a second choice with probability min(1, 2w): w = 0.6 keeps all.
+    let r = modula::Routing::from_rows(&idx, &vec![vec![0.4, 0.6]; 5], 2, &device).unwrap();
+    let out = apply_capacity(r, 10, SecondExpertPolicy::Random { seed: 1 }).unwrap();
+    assert_eq!(out.dropped_slots(), 0);
+    assert_eq!(expert_capacity(1.25, 8, 2, 4).unwrap(), 5);
+    for bad in [0.0, -1.0, f64::NAN] {
+        assert!(matches!(
+            expert_capacity(bad, 8, 2, 4),
+            Err(Error::Invalid { .. })
+        ));
+    }
+}
+
+#[test]
+fn capacity_mode_router_limits_every_expert_and_stays_exact() {
+    for device in devices() {
+        device.seed(4);
+        let rc = TopKRouterConfig::new(8, 4)
+            .with_k(2)
+            .with_capacity_factor(Some(0.75));
+        let moe = MoeLayer::new(&rc, &ExpertConfig::new(8, 12), &device).unwrap();
+        let x = Rng(12).tensor(40, 8, &device);
+        let (y, routing) = moe.forward(x.clone()).unwrap();
+        let cap = (0.75f64 * 40.0 * 2.0 / 4.0).ceil() as usize; // 15
+        assert!(routing.tokens_per_module().iter().all(|&n| n <= cap));
+        assert_eq!(
+            routing.tokens_per_module().iter().sum::<usize>() + routing.dropped_slots(),
+            80
+        );
+        assert!(routing.dropped_slots() >= 80 - 4 * cap);
+        assert_close(
+            y,
+            moe.forward_dense(x, &routing).unwrap(),
+            1e-5,
+            "capacity mode sparse vs dense",
+        );
+    }
+    let err = TopKRouterConfig::new(8, 4)
+        .with_capacity_factor(Some(0.0))
+        .init(&Device::flex())
+        .unwrap_err();
+    assert!(err.to_string().contains("capacity factor"), "{err}");
+}

@@ -5,6 +5,7 @@
 //! own rows ([`DispatchPlan`]), so top-k of `E` experts costs
 //! about `k/E` of running every expert, plus routing.
 
+pub mod capacity;
 pub mod experts;
 pub mod losses;
 pub mod router;

@@ -7,6 +7,10 @@
 //! softmax mixture. During training an optional *jitter* multiplies the router input by
 //! `U(1 − ε, 1 + ε)` noise (Switch, section 2.4).
 //!
+//! With a capacity factor the router works in capacity mode (Switch top-1, GShard top-2):
+//! see [`capacity`](super::capacity). The load-balancing loss uses the choices before
+//! dropping, as in Switch.
+//!
 //! Every routing carries the load-balancing loss and the router z-loss scaled by their
 //! coefficients (see [`losses`](super::losses)), and the router entropy as a diagnostic.
 
@@ -15,6 +19,7 @@ use burn::module::{Flag, Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Distribution, Tensor};
 
+use super::capacity::{SecondExpertPolicy, apply_capacity, expert_capacity};
 use super::losses::{load_balancing_loss, router_entropy, z_loss};
 use crate::error::{Error, Result};
 use crate::modules::check_last_dim;
@@ -43,6 +48,13 @@ pub struct TopKRouterConfig {
     /// Coefficient of the router z-loss (ST-MoE uses 0.001).
     #[config(default = 0.001)]
     pub z_loss_coef: f64,
+    /// Capacity mode: each expert takes at most `ceil(factor · T · k / E)` slots and
+    /// overflowing slots are dropped (see [`capacity`](super::capacity)). `None` is dropless.
+    #[config(default = "None")]
+    pub capacity_factor: Option<f64>,
+    /// Which later choices are dispatched in capacity mode.
+    #[config(default = "SecondExpertPolicy::All")]
+    pub second_expert_policy: SecondExpertPolicy,
 }
 
 impl TopKRouterConfig {
@@ -67,6 +79,9 @@ impl TopKRouterConfig {
                 ),
             ));
         }
+        if let Some(f) = self.capacity_factor {
+            expert_capacity(f, 1, self.k, self.num_experts)?;
+        }
         if !(0.0..1.0).contains(&self.jitter) {
             return Err(Error::invalid(
                 "router jitter",
@@ -82,6 +97,8 @@ impl TopKRouterConfig {
             jitter: self.jitter,
             load_balance_coef: self.load_balance_coef,
             z_loss_coef: self.z_loss_coef,
+            capacity_factor: self.capacity_factor,
+            second_expert_policy: self.second_expert_policy,
             training: Param::from_bool(true),
         })
     }
@@ -102,6 +119,12 @@ pub struct TopKRouter {
     pub load_balance_coef: f64,
     /// Router z-loss coefficient.
     pub z_loss_coef: f64,
+    /// Capacity factor, `None` for dropless.
+    #[module(skip)]
+    pub capacity_factor: Option<f64>,
+    /// Later-choice policy in capacity mode.
+    #[module(skip)]
+    pub second_expert_policy: SecondExpertPolicy,
     /// Training flag (jitter is applied only in training, on an autodiff device).
     pub training: Param<Flag>,
 }
@@ -148,7 +171,13 @@ impl TopKRouter {
         routing
             .diagnostics
             .push(("router_entropy".into(), router_entropy(probs)));
-        Ok(routing)
+        match self.capacity_factor {
+            None => Ok(routing),
+            Some(f) => {
+                let c = expert_capacity(f, routing.rows(), self.k, e)?;
+                apply_capacity(routing, c, self.second_expert_policy)
+            }
+        }
     }
 }
 
