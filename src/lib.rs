@@ -62,7 +62,8 @@
 //! - [`moe`]: [`Expert`] networks (MLP, SwiGLU), the [`TopKRouter`] gate and its losses
 //!   ([`moe::losses`]), and [`MoeLayer`], which runs only the selected experts through the
 //!   dispatch, dropless or with a capacity factor ([`moe::capacity`], Switch/GShard token
-//!   dropping). Noisy top-k, expert-choice, hash and Soft-MoE routing are not there yet.
+//!   dropping). [`ExpertChoiceRouter`] and [`HashRouter`] route through the same
+//!   layer ([`MoeLayer::forward_routed`]). Noisy top-k and Soft MoE are not there yet.
 //!
 //! ## Files
 //! - [`peft`]: PEFT LoRA and IA3 folders, loaded by module path and saved so that PEFT 0.21
@@ -99,6 +100,7 @@ pub use modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
 pub use modules::{ComputeModule, dispatch_modules};
 pub use moe::MoeLayer;
 pub use moe::capacity::SecondExpertPolicy;
+pub use moe::expert_choice::{ExpertChoiceRouter, HashRouter};
 pub use moe::experts::{Expert, ExpertConfig, ExpertKind};
 pub use moe::router::{TopKRouter, TopKRouterConfig};
 pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora};

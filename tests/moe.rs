@@ -332,3 +332,67 @@ fn capacity_mode_router_limits_every_expert_and_stays_exact() {
         .unwrap_err();
     assert!(err.to_string().contains("capacity factor"), "{err}");
 }
+
+#[test]
+fn expert_choice_gives_each_expert_exactly_its_capacity() {
+    use modula::ExpertChoiceRouter;
+    for device in devices() {
+        device.seed(8);
+        let moe = MoeLayer::new(
+            &TopKRouterConfig::new(6, 3),
+            &ExpertConfig::new(6, 10),
+            &device,
+        )
+        .unwrap();
+        let router = ExpertChoiceRouter::new(6, 3, 1.5, &device).unwrap();
+        let x = Rng(13).tensor(20, 6, &device);
+        let routing = modula::Router::route(&router, &x).unwrap();
+        let cap = router.capacity(20); // ceil(1.5 · 20 / 3) = 10
+        assert_eq!(cap, 10);
+        assert_eq!(routing.tokens_per_module(), [cap, cap, cap]);
+        // Each picked slot's weight is the token's softmax affinity for that expert.
+        let y = moe.forward_routed(x.clone(), &routing).unwrap();
+        assert_close(
+            y,
+            moe.forward_dense(x, &routing).unwrap(),
+            1e-5,
+            "expert choice sparse vs dense",
+        );
+    }
+    // A hand-set case: 4 tokens, 2 experts, capacity 2 (factor 1).
+    let device = Device::flex();
+    let router = ExpertChoiceRouter::new(2, 2, 1.0, &device).unwrap();
+    let logits = t2(vec![3.0, 0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 4.0], 4, 2, &device);
+    let r = router.route_logits(logits).unwrap();
+    let idx: Vec<i64> = r.indices().into_data().iter::<i64>().collect();
+    // Expert 0 prefers tokens 0 and 1, expert 1 tokens 3 and 2.
+    assert_eq!(idx, [0, -1, 0, -1, -1, 1, -1, 1]);
+    assert!(ExpertChoiceRouter::new(2, 2, 0.0, &device).is_err());
+}
+
+#[test]
+fn hash_routing_is_balanced_fixed_and_checks_ids() {
+    use modula::HashRouter;
+    let device = Device::flex();
+    let h = HashRouter::new(100, 8, 42).unwrap();
+    let ids: Vec<i64> = (0..100).collect();
+    let r = h.route_ids(&ids, &device).unwrap();
+    let counts = r.tokens_per_module();
+    assert!(counts.iter().all(|&c| c == 12 || c == 13), "{counts:?}");
+    // The same id always goes to the same expert, and the seed decides the table.
+    assert_eq!(
+        h.expert_of(17),
+        HashRouter::new(100, 8, 42).unwrap().expert_of(17)
+    );
+    let other = HashRouter::new(100, 8, 43).unwrap();
+    assert!((0..100).any(|i| h.expert_of(i) != other.expert_of(i)));
+    for bad in [-1i64, 100] {
+        let err = h.route_ids(&[3, bad], &device).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("outside the hash router's vocabulary 0..100"),
+            "{err}"
+        );
+    }
+    assert!(HashRouter::new(0, 8, 1).is_err());
+}

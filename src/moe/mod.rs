@@ -6,6 +6,7 @@
 //! about `k/E` of running every expert, plus routing.
 
 pub mod capacity;
+pub mod expert_choice;
 pub mod experts;
 pub mod losses;
 pub mod router;
