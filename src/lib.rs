@@ -63,7 +63,8 @@
 //!   ([`moe::losses`]), and [`MoeLayer`], which runs only the selected experts through the
 //!   dispatch, dropless or with a capacity factor ([`moe::capacity`], Switch/GShard token
 //!   dropping). [`ExpertChoiceRouter`] and [`HashRouter`] route through the same
-//!   layer ([`MoeLayer::forward_routed`]). Noisy top-k and Soft MoE are not there yet.
+//!   layer ([`MoeLayer::forward_routed`]). [`NoisyTopKRouter`] adds Shazeer's noisy
+//!   gating with importance and load losses. Soft MoE is not there yet.
 //!
 //! ## Files
 //! - [`peft`]: PEFT LoRA and IA3 folders, loaded by module path and saved so that PEFT 0.21
@@ -102,6 +103,7 @@ pub use moe::MoeLayer;
 pub use moe::capacity::SecondExpertPolicy;
 pub use moe::expert_choice::{ExpertChoiceRouter, HashRouter};
 pub use moe::experts::{Expert, ExpertConfig, ExpertKind};
+pub use moe::noisy::{NoisyTopKRouter, NoisyTopKRouterConfig};
 pub use moe::router::{TopKRouter, TopKRouterConfig};
 pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora};
 pub use routing::{

@@ -396,3 +396,66 @@ fn hash_routing_is_balanced_fixed_and_checks_ids() {
     }
     assert!(HashRouter::new(0, 8, 1).is_err());
 }
+
+#[test]
+fn noisy_top_k_losses_by_hand() {
+    use modula::NoisyTopKRouterConfig;
+    let device = Device::flex();
+    let router = NoisyTopKRouterConfig::new(4, 3)
+        .with_k(1)
+        .with_importance_coef(1.0)
+        .with_load_coef(1.0)
+        .init(&device)
+        .unwrap();
+    // One token, clean logits [1, 0, 0], noise scale 1, no noise drawn: expert 0 is kept.
+    let clean = t2(vec![1.0, 0.0, 0.0], 1, 3, &device);
+    let std = t2(vec![1.0; 3], 1, 3, &device);
+    let r = router
+        .route_parts(clean, std, t2(vec![0.0; 3], 1, 3, &device))
+        .unwrap();
+    let idx: Vec<i64> = r.indices().into_data().iter::<i64>().collect();
+    assert_eq!(idx, [0]);
+    close(vals(r.weights())[0], 1.0, "softmax over the one kept logit");
+    // Importance [1, 0, 0]: mean 1/3, variance 2/9, CV² = 2.
+    close(
+        r.aux_loss("importance").unwrap().into_scalar::<f32>(),
+        2.0,
+        "importance CV²",
+    );
+    // Load: P(x,0) = Φ((1 − 0)/1) (threshold: the 2nd largest), P(x,1) = P(x,2) = Φ((0 − 1)/1).
+    let (p_in, p_out) = (0.841_344_746_068_543, 0.158_655_253_931_457);
+    let load = [p_in, p_out, p_out];
+    let mean = load.iter().sum::<f64>() / 3.0;
+    let var = load.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 3.0;
+    close(
+        r.aux_loss("load").unwrap().into_scalar::<f32>(),
+        var / mean.powi(2),
+        "load CV²",
+    );
+    // Sparse MoE with the noisy router equals the dense mixture under its routing.
+    let moe = MoeLayer::new(
+        &TopKRouterConfig::new(4, 3),
+        &ExpertConfig::new(4, 6),
+        &device,
+    )
+    .unwrap();
+    let noisy = NoisyTopKRouterConfig::new(4, 3)
+        .with_k(2)
+        .init(&device)
+        .unwrap();
+    let x = Rng(2).tensor(9, 4, &device);
+    let routing = modula::Router::route(&noisy, &x).unwrap();
+    let y = moe.forward_routed(x.clone(), &routing).unwrap();
+    assert_close(
+        y,
+        moe.forward_dense(x, &routing).unwrap(),
+        1e-5,
+        "noisy top-k sparse vs dense",
+    );
+    assert!(
+        NoisyTopKRouterConfig::new(4, 3)
+            .with_k(4)
+            .init(&device)
+            .is_err()
+    );
+}

@@ -9,6 +9,7 @@ pub mod capacity;
 pub mod expert_choice;
 pub mod experts;
 pub mod losses;
+pub mod noisy;
 pub mod router;
 
 use burn::module::Module;
