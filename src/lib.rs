@@ -64,7 +64,8 @@
 //!   dispatch, dropless or with a capacity factor ([`moe::capacity`], Switch/GShard token
 //!   dropping). [`ExpertChoiceRouter`] and [`HashRouter`] route through the same
 //!   layer ([`MoeLayer::forward_routed`]). [`NoisyTopKRouter`] adds Shazeer's noisy
-//!   gating with importance and load losses. Soft MoE is not there yet.
+//!   gating with importance and load losses. [`SoftMoe`] mixes tokens into expert slots
+//!   (Puigcerver et al. 2023).
 //!
 //! ## Files
 //! - [`peft`]: PEFT LoRA and IA3 folders, loaded by module path and saved so that PEFT 0.21
@@ -105,6 +106,7 @@ pub use moe::expert_choice::{ExpertChoiceRouter, HashRouter};
 pub use moe::experts::{Expert, ExpertConfig, ExpertKind};
 pub use moe::noisy::{NoisyTopKRouter, NoisyTopKRouterConfig};
 pub use moe::router::{TopKRouter, TopKRouterConfig};
+pub use moe::soft::SoftMoe;
 pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora};
 pub use routing::{
     Aggregator, DispatchPlan, FixedRouter, Router, Routing, WeightedMean, WeightedSum,

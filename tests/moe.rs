@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use common::{Rng, assert_close, devices, vals};
 use modula::moe::losses::{cv_squared, load_balancing_loss, router_entropy, z_loss};
-use modula::{Error, ExpertConfig, ExpertKind, MoeLayer, TopKRouterConfig};
+use modula::{ComputeModule, Error, ExpertConfig, ExpertKind, MoeLayer, TopKRouterConfig};
 
 fn t2(v: Vec<f32>, r: usize, c: usize, device: &Device) -> Tensor<2> {
     Tensor::<2>::from_data(TensorData::new(v, [r, c]), device)
@@ -458,4 +458,64 @@ fn noisy_top_k_losses_by_hand() {
             .init(&device)
             .is_err()
     );
+}
+
+#[test]
+fn mutual_information_loss_by_hand() {
+    use modula::moe::losses::mutual_information_loss;
+    let device = Device::flex();
+    // Confident and balanced: p = one-hot per token, both experts used: MI = ln 2, loss −ln 2.
+    let p = t2(vec![1.0, 0.0, 0.0, 1.0], 2, 2, &device);
+    close(
+        mutual_information_loss(p).into_scalar::<f32>(),
+        -(2f64.ln()),
+        "MI, one-hot balanced",
+    );
+    // Uniform per token: no information, loss 0.
+    let p = t2(vec![0.5; 4], 2, 2, &device);
+    close(
+        mutual_information_loss(p).into_scalar::<f32>(),
+        0.0,
+        "MI, uniform",
+    );
+    // Collapsed onto one expert: loss 0 as well.
+    let p = t2(vec![1.0, 0.0, 1.0, 0.0], 2, 2, &device);
+    close(
+        mutual_information_loss(p).into_scalar::<f32>(),
+        0.0,
+        "MI, collapsed",
+    );
+}
+
+#[test]
+fn soft_moe_matches_its_formula() {
+    use modula::SoftMoe;
+    for device in devices() {
+        device.seed(21);
+        let layer = SoftMoe::new(3, 2, &ExpertConfig::new(5, 7), &device).unwrap();
+        let x = Rng(22).tensor(11, 5, &device);
+        let (dmat, cmat) = layer.weights(&x).unwrap();
+        // D's columns (slots) and C's rows (tokens) are distributions.
+        assert!(
+            vals(dmat.clone().sum_dim(0))
+                .iter()
+                .all(|s| (s - 1.0).abs() < 1e-5)
+        );
+        assert!(
+            vals(cmat.clone().sum_dim(1))
+                .iter()
+                .all(|s| (s - 1.0).abs() < 1e-5)
+        );
+        // By hand, slot by slot: y_t = Σ_s C[t, s] · expert_{s / p}(Σ_u D[u, s] x_u).
+        let y = layer.forward(x.clone()).unwrap();
+        let mut want = Tensor::<2>::zeros([11, 5], &device);
+        for s in 0..6 {
+            let ds = dmat.clone().slice([0..11, s..s + 1]);
+            let slot_in = (x.clone() * ds).sum_dim(0);
+            let slot_out = layer.experts[s / 2].forward_rows(slot_in);
+            want = want + cmat.clone().slice([0..11, s..s + 1]) * slot_out;
+        }
+        assert_close(y, want, 1e-5, "Soft MoE");
+        assert!(layer.forward(Tensor::zeros([2, 4], &device)).is_err());
+    }
 }

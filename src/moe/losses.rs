@@ -13,6 +13,9 @@
 //! - **Importance CV²** (Shazeer et al. 2017, arXiv 1701.06538, eq. 6):
 //!   `importance_e = Σ_t g_te` over the sparse gate values, `L_imp = CV(importance)²`, where
 //!   `CV² = Var/Mean²` with the population variance.
+//! - **Mutual information** (ModuleFormer, Shen et al. 2023, arXiv 2306.04640, eq. 6): the
+//!   router should be confident per token yet use all experts overall, i.e. maximise
+//!   `MI(token; expert) = H(P̄) − (1/T) Σ_t H(p_t)`; the loss is `L_MI = −MI`.
 //! - **Router entropy** (diagnostic): `(1/T) Σ_t −Σ_e p_te log p_te`.
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, activation};
@@ -75,6 +78,14 @@ pub fn router_entropy(probs: Tensor<2>) -> Tensor<1> {
     let [t, _] = probs.dims();
     let logp = probs.clone().clamp_min(1e-20).log();
     (probs * logp).sum_dim(1).neg().reshape([t]).mean()
+}
+
+/// ModuleFormer's mutual-information loss `−(H(P̄) − mean_t H(p_t))` of `probs: [T, E]`.
+pub fn mutual_information_loss(probs: Tensor<2>) -> Tensor<1> {
+    let [_, e] = probs.dims();
+    let p_mean = probs.clone().mean_dim(0).reshape([e]);
+    let h_mean = (p_mean.clone() * p_mean.clamp_min(1e-20).log()).sum().neg();
+    router_entropy(probs) - h_mean
 }
 
 /// Softmax over experts, for callers that only have logits.

@@ -11,6 +11,7 @@ pub mod experts;
 pub mod losses;
 pub mod noisy;
 pub mod router;
+pub mod soft;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
