@@ -22,6 +22,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{Distribution, Tensor, activation};
 
 use super::losses::{cv_squared, router_entropy};
+use super::router::validate_gate;
 use crate::error::{Error, Result};
 use crate::modules::check_last_dim;
 use crate::routing::{Router, Routing};
@@ -52,21 +53,7 @@ impl NoisyTopKRouterConfig {
     /// # Errors
     /// [`Error::Invalid`] for `k = 0`, `k > E` or zero sizes.
     pub fn init(&self, device: &burn::tensor::Device) -> Result<NoisyTopKRouter> {
-        if self.num_experts == 0 || self.d_model == 0 {
-            return Err(Error::invalid(
-                "router",
-                "d_model and num_experts must be positive",
-            ));
-        }
-        if self.k == 0 || self.k > self.num_experts {
-            return Err(Error::invalid(
-                "top-k",
-                format!(
-                    "k = {} must be between 1 and the number of experts ({})",
-                    self.k, self.num_experts
-                ),
-            ));
-        }
+        validate_gate(self.d_model, self.num_experts, self.k)?;
         let lin = || {
             LinearConfig::new(self.d_model, self.num_experts)
                 .with_bias(false)

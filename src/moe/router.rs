@@ -57,6 +57,23 @@ pub struct TopKRouterConfig {
     pub second_expert_policy: SecondExpertPolicy,
 }
 
+/// Checks the sizes every learned gate shares: positive widths and `1 ≤ k ≤ E`.
+pub(crate) fn validate_gate(d_model: usize, num_experts: usize, k: usize) -> Result<()> {
+    if num_experts == 0 || d_model == 0 {
+        return Err(Error::invalid(
+            "router",
+            "d_model and num_experts must be positive",
+        ));
+    }
+    if k == 0 || k > num_experts {
+        return Err(Error::invalid(
+            "top-k",
+            format!("k = {k} must be between 1 and the number of experts ({num_experts})"),
+        ));
+    }
+    Ok(())
+}
+
 impl TopKRouterConfig {
     /// Creates the router.
     ///
@@ -64,21 +81,7 @@ impl TopKRouterConfig {
     /// [`Error::Invalid`] for `k = 0`, `k > E`, no experts, a zero width or a jitter outside
     /// `[0, 1)`.
     pub fn init(&self, device: &burn::tensor::Device) -> Result<TopKRouter> {
-        if self.num_experts == 0 || self.d_model == 0 {
-            return Err(Error::invalid(
-                "router",
-                "d_model and num_experts must be positive",
-            ));
-        }
-        if self.k == 0 || self.k > self.num_experts {
-            return Err(Error::invalid(
-                "top-k",
-                format!(
-                    "k = {} must be between 1 and the number of experts ({})",
-                    self.k, self.num_experts
-                ),
-            ));
-        }
+        validate_gate(self.d_model, self.num_experts, self.k)?;
         if let Some(f) = self.capacity_factor {
             expert_capacity(f, 1, self.k, self.num_experts)?;
         }
