@@ -359,6 +359,18 @@ impl DispatchPlan {
         self.rows
     }
 
+    fn check_rows(&self, rows: usize, context: &str) -> Result<()> {
+        if rows == self.rows {
+            Ok(())
+        } else {
+            Err(Error::shape(
+                format!("{context} (rows of x vs routing)"),
+                self.rows.to_string(),
+                rows.to_string(),
+            ))
+        }
+    }
+
     /// Number of (row, module) pairs that compute (dropped slots excluded).
     pub fn num_entries(&self) -> usize {
         self.offsets[self.num_modules]
@@ -388,13 +400,7 @@ impl DispatchPlan {
         F: FnMut(usize, Tensor<2>) -> Result<Tensor<2>>,
     {
         let [rows, d] = x.dims();
-        if rows != self.rows {
-            return Err(Error::shape(
-                "DispatchPlan::run (rows of x vs routing)",
-                self.rows.to_string(),
-                rows.to_string(),
-            ));
-        }
+        self.check_rows(rows, "DispatchPlan::run")?;
         let device = x.device();
         let n = self.num_entries();
         if n == 0 {
@@ -414,13 +420,7 @@ impl DispatchPlan {
                 gathered.clone().slice([seg, 0..d])
             };
             let ym = f(m, xm)?;
-            if ym.dims() != [len, d_out] {
-                return Err(Error::shape(
-                    format!("output of module {m}"),
-                    format!("[{len}, {d_out}]"),
-                    format!("{:?}", ym.dims()),
-                ));
-            }
+            check_output(m, &ym, len, d_out)?;
             outs.push(ym);
         }
         Ok(if outs.len() == 1 {
@@ -489,13 +489,7 @@ impl DispatchPlan {
             return Ok(agg.combine(self, routing, y));
         }
         let [rows, d] = x.dims();
-        if rows != self.rows {
-            return Err(Error::shape(
-                "DispatchPlan::apply (rows of x vs routing)",
-                self.rows.to_string(),
-                rows.to_string(),
-            ));
-        }
+        self.check_rows(rows, "DispatchPlan::apply")?;
         let mut out = Tensor::<2>::zeros([rows, d_out], &x.device());
         if self.num_entries() == 0 {
             return Ok(out);
@@ -508,13 +502,7 @@ impl DispatchPlan {
             }
             let len = seg.len();
             let ym = f(m, gathered.clone().slice([seg.clone(), 0..d]))?;
-            if ym.dims() != [len, d_out] {
-                return Err(Error::shape(
-                    format!("output of module {m}"),
-                    format!("[{len}, {d_out}]"),
-                    format!("{:?}", ym.dims()),
-                ));
-            }
+            check_output(m, &ym, len, d_out)?;
             let w = self.weights.clone().slice([seg.clone(), 0..1]);
             out = out.select_assign(
                 0,
@@ -524,6 +512,19 @@ impl DispatchPlan {
             );
         }
         Ok(out)
+    }
+}
+
+/// Checks that module `m` returned `[len, d_out]`.
+fn check_output(m: usize, ym: &Tensor<2>, len: usize, d_out: usize) -> Result<()> {
+    if ym.dims() == [len, d_out] {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            format!("output of module {m}"),
+            format!("[{len}, {d_out}]"),
+            format!("{:?}", ym.dims()),
+        ))
     }
 }
 
