@@ -519,3 +519,27 @@ fn soft_moe_matches_its_formula() {
         assert!(layer.forward(Tensor::zeros([2, 4], &device)).is_err());
     }
 }
+
+#[test]
+fn swiglu_expert_computes_silu_gate_times_up() {
+    use burn::tensor::activation::silu;
+    for device in devices() {
+        device.seed(31);
+        let ex = ExpertConfig::new(6, 5)
+            .with_kind(ExpertKind::SwiGlu)
+            .init(&device)
+            .unwrap();
+        // Include large negative and positive pre-activations.
+        let x = Rng(32).tensor(7, 6, &device).mul_scalar(40.0);
+        let h = ex.w_in.forward(x.clone());
+        let gate = h.clone().slice([0..7, 0..5]);
+        let up = h.slice([0..7, 5..10]);
+        let want = ex.w_out.forward(silu(gate) * up);
+        let got = ex.forward_rows(x);
+        assert!(vals(got.clone()).iter().all(|v| v.is_finite()));
+        let scale = vals(want.clone())
+            .iter()
+            .fold(1.0f32, |m, v| m.max(v.abs()));
+        assert_close(got, want, 1e-5 * scale, "SwiGLU vs burn's silu");
+    }
+}
