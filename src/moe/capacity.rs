@@ -33,29 +33,45 @@ pub enum SecondExpertPolicy {
     },
 }
 
+/// Checks that a capacity factor is a positive, finite number.
+///
+/// # Errors
+/// [`Error::Invalid`] otherwise.
+pub(crate) fn check_capacity_factor(capacity_factor: f64) -> Result<()> {
+    if capacity_factor.is_finite() && capacity_factor > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "capacity factor",
+            format!("{capacity_factor} must be a positive, finite number"),
+        ))
+    }
+}
+
+/// `ceil(capacity_factor · slots / experts)`, at least 1, for an already checked factor.
+pub(crate) fn capacity_of(capacity_factor: f64, slots: usize, experts: usize) -> usize {
+    ((capacity_factor * slots as f64 / experts as f64).ceil() as usize).max(1)
+}
+
 /// `ceil(capacity_factor · tokens · k / experts)`, at least 1.
 ///
 /// # Errors
-/// [`Error::Invalid`] if the factor is not a positive finite number or `experts` is 0.
+/// [`Error::Invalid`] if the factor is not a positive finite number (use the dropless mode
+/// for no limit) or `experts` is 0.
 pub fn expert_capacity(
     capacity_factor: f64,
     tokens: usize,
     k: usize,
     experts: usize,
 ) -> Result<usize> {
-    if !(capacity_factor.is_finite() && capacity_factor > 0.0) {
-        return Err(Error::invalid(
-            "capacity factor",
-            format!("{capacity_factor} must be a positive number (use dropless mode for no limit)"),
-        ));
-    }
+    check_capacity_factor(capacity_factor)?;
     if experts == 0 {
         return Err(Error::invalid(
             "experts",
             "there must be at least one expert",
         ));
     }
-    Ok(((capacity_factor * (tokens * k) as f64 / experts as f64).ceil() as usize).max(1))
+    Ok(capacity_of(capacity_factor, tokens * k, experts))
 }
 
 fn splitmix(state: &mut u64) -> f32 {

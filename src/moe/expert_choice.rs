@@ -17,6 +17,8 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor, activation};
 
+use super::capacity::{capacity_of, check_capacity_factor};
+use super::router::validate_gate;
 use crate::error::{Error, Result};
 use crate::modules::check_last_dim;
 use crate::routing::{Router, Routing};
@@ -42,18 +44,8 @@ impl ExpertChoiceRouter {
         capacity_factor: f64,
         device: &Device,
     ) -> Result<Self> {
-        if d_model == 0 || num_experts == 0 {
-            return Err(Error::invalid(
-                "router",
-                "d_model and num_experts must be positive",
-            ));
-        }
-        if !(capacity_factor.is_finite() && capacity_factor > 0.0) {
-            return Err(Error::invalid(
-                "capacity factor",
-                format!("{capacity_factor} must be a positive number"),
-            ));
-        }
+        validate_gate(d_model, num_experts, 1)?;
+        check_capacity_factor(capacity_factor)?;
         Ok(Self {
             gate: LinearConfig::new(d_model, num_experts)
                 .with_bias(false)
@@ -65,7 +57,7 @@ impl ExpertChoiceRouter {
     /// Tokens per expert for a batch of `tokens`.
     pub fn capacity(&self, tokens: usize) -> usize {
         let e = self.gate.weight.shape().dims::<2>()[1];
-        ((self.capacity_factor * tokens as f64 / e as f64).ceil() as usize).clamp(1, tokens.max(1))
+        capacity_of(self.capacity_factor, tokens, e).min(tokens.max(1))
     }
 
     /// Routes from precomputed `logits: [T, E]`.
