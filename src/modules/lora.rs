@@ -570,18 +570,22 @@ impl LoraLinear {
         Ok(self.forward_unchecked(x))
     }
 
-    fn forward_unchecked<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let live: Vec<&LoraAdapter> = self
-            .adapters
+    /// The adapters that contribute through their own path: active and not merged.
+    fn live_adapters(&self) -> impl Iterator<Item = &LoraAdapter> {
+        self.adapters
             .iter()
             .enumerate()
             .filter(|(i, _)| self.slots.contributes(*i))
             .map(|(_, a)| a)
-            .collect();
+    }
+
+    fn forward_unchecked<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let live: Vec<&LoraAdapter> = self.live_adapters().collect();
         if live.is_empty() {
             return self.base.forward(x);
         }
-        if self.use_fused_weight(&x, &live) {
+        let rows: usize = x.dims()[..D - 1].iter().product();
+        if self.resolved_forward(rows) == LoraForward::FusedWeight {
             let mut w = self.base.weight.val();
             for a in &live {
                 w = w + a.delta_weight();
@@ -595,32 +599,18 @@ impl LoraLinear {
         y
     }
 
-    fn use_fused_weight<const D: usize>(&self, x: &Tensor<D>, live: &[&LoraAdapter]) -> bool {
-        let dims = x.dims();
-        let rows: usize = dims[..D - 1].iter().product();
-        let training = live.iter().any(|a| a.is_training());
-        self.resolve_mode(rows, training) == LoraForward::FusedWeight
-    }
-
     /// The form ([`LoraForward::Thin`] or [`LoraForward::FusedWeight`]) a forward pass over
     /// `rows` rows takes with the current mode and adapters.
     pub fn resolved_forward(&self, rows: usize) -> LoraForward {
-        let training = self
-            .adapters
-            .iter()
-            .enumerate()
-            .any(|(i, a)| self.slots.contributes(i) && a.is_training());
-        self.resolve_mode(rows, training)
-    }
-
-    fn resolve_mode(&self, rows: usize, training: bool) -> LoraForward {
+        if self.live_adapters().any(LoraAdapter::is_training) {
+            return LoraForward::Thin;
+        }
         let (d_in, d_out) = (self.d_in(), self.d_out());
-        let fused = !training
-            && match self.mode {
-                LoraForward::Thin => false,
-                LoraForward::FusedWeight => true,
-                LoraForward::Auto => rows * (d_in + d_out) >= d_in * d_out,
-            };
+        let fused = match self.mode {
+            LoraForward::Thin => false,
+            LoraForward::FusedWeight => true,
+            LoraForward::Auto => rows * (d_in + d_out) >= d_in * d_out,
+        };
         if fused {
             LoraForward::FusedWeight
         } else {
