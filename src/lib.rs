@@ -82,6 +82,8 @@
 
 pub mod error;
 pub mod io;
+pub mod library;
+pub mod linalg;
 pub mod modules;
 pub mod moe;
 pub mod peft;

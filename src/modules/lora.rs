@@ -628,6 +628,135 @@ impl LoraLinear {
     }
 }
 
+/// Mixed-adapter batches: serving many adapters on one base in one pass (each row or
+/// sequence names its own adapter, as PEFT's `adapter_names` argument).
+///
+/// The base layer runs once over the whole batch. The adapter paths run on the gathered rows
+/// of each adapter only, through the core's dispatch ([`forward_mixed`](Self::forward_mixed),
+/// [`forward_routed`](Self::forward_routed)), or, when whole sequences share an adapter and
+/// all adapters have one rank, as two batched matmuls against factors gathered per sequence
+/// ([`forward_mixed_seqs`](Self::forward_mixed_seqs); the "BGMV" layout of Punica/S-LoRA),
+/// which moves no activations at all. Active flags are ignored (the batch names the
+/// adapters); dropout is not applied (this is the serving path). No adapter may be merged.
+impl LoraLinear {
+    fn mixed_ids(&self, names: &[Option<&str>]) -> Result<Vec<i64>> {
+        if let Some(i) = self.slots.merged.iter().position(|m| *m) {
+            return Err(Error::State(format!(
+                "adapter `{}` is merged into the base weight; unmerge it before a mixed-adapter forward",
+                self.slots.names[i]
+            )));
+        }
+        names
+            .iter()
+            .map(|n| n.map_or(Ok(-1), |n| self.slots.index(n).map(|i| i as i64)))
+            .collect()
+    }
+
+    /// Row `i` of `x: [rows, d_in]` uses adapter `names[i]` (`None`: the base only).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for the wrong width or a name count that is not `rows`;
+    /// [`Error::UnknownAdapter`]; [`Error::State`] if an adapter is merged.
+    pub fn forward_mixed(&self, x: Tensor<2>, names: &[Option<&str>]) -> Result<Tensor<2>> {
+        check_last_dim(&x, self.d_in(), "LoraLinear::forward_mixed input")?;
+        let rows = x.dims()[0];
+        if names.len() != rows {
+            return Err(Error::shape(
+                "LoraLinear::forward_mixed (one adapter name per row)",
+                rows.to_string(),
+                names.len().to_string(),
+            ));
+        }
+        let ids = self.mixed_ids(names)?;
+        let routing = crate::routing::Routing::one_per_row(&ids, self.adapters.len(), &x.device())?;
+        self.forward_routed(x, &routing)
+    }
+
+    /// Each row mixes the adapters its routing selects: `base(x) + Σ_j w_j · Δ_{a_j}(x)`,
+    /// with every adapter computed on its own rows only. `routing.num_modules()` must be the
+    /// number of adapters (indices follow [`names`](Self::names)).
+    ///
+    /// # Errors
+    /// Shape errors; [`Error::State`] if an adapter is merged.
+    pub fn forward_routed(
+        &self,
+        x: Tensor<2>,
+        routing: &crate::routing::Routing,
+    ) -> Result<Tensor<2>> {
+        check_last_dim(&x, self.d_in(), "LoraLinear::forward_routed input")?;
+        self.mixed_ids(&[])?;
+        if routing.num_modules() != self.adapters.len() {
+            return Err(Error::shape(
+                "LoraLinear::forward_routed (routing modules = adapters)",
+                self.adapters.len().to_string(),
+                routing.num_modules().to_string(),
+            ));
+        }
+        let plan = crate::routing::DispatchPlan::new(routing)?;
+        let base = self.base.forward(x.clone());
+        let delta = plan.apply(
+            routing,
+            x,
+            self.d_out(),
+            &crate::routing::WeightedSum,
+            |m, xm| {
+                let a = &self.adapters[m];
+                Ok(xm
+                    .matmul(a.a.val())
+                    .mul_scalar(a.scaling())
+                    .matmul(a.b.val()))
+            },
+        )?;
+        Ok(base + delta)
+    }
+
+    /// Sequence `i` of `x: [batch, seq, d_in]` uses adapter `names[i]` (`None`: the base
+    /// only). With one rank across the adapters this is two batched matmuls against the
+    /// per-sequence factors (`[batch, d_in, r]`, `[batch, r, d_out]`); otherwise it falls back
+    /// to the per-row dispatch.
+    ///
+    /// # Errors
+    /// As [`forward_mixed`](Self::forward_mixed), with one name per sequence.
+    pub fn forward_mixed_seqs(&self, x: Tensor<3>, names: &[Option<&str>]) -> Result<Tensor<3>> {
+        check_last_dim(&x, self.d_in(), "LoraLinear::forward_mixed_seqs input")?;
+        let [batch, seq, d_in] = x.dims();
+        if names.len() != batch {
+            return Err(Error::shape(
+                "LoraLinear::forward_mixed_seqs (one adapter name per sequence)",
+                batch.to_string(),
+                names.len().to_string(),
+            ));
+        }
+        let ids = self.mixed_ids(names)?;
+        let d_out = self.d_out();
+        let one_rank = self
+            .adapters
+            .first()
+            .is_some_and(|a0| self.adapters.iter().all(|a| a.rank() == a0.rank()));
+        if !one_rank {
+            let row_ids: Vec<Option<&str>> = names
+                .iter()
+                .flat_map(|n| std::iter::repeat_n(*n, seq))
+                .collect();
+            let y = self.forward_mixed(x.reshape([batch * seq, d_in]), &row_ids)?;
+            return Ok(y.reshape([batch, seq, d_out]));
+        }
+        let base = self.base.forward(x.clone());
+        if ids.iter().all(|&i| i < 0) {
+            return Ok(base);
+        }
+        let pick = |i: i64| &self.adapters[i.max(0) as usize];
+        let a = Tensor::stack::<3>(ids.iter().map(|&i| pick(i).a.val()).collect(), 0);
+        let b = Tensor::stack::<3>(ids.iter().map(|&i| pick(i).b.val()).collect(), 0);
+        let scales: Vec<f32> = ids
+            .iter()
+            .map(|&i| if i < 0 { 0.0 } else { pick(i).scaling() as f32 })
+            .collect();
+        let s = crate::tensor_util::float_tensor(scales, [batch, 1, 1], &x.device());
+        Ok(base + x.matmul(a).mul(s).matmul(b))
+    }
+}
+
 impl ComputeModule for LoraLinear {
     fn d_input(&self) -> usize {
         self.d_in()

@@ -1,0 +1,305 @@
+//! Arrow: zero-shot routing over a library of LoRA experts (Ostapenko et al. 2024, "Towards
+//! Modular LLMs by Building and Reusing a Library of LoRAs", arXiv 2405.11157).
+//!
+//! ## Prototypes
+//! For expert `e` at one adapted layer, the prototype `v_e` is the top right singular vector
+//! of its update `B_e A_e` (a unit vector in the layer's input space: the input direction the
+//! expert changes most). modula computes it exactly from the thin factors: QR of `B_e`
+//! (`d_out×r`) and of `A_eᵀ` (`d_in×r`), then the SVD of the `r×r` core `R_B R_Aᵀ`;
+//! `O(r²(d_in+d_out))` work and no `d_out×d_in` matrix. PEFT 0.21 runs 15 power iterations
+//! from a random start instead, which is wrong when the top two singular values are close. A
+//! singular vector's sign is arbitrary and Arrow only uses `|x·v|`, so prototypes are
+//! sign-normalised (largest-magnitude entry positive) to make them reproducible.
+//!
+//! ## Routing
+//! Per token `x` (the layer's input), `logit_e = |x·v_e| / τ`; the top `k` logits are kept and
+//! the routing weights are their softmax (zero elsewhere). `x` is not normalised, as in PEFT.
+//!
+//! ## Aggregation ([`ArrowMix`])
+//! - `Output` (default): `Σ_e w_e s_e B_e A_e x` over the gathered top-`k` experts only (the
+//!   core's sparse dispatch), exactly PEFT's Arrow forward.
+//! - `Factor` (mttl's mixing): `(Σ_e w_e s_e B_e)(Σ_e w_e A_e) x`, two dispatch passes through
+//!   an `r`-wide intermediate; all experts must share one rank.
+//!
+//! ## GenKnowSub
+//! [`gen_know_sub`] subtracts the mean of "general" experts from a task expert before routing
+//! (Bhardwaj et al. 2025): in factor space (PEFT's parity: `A − mean A_g`, `B − mean B_g`) or
+//! exactly in delta space (`ΔW − mean ΔW_g`, rank `r + Σ r_g`).
+
+use burn::nn::Linear;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::library::factors::LoraFactors;
+use crate::library::merge::{MergeSpace, cat_form};
+use crate::linalg::{Mat, lowrank_svd};
+use crate::modules::lora::LoraAdapter;
+use crate::routing::{DispatchPlan, Router, Routing, WeightedSum};
+use crate::tensor_util::{ensure_finite, float_tensor};
+
+/// The Arrow prototype of one LoRA: the sign-normalised top right singular vector of `B A`
+/// (length `d_in`), computed from the factors.
+pub fn arrow_prototype(f: &LoraFactors) -> Vec<f64> {
+    let svd = lowrank_svd(&f.b, &f.a.t());
+    let mut v: Vec<f64> = (0..f.d_in()).map(|i| svd.v.at(i, 0)).collect();
+    let (mut best, mut best_abs) = (0.0, -1.0);
+    for &x in &v {
+        if x.abs() > best_abs {
+            best_abs = x.abs();
+            best = x;
+        }
+    }
+    if best < 0.0 {
+        v.iter_mut().for_each(|x| *x = -*x);
+    }
+    v
+}
+
+/// The prototypes of several LoRAs of one layer as an `experts × d_in` matrix, rows in input
+/// order.
+///
+/// # Errors
+/// [`Error::Invalid`] for no experts; [`Error::Shape`] for experts of different layer shapes.
+pub fn arrow_prototypes(experts: &[&LoraFactors]) -> Result<Mat> {
+    let Some(first) = experts.first() else {
+        return Err(Error::invalid("Arrow prototypes", "there are no experts"));
+    };
+    let d_in = first.d_in();
+    let mut out = Mat::zeros(experts.len(), d_in);
+    for (e, f) in experts.iter().enumerate() {
+        first.check_same_shape(f, "Arrow prototypes (all experts must adapt one layer)")?;
+        out.data[e * d_in..(e + 1) * d_in].copy_from_slice(&arrow_prototype(f));
+    }
+    Ok(out)
+}
+
+/// General-knowledge subtraction: `task − mean(general)`, in factor space (PEFT) or exactly in
+/// delta space (see the [module docs](self)).
+///
+/// # Errors
+/// [`Error::Invalid`] for no general experts, or (factor space) ranks or scalings that differ
+/// from the task's; [`Error::Shape`] for other layer shapes.
+pub fn gen_know_sub(
+    task: &LoraFactors,
+    general: &[&LoraFactors],
+    space: MergeSpace,
+) -> Result<LoraFactors> {
+    if general.is_empty() {
+        return Err(Error::invalid("GenKnowSub", "there are no general experts"));
+    }
+    for g in general {
+        task.check_same_shape(g, "GenKnowSub")?;
+    }
+    let n = general.len() as f64;
+    match space {
+        MergeSpace::Delta => {
+            let mut all = vec![task];
+            all.extend_from_slice(general);
+            let mut w = vec![-1.0 / n; all.len()];
+            w[0] = 1.0;
+            Ok(cat_form(&all, &w))
+        }
+        MergeSpace::Factor => {
+            if general
+                .iter()
+                .any(|g| g.rank() != task.rank() || g.scaling != task.scaling)
+            {
+                return Err(Error::invalid(
+                    "GenKnowSub in factor space",
+                    "general experts must have the task's rank and scaling; use the delta space",
+                ));
+            }
+            let mut out = task.clone();
+            for g in general {
+                for (o, v) in out.a.data.iter_mut().zip(&g.a.data) {
+                    *o -= v / n;
+                }
+                for (o, v) in out.b.data.iter_mut().zip(&g.b.data) {
+                    *o -= v / n;
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Arrow's router for one layer: `|x·v_e| / τ`, top-`k`, softmax over the kept logits.
+#[derive(Clone, Debug)]
+pub struct ArrowRouter {
+    /// Prototypes, `[experts, d_in]`, transposed to `[d_in, experts]` for the logits matmul.
+    prototypes_t: Tensor<2>,
+    top_k: usize,
+    temperature: f64,
+}
+
+impl ArrowRouter {
+    /// A router from prototypes (`experts × d_in`, e.g. [`arrow_prototypes`]).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for `top_k` of 0 or above the number of experts, or a temperature
+    /// that is not positive and finite.
+    pub fn new(prototypes: &Mat, top_k: usize, temperature: f64, device: &Device) -> Result<Self> {
+        let e = prototypes.rows;
+        if top_k == 0 || top_k > e {
+            return Err(Error::invalid(
+                "Arrow top_k",
+                format!("{top_k} is outside 1..={e} (the number of experts)"),
+            ));
+        }
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(Error::invalid(
+                "Arrow temperature",
+                format!("{temperature} must be positive and finite"),
+            ));
+        }
+        Ok(Self {
+            prototypes_t: float_tensor(prototypes.t().to_f32(), [prototypes.cols, e], device),
+            top_k,
+            temperature,
+        })
+    }
+
+    /// A router over `experts` (their prototypes computed here).
+    ///
+    /// # Errors
+    /// As [`arrow_prototypes`] and [`ArrowRouter::new`].
+    pub fn from_experts(
+        experts: &[&LoraFactors],
+        top_k: usize,
+        temperature: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::new(&arrow_prototypes(experts)?, top_k, temperature, device)
+    }
+
+    /// Input width.
+    pub fn d_in(&self) -> usize {
+        self.prototypes_t.dims()[0]
+    }
+
+    /// `|x·v_e|` for every token and expert, `[rows, experts]`.
+    pub fn similarities(&self, x: &Tensor<2>) -> Result<Tensor<2>> {
+        let [_, d] = x.dims();
+        if d != self.d_in() {
+            return Err(Error::shape(
+                "ArrowRouter (input width)",
+                self.d_in().to_string(),
+                d.to_string(),
+            ));
+        }
+        let sims = x.clone().matmul(self.prototypes_t.clone()).abs();
+        ensure_finite(&sims, "Arrow logits")?;
+        Ok(sims)
+    }
+}
+
+impl Router for ArrowRouter {
+    fn num_modules(&self) -> usize {
+        self.prototypes_t.dims()[1]
+    }
+
+    fn route(&self, x: &Tensor<2>) -> Result<Routing> {
+        let sims = self.similarities(x)?;
+        let (vals, idx) = sims.topk_with_indices(self.top_k, 1);
+        let w = softmax(vals.div_scalar(self.temperature), 1);
+        Routing::new(idx, w, self.num_modules())
+    }
+}
+
+/// How Arrow combines the selected experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ArrowMix {
+    /// `Σ w_e s_e B_e A_e x` (PEFT's Arrow).
+    #[default]
+    Output,
+    /// `(Σ w_e s_e B_e)(Σ w_e A_e) x` (mttl's parameter mixing).
+    Factor,
+}
+
+/// A Linear layer with a library of LoRA experts routed by Arrow.
+#[derive(Debug)]
+pub struct ArrowLinear {
+    /// The frozen host layer.
+    pub base: Linear,
+    /// The experts, in the router's order.
+    pub experts: Vec<LoraAdapter>,
+    /// The router.
+    pub router: ArrowRouter,
+    /// The aggregation.
+    pub mix: ArrowMix,
+}
+
+impl ArrowLinear {
+    /// Builds the layer; the router's prototypes are computed from `experts`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if an expert does not fit `base`; as [`ArrowRouter::new`].
+    pub fn new(
+        base: Linear,
+        experts: Vec<LoraAdapter>,
+        top_k: usize,
+        temperature: f64,
+        mix: ArrowMix,
+    ) -> Result<Self> {
+        let [d_in, d_out] = base.weight.dims();
+        let host: Vec<LoraFactors> = experts.iter().map(LoraFactors::from_adapter).collect();
+        for (e, f) in host.iter().enumerate() {
+            if (f.d_in(), f.d_out()) != (d_in, d_out) {
+                return Err(Error::shape(
+                    format!("ArrowLinear expert {e}"),
+                    format!("[d_in, d_out] = [{d_in}, {d_out}]"),
+                    format!("[{}, {}]", f.d_in(), f.d_out()),
+                ));
+            }
+        }
+        if mix == ArrowMix::Factor && host.iter().any(|f| f.rank() != host[0].rank()) {
+            return Err(Error::invalid(
+                "ArrowMix::Factor",
+                "factor mixing needs experts of one rank; use ArrowMix::Output",
+            ));
+        }
+        let refs: Vec<&LoraFactors> = host.iter().collect();
+        let router = ArrowRouter::from_experts(&refs, top_k, temperature, &base.weight.device())?;
+        Ok(Self {
+            base,
+            experts,
+            router,
+            mix,
+        })
+    }
+
+    /// The experts' contribution alone (no base), with the routing used.
+    ///
+    /// # Errors
+    /// Shape errors for the wrong input width; NaN/inf inputs.
+    pub fn delta(&self, x: Tensor<2>) -> Result<(Tensor<2>, Routing)> {
+        let routing = self.router.route(&x)?;
+        let plan = DispatchPlan::new(&routing)?;
+        let d_out = self.base.weight.dims()[1];
+        let y = match self.mix {
+            ArrowMix::Output => plan.apply(&routing, x, d_out, &WeightedSum, |m, xm| {
+                Ok(self.experts[m].delta_forward(xm))
+            })?,
+            ArrowMix::Factor => {
+                let r = self.experts[0].rank();
+                let u =
+                    plan.combine(plan.run(x, r, |m, xm| Ok(xm.matmul(self.experts[m].a.val())))?);
+                plan.apply(&routing, u, d_out, &WeightedSum, |m, um| {
+                    let ex = &self.experts[m];
+                    Ok(um.matmul(ex.b.val()).mul_scalar(ex.scaling()))
+                })?
+            }
+        };
+        Ok((y, routing))
+    }
+
+    /// `base(x) + delta(x)` for `x: [rows, d_in]`.
+    ///
+    /// # Errors
+    /// As [`delta`](Self::delta).
+    pub fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>> {
+        let (delta, _) = self.delta(x.clone())?;
+        Ok(self.base.forward(x) + delta)
+    }
+}

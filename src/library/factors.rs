@@ -1,0 +1,201 @@
+//! Host copies of LoRA factors: what the offline library operations (merging, arithmetic,
+//! Arrow prototypes, clustering) work on.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::Device;
+
+use crate::error::{Error, Result};
+use crate::linalg::Mat;
+use crate::modules::lora::LoraAdapter;
+use crate::peft::PeftLora;
+use crate::tensor_util::{float_tensor, to_vec_f32};
+
+/// One LoRA's factors on the host, in PEFT's layout: `a` is `lora_A` (`r × d_in`), `b` is
+/// `lora_B` (`d_out × r`), and the update is `ΔW = scaling · B A` (`d_out × d_in`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraFactors {
+    /// `lora_A`, `r × d_in`.
+    pub a: Mat,
+    /// `lora_B`, `d_out × r`.
+    pub b: Mat,
+    /// The scaling `s` (`alpha/r`, or `alpha/√r` for rsLoRA).
+    pub scaling: f64,
+}
+
+impl LoraFactors {
+    /// Factors from `a` (`r × d_in`) and `b` (`d_out × r`).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if the ranks differ, [`Error::Invalid`] for rank 0 or a non-finite
+    /// scaling.
+    pub fn new(a: Mat, b: Mat, scaling: f64) -> Result<Self> {
+        if a.rows != b.cols {
+            return Err(Error::shape(
+                "LoRA factors (lora_A: [r, d_in], lora_B: [d_out, r])",
+                format!("lora_B with {} columns", a.rows),
+                format!("lora_B of shape [{}, {}]", b.rows, b.cols),
+            ));
+        }
+        if a.rows == 0 {
+            return Err(Error::invalid("LoRA rank", "rank 0 has no factors"));
+        }
+        if !scaling.is_finite() {
+            return Err(Error::invalid(
+                "LoRA scaling",
+                format!("{scaling} is not finite"),
+            ));
+        }
+        Ok(Self { a, b, scaling })
+    }
+
+    /// Copies an adapter's factors to the host (`a` is stored `[d_in, r]` on the device).
+    pub fn from_adapter(adapter: &LoraAdapter) -> Self {
+        let (r, d_in, d_out) = (adapter.rank(), adapter.d_in(), adapter.d_out());
+        let a = Mat::from_f32(d_in, r, &to_vec_f32(adapter.a.val())).t();
+        let b = Mat::from_f32(r, d_out, &to_vec_f32(adapter.b.val())).t();
+        Self {
+            a,
+            b,
+            scaling: adapter.scaling(),
+        }
+    }
+
+    /// A device adapter with the same update. Its `alpha` is `scaling · r` with plain (not
+    /// rs-) LoRA scaling, so `alpha/r` reproduces `scaling` exactly.
+    ///
+    /// # Errors
+    /// As [`LoraAdapter::from_factors`].
+    pub fn to_adapter(&self, device: &Device) -> Result<LoraAdapter> {
+        let a = float_tensor(self.a.t().to_f32(), [self.d_in(), self.rank()], device);
+        let b = float_tensor(self.b.t().to_f32(), [self.rank(), self.d_out()], device);
+        LoraAdapter::from_factors(a, b, self.scaling * self.rank() as f64, false, 0.0)
+    }
+
+    /// Rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.rows
+    }
+
+    /// Input width.
+    pub fn d_in(&self) -> usize {
+        self.a.cols
+    }
+
+    /// Output width.
+    pub fn d_out(&self) -> usize {
+        self.b.rows
+    }
+
+    /// The dense update `scaling · B A` (`d_out × d_in`). Only the dense merges and tests
+    /// need it; everything else works on the factors.
+    pub fn delta(&self) -> Mat {
+        let mut b = self.b.clone();
+        b.data.iter_mut().for_each(|v| *v *= self.scaling);
+        b.matmul(&self.a)
+    }
+
+    /// `⟨ΔW_self, ΔW_other⟩_F` from the factors: `s₁s₂ tr((B₁ᵀB₂)(A₂A₁ᵀ))`, `O(r²(d_in+d_out))`.
+    pub fn delta_dot(&self, other: &LoraFactors) -> f64 {
+        let btb = self.b.t().matmul(&other.b); // r1 × r2
+        let aat = other.a.matmul(&self.a.t()); // r2 × r1
+        let mut tr = 0.0;
+        for i in 0..btb.rows {
+            for j in 0..btb.cols {
+                tr += btb.at(i, j) * aat.at(j, i);
+            }
+        }
+        self.scaling * other.scaling * tr
+    }
+
+    /// `‖ΔW‖_F` from the factors.
+    pub fn delta_norm(&self) -> f64 {
+        self.delta_dot(self).max(0.0).sqrt()
+    }
+
+    /// Checks that `other` adapts a layer of the same shape; `what` names the caller.
+    pub(crate) fn check_same_shape(&self, other: &LoraFactors, what: &str) -> Result<()> {
+        if (self.d_in(), self.d_out()) != (other.d_in(), other.d_out()) {
+            return Err(Error::shape(
+                what,
+                format!("[d_out, d_in] = [{}, {}]", self.d_out(), self.d_in()),
+                format!("[{}, {}]", other.d_out(), other.d_in()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One LoRA expert: the factors of every layer it adapts, keyed by module path (the same base
+/// model for every expert in a library).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LoraExpert {
+    /// Factors by module path (`fc1`, `model.layers.0.self_attn.q_proj`, ...).
+    pub layers: BTreeMap<String, LoraFactors>,
+}
+
+impl LoraExpert {
+    /// Host copies of a PEFT LoRA's linear modules.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] if the adapter adapts an embedding table (library operations cover
+    /// linear layers).
+    pub fn from_peft(peft: &PeftLora) -> Result<Self> {
+        if let Some(e) = peft.embeddings.iter().next() {
+            return Err(Error::invalid(
+                "library expert",
+                format!(
+                    "module `{e}` adapts an embedding table; library operations cover Linear layers only"
+                ),
+            ));
+        }
+        Ok(Self {
+            layers: peft
+                .modules
+                .iter()
+                .map(|(p, a)| (p.clone(), LoraFactors::from_adapter(a)))
+                .collect(),
+        })
+    }
+
+    /// A PEFT LoRA with the same updates (per-module ranks go to `rank_pattern` when saved).
+    /// The config's default rank is the most common one and `lora_alpha` is chosen per module
+    /// so that `alpha/r` equals each layer's scaling.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for an expert with no layers.
+    pub fn to_peft(&self, device: &Device) -> Result<PeftLora> {
+        let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+        for f in self.layers.values() {
+            *counts.entry(f.rank()).or_default() += 1;
+        }
+        let Some((&r0, _)) = counts
+            .iter()
+            .max_by_key(|(r, c)| (**c, std::cmp::Reverse(**r)))
+        else {
+            return Err(Error::invalid("library expert", "it has no layers"));
+        };
+        let s0 = self
+            .layers
+            .values()
+            .find(|f| f.rank() == r0)
+            .map_or(1.0, |f| f.scaling);
+        let mut peft = PeftLora::new(r0, s0 * r0 as f64, false);
+        for (path, f) in &self.layers {
+            peft.insert(path, f.to_adapter(device)?);
+        }
+        Ok(peft)
+    }
+
+    /// The factors of layer `path`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] naming the layers the expert has.
+    pub fn layer(&self, path: &str) -> Result<&LoraFactors> {
+        self.layers.get(path).ok_or_else(|| Error::UnknownAdapter {
+            name: path.to_string(),
+            on: " among the expert's layers".into(),
+            known: self.layers.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+}
