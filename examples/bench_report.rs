@@ -16,6 +16,10 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Distribution, Tensor};
+use modula::library::{
+    Combination, LoraExpert, LoraFactors, MergeOptions, MergeSpace, arrow_prototypes, merge_experts,
+};
+use modula::linalg::Mat;
 use modula::prelude::*;
 use modula::{ExpertConfig, LoraLinear, MoeLayer, TopKRouterConfig};
 
@@ -82,6 +86,11 @@ fn main() -> modula::Result<()> {
     };
     let sync = |d: &Device| d.sync().expect("device sync");
     let mut metrics: Vec<(String, f64)> = Vec::new();
+    if std::env::args().any(|a| a == "--library-only") {
+        library_metrics(&device, quick, &mut metrics)?;
+        print_json(&metrics);
+        return Ok(());
+    }
 
     // --- LoRA forward vs plain Linear forward (inference).
     let linear = LinearConfig::new(d, d).init(&device).no_grad();
@@ -271,10 +280,160 @@ fn main() -> modula::Result<()> {
     ));
     metrics.push(("moe_tokens_per_s".into(), tokens as f64 / t_moe));
 
+    library_metrics(&device, quick, &mut metrics)?;
+    print_json(&metrics);
+    Ok(())
+}
+
+fn print_json(metrics: &[(String, f64)]) {
     let body: Vec<String> = metrics
         .iter()
         .map(|(k, v)| format!("\"{k}\": {v:.4}"))
         .collect();
     println!("{{{}}}", body.join(", "));
+}
+
+fn random_factors(r: usize, d_in: usize, d_out: usize, seed: u64) -> LoraFactors {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    let mut a = Mat::zeros(r, d_in);
+    a.data.iter_mut().for_each(|v| *v = next());
+    let mut b = Mat::zeros(d_out, r);
+    b.data.iter_mut().for_each(|v| *v = next());
+    LoraFactors::new(a, b, 2.0).expect("consistent shapes")
+}
+
+/// Library metrics: mixed-adapter batches, Arrow prototypes, TIES merging (shapes of the
+/// peers' sections c, f and e).
+fn library_metrics(
+    device: &Device,
+    quick: bool,
+    metrics: &mut Vec<(String, f64)>,
+) -> modula::Result<()> {
+    let sync = |d: &Device| d.sync().expect("device sync");
+    let (d, seqs, seq_len, n_adapters, warm, reps) = if quick {
+        (256, 16, 16, 8, 1, 3)
+    } else {
+        (1024, 64, 64, 32, 2, 9)
+    };
+    // --- Mixed-adapter batch: 4 layers d×d + ReLU, r = 8, `n_adapters` loaded.
+    let mut layers = Vec::new();
+    for l in 0..4 {
+        let mut layer = LoraLinear::new(LinearConfig::new(d, d).init(device).no_grad());
+        for i in 0..n_adapters {
+            let f = random_factors(8, d, d, (l * 1000 + i) as u64);
+            layer.insert_adapter(&format!("a{i}"), f.to_adapter(device)?)?;
+        }
+        layers.push(layer);
+    }
+    let mut single = layers.clone();
+    for l in single.iter_mut() {
+        l.set_active(&["a0"])?;
+    }
+    let mut single_thin = single.clone();
+    for l in single_thin.iter_mut() {
+        l.set_forward_mode(modula::LoraForward::Thin);
+    }
+    let names: Vec<String> = (0..n_adapters).map(|i| format!("a{i}")).collect();
+    let per_seq: Vec<Option<&str>> = (0..seqs)
+        .map(|s| Some(names[(s * 7 + s / 3) % n_adapters].as_str()))
+        .collect();
+    let x = Tensor::<3>::random([seqs, seq_len, d], Distribution::Default, device);
+    let t = interleaved(
+        warm,
+        reps,
+        &mut [
+            &mut || {
+                let mut h = x.clone();
+                for l in &single {
+                    h = burn::tensor::activation::relu(l.forward(h).expect("valid"));
+                }
+                sync(device);
+            },
+            &mut || {
+                let mut h = x.clone();
+                for l in &single_thin {
+                    h = burn::tensor::activation::relu(l.forward(h).expect("valid"));
+                }
+                sync(device);
+            },
+            &mut || {
+                let mut h = x.clone();
+                for l in &layers {
+                    h = burn::tensor::activation::relu(
+                        l.forward_mixed_seqs(h, &per_seq).expect("valid"),
+                    );
+                }
+                sync(device);
+            },
+        ],
+    );
+    let distinct = per_seq
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    println!("single adapter    {:8.2} ms", t[0] * 1e3);
+    ratio(
+        metrics,
+        &format!("mixed ({distinct} of {n_adapters})"),
+        &format!("mixed_{n_adapters}_adapters_over_single_adapter"),
+        t[2],
+        t[0],
+    );
+    ratio(
+        metrics,
+        "mixed / thin 1",
+        &format!("mixed_{n_adapters}_adapters_over_single_adapter_thin"),
+        t[2],
+        t[1],
+    );
+
+    // --- Arrow prototypes of 64 LoRAs (r = 8, d×d) and TIES over 8 LoRAs (r = 16, 4 layers).
+    let n_arrow = if quick { 16 } else { 64 };
+    let arrow_in: Vec<LoraFactors> = (0..n_arrow)
+        .map(|i| random_factors(8, d, d, 5000 + i as u64))
+        .collect();
+    let arrow_refs: Vec<&LoraFactors> = arrow_in.iter().collect();
+    let experts: Vec<LoraExpert> = (0..8)
+        .map(|i| {
+            let mut e = LoraExpert::default();
+            for l in 0..4 {
+                e.layers.insert(
+                    format!("layers.{l}"),
+                    random_factors(16, d, d, 9000 + 10 * i + l),
+                );
+            }
+            e
+        })
+        .collect();
+    let expert_refs: Vec<&LoraExpert> = experts.iter().collect();
+    let w = [0.125; 8];
+    let ties = MergeOptions::new(Combination::Ties)
+        .with_space(MergeSpace::Factor)
+        .with_density(0.5);
+    let t = interleaved(
+        1,
+        if quick { 3 } else { 9 },
+        &mut [
+            &mut || {
+                let _ = arrow_prototypes(&arrow_refs).expect("valid");
+            },
+            &mut || {
+                let _ = merge_experts(&expert_refs, &w, &ties).expect("valid");
+            },
+        ],
+    );
+    println!("arrow {n_arrow} LoRAs    {:8.2} ms (exact)", t[0] * 1e3);
+    println!(
+        "ties 8x r16 x4    {:8.2} ms (PEFT factor space)",
+        t[1] * 1e3
+    );
+    metrics.push((format!("arrow_{n_arrow}_loras_s"), t[0]));
+    metrics.push(("ties_8x_r16_s".into(), t[1]));
     Ok(())
 }

@@ -898,3 +898,23 @@ fn mixed_batch_equals_each_row_alone() {
         ));
     }
 }
+
+#[test]
+fn arrow_prototype_handles_rank_deficient_factors() {
+    // A zero row in A makes A Aᵀ singular: the QR route must take over and stay exact.
+    let mut rng = Rng(55);
+    let mut f = random_factors(&mut rng, 4, 20, 10, 1.0);
+    for j in 0..20 {
+        *f.a.at_mut(1, j) = 0.0;
+    }
+    let v = arrow_prototype(&f);
+    let dense = svd(&f.delta());
+    let cos: f64 = v
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x * dense.v.at(i, 0))
+        .sum();
+    assert!((cos.abs() - 1.0).abs() < 1e-10, "|cos| = {}", cos.abs());
+    let norm: f64 = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-12);
+}

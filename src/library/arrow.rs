@@ -4,9 +4,10 @@
 //! ## Prototypes
 //! For expert `e` at one adapted layer, the prototype `v_e` is the top right singular vector
 //! of its update `B_e A_e` (a unit vector in the layer's input space: the input direction the
-//! expert changes most). modula computes it exactly from the thin factors: QR of `B_e`
-//! (`d_out×r`) and of `A_eᵀ` (`d_in×r`), then the SVD of the `r×r` core `R_B R_Aᵀ`;
-//! `O(r²(d_in+d_out))` work and no `d_out×d_in` matrix. PEFT 0.21 runs 15 power iterations
+//! expert changes most). modula computes it exactly from the thin factors: the Cholesky
+//! factor of `A_e A_eᵀ` and the Gram matrix `B_eᵀB_e` reduce it to an `r×r` symmetric
+//! eigenproblem (QR of both factors when `A_e` is rank-deficient); `O(r²(d_in+d_out))` work
+//! and no `d_out×d_in` matrix. PEFT 0.21 runs 15 power iterations
 //! from a random start instead, which is wrong when the top two singular values are close. A
 //! singular vector's sign is arbitrary and Arrow only uses `|x·v|`, so prototypes are
 //! sign-normalised (largest-magnitude entry positive) to make them reproducible.
@@ -40,9 +41,17 @@ use crate::tensor_util::{ensure_finite, float_tensor};
 
 /// The Arrow prototype of one LoRA: the sign-normalised top right singular vector of `B A`
 /// (length `d_in`), computed from the factors.
+///
+/// With `G_A = A Aᵀ = L Lᵀ` (Cholesky) and `G_B = BᵀB`, the right singular vectors of `B A`
+/// are `Aᵀ L⁻ᵀ w` for the eigenvectors `w` of the symmetric `r×r` matrix `Lᵀ G_B L`, and they
+/// come out unit-norm. That is two `r×r` Gram matrices (`r²(d_in+d_out)` multiply-adds), an
+/// `r×r` Jacobi eigen-solve and one `Aᵀ z`. If `A` is rank-deficient (Cholesky fails) the QR
+/// route ([`lowrank_svd`]) is used instead.
 pub fn arrow_prototype(f: &LoraFactors) -> Vec<f64> {
-    let svd = lowrank_svd(&f.b, &f.a.t());
-    let mut v: Vec<f64> = (0..f.d_in()).map(|i| svd.v.at(i, 0)).collect();
+    let mut v = gram_top_right_vector(f).unwrap_or_else(|| {
+        let svd = lowrank_svd(&f.b, &f.a.t());
+        (0..f.d_in()).map(|i| svd.v.at(i, 0)).collect()
+    });
     let (mut best, mut best_abs) = (0.0, -1.0);
     for &x in &v {
         if x.abs() > best_abs {
@@ -56,6 +65,75 @@ pub fn arrow_prototype(f: &LoraFactors) -> Vec<f64> {
     v
 }
 
+/// `XᵀX`-style Gram of the rows of a row-major `n × r` matrix: `Σ_i x_i x_iᵀ` (`r × r`).
+fn gram_rows(m: &Mat) -> Mat {
+    let r = m.cols;
+    let mut g = Mat::zeros(r, r);
+    for row in m.data.chunks_exact(r) {
+        for i in 0..r {
+            let xi = row[i];
+            let gi = &mut g.data[i * r..(i + 1) * r];
+            for (gij, &xj) in gi.iter_mut().zip(row) {
+                *gij += xi * xj;
+            }
+        }
+    }
+    g
+}
+
+fn gram_top_right_vector(f: &LoraFactors) -> Option<Vec<f64>> {
+    let r = f.rank();
+    let g_a = f.a.matmul(&f.a.t()); // r × r
+    let g_b = gram_rows(&f.b); // r × r
+    // Cholesky G_A = L Lᵀ; give up (fall back to QR) unless A is well conditioned.
+    let mut l = Mat::zeros(r, r);
+    let scale = (0..r).map(|i| g_a.at(i, i)).fold(0.0, f64::max);
+    for j in 0..r {
+        let mut d = g_a.at(j, j);
+        for k in 0..j {
+            d -= l.at(j, k) * l.at(j, k);
+        }
+        if d <= 1e-10 * scale || !d.is_finite() {
+            return None;
+        }
+        let d = d.sqrt();
+        *l.at_mut(j, j) = d;
+        for i in j + 1..r {
+            let mut s = g_a.at(i, j);
+            for k in 0..j {
+                s -= l.at(i, k) * l.at(j, k);
+            }
+            *l.at_mut(i, j) = s / d;
+        }
+    }
+    let core = l.t().matmul(&g_b).matmul(&l);
+    let eig = crate::linalg::svd(&core); // symmetric PSD
+    let w: Vec<f64> = (0..r).map(|i| eig.u.at(i, 0)).collect();
+    // z = L⁻ᵀ w (back substitution with the upper-triangular Lᵀ).
+    let mut z = vec![0.0; r];
+    for i in (0..r).rev() {
+        let mut s = w[i];
+        for k in i + 1..r {
+            s -= l.at(k, i) * z[k];
+        }
+        z[i] = s / l.at(i, i);
+    }
+    // v = Aᵀ z, then renormalise against rounding.
+    let d_in = f.d_in();
+    let mut v = vec![0.0; d_in];
+    for (k, &zk) in z.iter().enumerate() {
+        for (vi, &a) in v.iter_mut().zip(&f.a.data[k * d_in..(k + 1) * d_in]) {
+            *vi += zk * a;
+        }
+    }
+    let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if !(n > 0.0 && n.is_finite()) {
+        return None;
+    }
+    v.iter_mut().for_each(|x| *x /= n);
+    Some(v)
+}
+
 /// The prototypes of several LoRAs of one layer as an `experts × d_in` matrix, rows in input
 /// order.
 ///
@@ -66,11 +144,24 @@ pub fn arrow_prototypes(experts: &[&LoraFactors]) -> Result<Mat> {
         return Err(Error::invalid("Arrow prototypes", "there are no experts"));
     };
     let d_in = first.d_in();
-    let mut out = Mat::zeros(experts.len(), d_in);
-    for (e, f) in experts.iter().enumerate() {
+    for f in experts {
         first.check_same_shape(f, "Arrow prototypes (all experts must adapt one layer)")?;
-        out.data[e * d_in..(e + 1) * d_in].copy_from_slice(&arrow_prototype(f));
     }
+    let mut out = Mat::zeros(experts.len(), d_in);
+    // Experts are independent: split them over the available cores.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(experts.len());
+    let per = experts.len().div_ceil(threads.max(1));
+    std::thread::scope(|scope| {
+        for (chunk, rows) in experts.chunks(per).zip(out.data.chunks_mut(per * d_in)) {
+            scope.spawn(move || {
+                for (f, row) in chunk.iter().zip(rows.chunks_mut(d_in)) {
+                    row.copy_from_slice(&arrow_prototype(f));
+                }
+            });
+        }
+    });
     Ok(out)
 }
 
