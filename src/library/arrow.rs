@@ -113,8 +113,8 @@ fn gram_top_right_vector(f: &LoraFactors) -> Option<Vec<f64>> {
     let mut z = vec![0.0; r];
     for i in (0..r).rev() {
         let mut s = w[i];
-        for k in i + 1..r {
-            s -= l.at(k, i) * z[k];
+        for (k, zk) in z.iter().enumerate().skip(i + 1) {
+            s -= l.at(k, i) * zk;
         }
         z[i] = s / l.at(i, i);
     }
