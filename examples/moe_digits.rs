@@ -11,20 +11,22 @@
 //! matrix is printed as a table.
 
 use std::fmt::Write as _;
-use std::io::Read;
 use std::path::PathBuf;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use modula::{ExpertConfig, MoeLayer, Routing, TopKRouterConfig};
 use plotters::prelude::*;
 
+#[path = "common/digits.rs"]
+mod digits;
+use digits::{CLASSES, batch, load_digits, shuffle};
+
 const EXPERTS: usize = 4;
-const CLASSES: usize = 10;
 
 #[derive(Module, Debug)]
 struct Classifier {
@@ -38,53 +40,6 @@ impl Classifier {
         let h = burn::tensor::activation::gelu(self.input.forward(x));
         let (m, routing) = self.moe.forward(h.clone())?;
         Ok((self.output.forward(h + m), routing))
-    }
-}
-
-fn load_digits() -> Result<(Vec<f32>, Vec<i64>), Box<dyn std::error::Error>> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/digits.csv.gz");
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(&path)?).read_to_string(&mut text)?;
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    for (n, line) in text.lines().enumerate() {
-        let v: Vec<f32> = line
-            .split(',')
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
-        if v.len() != 65 {
-            return Err(format!(
-                "{}:{}: expected 65 values, got {}",
-                path.display(),
-                n + 1,
-                v.len()
-            )
-            .into());
-        }
-        x.extend(v[..64].iter().map(|p| p / 16.0));
-        y.push(v[64] as i64);
-    }
-    Ok((x, y))
-}
-
-fn batch(x: &[f32], y: &[i64], rows: &[usize], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
-    let xs: Vec<f32> = rows
-        .iter()
-        .flat_map(|&r| x[r * 64..(r + 1) * 64].iter().copied())
-        .collect();
-    let ys: Vec<i64> = rows.iter().map(|&r| y[r]).collect();
-    (
-        Tensor::from_data(TensorData::new(xs, [rows.len(), 64]), device),
-        Tensor::from_data(TensorData::new(ys, [rows.len()]), device),
-    )
-}
-
-fn shuffle(v: &mut [usize], state: &mut u64) {
-    for i in (1..v.len()).rev() {
-        *state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        v.swap(i, ((*state >> 33) % (i as u64 + 1)) as usize);
     }
 }
 

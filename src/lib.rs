@@ -9,8 +9,8 @@
 //! | role | trait | what exists today |
 //! |---|---|---|
 //! | module (computation function) | [`ComputeModule`] | [`LoraAdapter`], [`LoraLinear`], [`LoraEmbedding`], [`Ia3Linear`], [`BottleneckAdapter`]; prefix tuning ([`PrefixEncoder`], [`PrefixAttention`]) |
-//! | router | [`Router`] | [`FixedRouter`] (task id / one module per row), [`TopKRouter`] (softmax / top-k gate with load-balance and z-losses) |
-//! | aggregator | [`Aggregator`] | [`WeightedSum`], [`WeightedMean`] |
+//! | router | [`Router`] | [`FixedRouter`] (task id / one module per row), [`TopKRouter`] (softmax / top-k gate with load-balance and z-losses), [`NoisyTopKRouter`], [`ExpertChoiceRouter`], [`HashRouter`], [`ArrowRouter`](library::ArrowRouter) (zero-shot routing over a LoRA library) |
+//! | aggregator | [`Aggregator`] | [`WeightedSum`], [`WeightedMean`]; offline parameter merging in [`library::merge`](mod@library::merge) |
 //!
 //! They meet in one sparse dispatch, [`DispatchPlan`]: a [`Routing`] (per row, `k` module
 //! indices and weights) is planned once, the rows each module must see are gathered, every
@@ -66,6 +66,18 @@
 //!   layer ([`MoeLayer::forward_routed`]). [`NoisyTopKRouter`] adds Shazeer's noisy
 //!   gating with importance and load losses. [`SoftMoe`] mixes tokens into expert slots
 //!   (Puigcerver et al. 2023).
+//!
+//! ## Libraries of LoRA experts
+//! - [`library`]: experts as host factors ([`library::LoraExpert`]); every PEFT
+//!   `add_weighted_adapter` combination type in PEFT's factor space and exactly in delta space
+//!   ([`library::merge`](mod@library::merge)), task arithmetic, SLERP, PEM arithmetic ([`library::arith`]); Arrow
+//!   with exact prototypes ([`library::arrow`]); MBC clustering ([`library::mbc`]); a library
+//!   folder with atomic writes ([`library::store`]).
+//! - Mixed-adapter batches: [`LoraLinear::forward_mixed`], [`LoraLinear::forward_mixed_seqs`],
+//!   [`LoraLinear::forward_routed`] serve many adapters on one base in one gathered pass.
+//! - [`linalg`]: the exact host linear algebra these use (QR, Jacobi SVD, low-rank SVD).
+//! - The `modula` command-line tool (feature `cli`): `inspect`, `merge`, `cluster`, `arrow`,
+//!   `bake`.
 //!
 //! ## Files
 //! - [`peft`]: PEFT LoRA and IA3 folders, loaded by module path and saved so that PEFT 0.21

@@ -4,7 +4,7 @@
 //!
 //! - [`factors`]: host copies of LoRA factors ([`LoraFactors`]) and whole experts
 //!   ([`LoraExpert`], one LoRA per adapted layer), converted from and to PEFT folders.
-//! - [`merge`]: every PEFT `add_weighted_adapter` combination type, in PEFT's factor space for
+//! - [`merge`](mod@merge): every PEFT `add_weighted_adapter` combination type, in PEFT's factor space for
 //!   parity and exactly in delta space (the default), task arithmetic, SLERP.
 //! - [`arith`]: arithmetic composition of modules (PEM): addition, negation, scaling, for LoRA
 //!   and IA3.

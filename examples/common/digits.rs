@@ -1,0 +1,63 @@
+//! The UCI digits data shipped in data/digits.csv.gz (see data/README.md), shared by the
+//! examples: loading, batching and a seeded shuffle.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// Pixels per image (8×8, scaled to [0, 1]).
+pub const PIXELS: usize = 64;
+/// Classes (digits 0–9).
+pub const CLASSES: usize = 10;
+
+/// All 1,797 images (`x`: row-major `[n, 64]`) and labels.
+pub fn load_digits() -> Result<(Vec<f32>, Vec<i64>), Box<dyn std::error::Error>> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/digits.csv.gz");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&path)?).read_to_string(&mut text)?;
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for (n, line) in text.lines().enumerate() {
+        let v: Vec<f32> = line
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+        if v.len() != PIXELS + 1 {
+            return Err(format!(
+                "{}:{}: expected 65 values, got {}",
+                path.display(),
+                n + 1,
+                v.len()
+            )
+            .into());
+        }
+        x.extend(v[..PIXELS].iter().map(|p| p / 16.0));
+        y.push(v[PIXELS] as i64);
+    }
+    Ok((x, y))
+}
+
+/// The rows `rows` of `x`/`y` as tensors on `device`.
+pub fn batch(x: &[f32], y: &[i64], rows: &[usize], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
+    let xs: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| x[r * PIXELS..(r + 1) * PIXELS].iter().copied())
+        .collect();
+    let ys: Vec<i64> = rows.iter().map(|&r| y[r]).collect();
+    (
+        Tensor::from_data(TensorData::new(xs, [rows.len(), PIXELS]), device),
+        Tensor::from_data(TensorData::new(ys, [rows.len()]), device),
+    )
+}
+
+/// Fisher–Yates shuffle driven by a 64-bit LCG state.
+pub fn shuffle(v: &mut [usize], state: &mut u64) {
+    for i in (1..v.len()).rev() {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        v.swap(i, ((*state >> 33) % (i as u64 + 1)) as usize);
+    }
+}
