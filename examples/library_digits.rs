@@ -28,7 +28,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use modula::library::{
-    ArrowLinear, ArrowMix, Combination, ExpertInfo, ExpertLibrary, LoraExpert, MbcConfig,
+    ArrowLinear, Combination, ExpertInfo, ExpertLibrary, LoraExpert, LoraMix, MbcConfig,
     MergeOptions, mbc_cluster, merge_experts,
 };
 use modula::{LoraConfig, LoraLinear, PeftLora};
@@ -115,7 +115,7 @@ impl ArrowNet {
                 adapters,
                 top_k,
                 1.0,
-                ArrowMix::Output,
+                LoraMix::Output,
             )?);
         }
         Ok(Self {

@@ -7,7 +7,7 @@ use burn::tensor::{Device, Tensor};
 use common::{Rng, assert_close, devices, golden};
 use modula::library::arith::{ia3_add, ia3_negate, lora_add, lora_negate, lora_scale};
 use modula::library::{
-    ArrowLinear, ArrowMix, ArrowRouter, Combination, LoraFactors, MajoritySign, MergeOptions,
+    ArrowLinear, ArrowRouter, Combination, LoraFactors, LoraMix, MajoritySign, MergeOptions,
     MergeSpace, arrow_prototype, arrow_prototypes, compress, gen_know_sub, merge, slerp,
 };
 use modula::linalg::{Mat, svd};
@@ -517,7 +517,7 @@ fn arrow_matches_peft_golden() {
             .iter()
             .map(|f| f.to_adapter(&device).unwrap())
             .collect();
-        let layer = ArrowLinear::new(base, adapters, 2, 1.0, ArrowMix::Output).unwrap();
+        let layer = ArrowLinear::new(base, adapters, 2, 1.0, LoraMix::Output).unwrap();
         let (delta, _) = layer.delta(x).unwrap();
         assert_close(
             delta,
@@ -601,7 +601,7 @@ fn arrow_top_k_all_is_full_softmax_and_one_hot_is_single_lora() {
             .map(|f| f.to_adapter(&device).unwrap())
             .collect();
         let layer =
-            ArrowLinear::new(base.clone(), adapters.clone(), 1, 1.0, ArrowMix::Output).unwrap();
+            ArrowLinear::new(base.clone(), adapters.clone(), 1, 1.0, LoraMix::Output).unwrap();
         let (delta, routing) = layer.delta(x.clone()).unwrap();
         let idx: Vec<i64> = routing.indices().into_data().iter::<i64>().collect();
         for (row, &e) in idx.iter().enumerate() {
@@ -615,7 +615,7 @@ fn arrow_top_k_all_is_full_softmax_and_one_hot_is_single_lora() {
             );
         }
         // Factor mixing with top_k = 1 is the same single LoRA.
-        let fl = ArrowLinear::new(base, adapters, 1, 1.0, ArrowMix::Factor).unwrap();
+        let fl = ArrowLinear::new(base, adapters, 1, 1.0, LoraMix::Factor).unwrap();
         assert_close(fl.delta(x).unwrap().0, delta, 1e-5, "factor mix, one-hot");
     }
 }
@@ -917,4 +917,105 @@ fn arrow_prototype_handles_rank_deficient_factors() {
     assert!((cos.abs() - 1.0).abs() < 1e-10, "|cos| = {}", cos.abs());
     let norm: f64 = v.iter().map(|x| x * x).sum::<f64>().sqrt();
     assert!((norm - 1.0).abs() < 1e-12);
+}
+
+#[test]
+fn polytropon_allocation_trains_and_mixes_factors() {
+    use burn::module::Module;
+    use modula::library::{LoraMix, PolytroponRouter, lora_mixture};
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(91);
+    let skills: Vec<_> = (0..3)
+        .map(|_| {
+            random_factors(&mut rng, 4, 10, 6, 2.0)
+                .to_adapter(&device)
+                .unwrap()
+        })
+        .collect();
+    let router = PolytroponRouter::new(2, 3, 1.0, &device).unwrap();
+    let tasks = [0usize, 1, 1, 0];
+    let routing = router.route_tasks(&tasks, true).unwrap();
+    let sums: Vec<f32> = routing
+        .to_dense()
+        .sum_dim(1)
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    assert!(
+        sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
+        "weights sum to one: {sums:?}"
+    );
+    let x = rng.tensor(4, 10, &device);
+    let y = lora_mixture(x.clone(), &routing, &skills, LoraMix::Factor).unwrap();
+    let grads = y.powi_scalar(2).sum().backward();
+    let g = router
+        .logits
+        .grad(&grads)
+        .expect("allocation logits get a gradient");
+    let gsum: f32 = g.abs().sum().into_scalar();
+    assert!(gsum > 0.0);
+    // Factor mixing: row 0 equals (Σ w s B)(Σ w A) x computed by hand.
+    let eval = router.valid();
+    let r = eval.route_tasks(&[0], false).unwrap();
+    let w: Vec<f32> = r.to_dense().into_data().iter::<f32>().collect();
+    let cpu = Device::flex();
+    let skills_cpu: Vec<_> = skills.iter().map(|a| a.clone().valid()).collect();
+    let x0 = x.clone().slice([0..1, 0..10]).inner();
+    let mut a_mix = Tensor::<2>::zeros([10, 4], &cpu);
+    let mut b_mix = Tensor::<2>::zeros([4, 6], &cpu);
+    for (s, wi) in skills_cpu.iter().zip(&w) {
+        a_mix = a_mix + s.a.val().mul_scalar(*wi);
+        b_mix = b_mix + s.b.val().mul_scalar(*wi * s.scaling() as f32);
+    }
+    let want = x0.clone().matmul(a_mix).matmul(b_mix);
+    let got = lora_mixture(x0, &r, &skills_cpu, LoraMix::Factor).unwrap();
+    assert_close(got, want, 1e-5, "Polytropon factor mixture");
+    assert!(
+        eval.route_tasks(&[2], false).is_err(),
+        "task id out of range"
+    );
+    assert!(PolytroponRouter::new(0, 3, 1.0, &cpu).is_err());
+}
+
+#[test]
+fn xlora_router_and_adapter_fusion() {
+    use modula::library::{AdapterFusion, LoraMix, XLoraRouter, lora_mixture};
+    for device in devices() {
+        let mut rng = Rng(17);
+        let experts: Vec<_> = (0..4)
+            .map(|_| {
+                random_factors(&mut rng, 4, 12, 8, 1.5)
+                    .to_adapter(&device)
+                    .unwrap()
+            })
+            .collect();
+        let x = rng.tensor(5, 12, &device);
+        // Full softmax: weights sum to one; the mixture is Σ w_e Δ_e(x).
+        let router = XLoraRouter::new(12, 16, 4, None, 1.0, &device).unwrap();
+        let routing = router.route(&x).unwrap();
+        let dense = routing.to_dense();
+        let sums: Vec<f32> = dense.clone().sum_dim(1).into_data().iter::<f32>().collect();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+        let y = lora_mixture(x.clone(), &routing, &experts, LoraMix::Output).unwrap();
+        let mut want = Tensor::<2>::zeros([5, 8], &device);
+        for (e, ex) in experts.iter().enumerate() {
+            want = want + ex.delta_forward(x.clone()) * dense.clone().slice([0..5, e..e + 1]);
+        }
+        assert_close(y, want, 1e-5, "X-LoRA output mixture");
+        // Top-2: two experts per row.
+        let top2 = XLoraRouter::new(12, 16, 4, Some(2), 1.0, &device).unwrap();
+        assert_eq!(top2.route(&x).unwrap().k(), 2);
+        assert!(XLoraRouter::new(12, 16, 4, Some(5), 1.0, &device).is_err());
+
+        // AdapterFusion: attention sums to one; with equal outputs the fusion returns them.
+        let fusion = AdapterFusion::new(12, 8, 6, 1.0, &device).unwrap();
+        let o = rng.tensor(5, 8, &device);
+        let outs = Tensor::stack::<3>(vec![o.clone(), o.clone(), o.clone()], 1);
+        let (fused, attn) = fusion.fuse(x.clone(), outs).unwrap();
+        let sums: Vec<f32> = attn.sum_dim(1).into_data().iter::<f32>().collect();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+        assert_close(fused, o, 1e-5, "fusion of identical outputs (W_v = I)");
+        let bad = Tensor::<3>::zeros([4, 3, 8], &device);
+        assert!(fusion.fuse(x.clone(), bad).is_err());
+    }
 }

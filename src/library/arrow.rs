@@ -16,7 +16,7 @@
 //! Per token `x` (the layer's input), `logit_e = |x·v_e| / τ`; the top `k` logits are kept and
 //! the routing weights are their softmax (zero elsewhere). `x` is not normalised, as in PEFT.
 //!
-//! ## Aggregation ([`ArrowMix`])
+//! ## Aggregation ([`LoraMix`], [`lora_mixture`])
 //! - `Output` (default): `Σ_e w_e s_e B_e A_e x` over the gathered top-`k` experts only (the
 //!   core's sparse dispatch), exactly PEFT's Arrow forward.
 //! - `Factor` (mttl's mixing): `(Σ_e w_e s_e B_e)(Σ_e w_e A_e) x`, two dispatch passes through
@@ -34,9 +34,10 @@ use burn::tensor::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::library::factors::LoraFactors;
 use crate::library::merge::{MergeSpace, cat_form};
+use crate::library::mix::{LoraMix, lora_mixture};
 use crate::linalg::{Mat, lowrank_svd};
 use crate::modules::lora::LoraAdapter;
-use crate::routing::{DispatchPlan, Router, Routing, WeightedSum};
+use crate::routing::{Router, Routing};
 use crate::tensor_util::{ensure_finite, float_tensor};
 
 /// The Arrow prototype of one LoRA: the sign-normalised top right singular vector of `B A`
@@ -298,16 +299,6 @@ impl Router for ArrowRouter {
     }
 }
 
-/// How Arrow combines the selected experts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum ArrowMix {
-    /// `Σ w_e s_e B_e A_e x` (PEFT's Arrow).
-    #[default]
-    Output,
-    /// `(Σ w_e s_e B_e)(Σ w_e A_e) x` (mttl's parameter mixing).
-    Factor,
-}
-
 /// A Linear layer with a library of LoRA experts routed by Arrow.
 #[derive(Debug)]
 pub struct ArrowLinear {
@@ -318,7 +309,7 @@ pub struct ArrowLinear {
     /// The router.
     pub router: ArrowRouter,
     /// The aggregation.
-    pub mix: ArrowMix,
+    pub mix: LoraMix,
 }
 
 impl ArrowLinear {
@@ -331,7 +322,7 @@ impl ArrowLinear {
         experts: Vec<LoraAdapter>,
         top_k: usize,
         temperature: f64,
-        mix: ArrowMix,
+        mix: LoraMix,
     ) -> Result<Self> {
         let [d_in, d_out] = base.weight.dims();
         let host: Vec<LoraFactors> = experts.iter().map(LoraFactors::from_adapter).collect();
@@ -344,10 +335,10 @@ impl ArrowLinear {
                 ));
             }
         }
-        if mix == ArrowMix::Factor && host.iter().any(|f| f.rank() != host[0].rank()) {
+        if mix == LoraMix::Factor && host.iter().any(|f| f.rank() != host[0].rank()) {
             return Err(Error::invalid(
-                "ArrowMix::Factor",
-                "factor mixing needs experts of one rank; use ArrowMix::Output",
+                "LoraMix::Factor",
+                "factor mixing needs experts of one rank; use LoraMix::Output",
             ));
         }
         let refs: Vec<&LoraFactors> = host.iter().collect();
@@ -366,22 +357,7 @@ impl ArrowLinear {
     /// Shape errors for the wrong input width; NaN/inf inputs.
     pub fn delta(&self, x: Tensor<2>) -> Result<(Tensor<2>, Routing)> {
         let routing = self.router.route(&x)?;
-        let plan = DispatchPlan::new(&routing)?;
-        let d_out = self.base.weight.dims()[1];
-        let y = match self.mix {
-            ArrowMix::Output => plan.apply(&routing, x, d_out, &WeightedSum, |m, xm| {
-                Ok(self.experts[m].delta_forward(xm))
-            })?,
-            ArrowMix::Factor => {
-                let r = self.experts[0].rank();
-                let u =
-                    plan.combine(plan.run(x, r, |m, xm| Ok(xm.matmul(self.experts[m].a.val())))?);
-                plan.apply(&routing, u, d_out, &WeightedSum, |m, um| {
-                    let ex = &self.experts[m];
-                    Ok(um.matmul(ex.b.val()).mul_scalar(ex.scaling()))
-                })?
-            }
-        };
+        let y = lora_mixture(x, &routing, &self.experts, self.mix)?;
         Ok((y, routing))
     }
 

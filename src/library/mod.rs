@@ -10,6 +10,9 @@
 //!   and IA3.
 //! - [`arrow`]: Arrow prototypes computed exactly from the thin factors, the Arrow router, and
 //!   an Arrow-routed Linear with output or factor mixing; GenKnowSub.
+//! - [`mix`]: the aggregators over LoRA experts (output or factor mixture).
+//! - [`routers`]: learned routers over a library: Polytropon, an X-LoRA-style per-token
+//!   classifier, AdapterFusion.
 //! - [`mbc`]: model-based clustering of a library (sparsify, exact Gram-based embedding, cosine
 //!   similarity, seeded k-means++).
 //! - [`store`]: a library folder on disk (JSON index + one PEFT folder per expert), with
@@ -27,16 +30,18 @@ pub mod arrow;
 pub mod factors;
 pub mod mbc;
 pub mod merge;
+pub mod mix;
 pub(crate) mod rng;
+pub mod routers;
 pub mod store;
 
-pub use arrow::{
-    ArrowLinear, ArrowMix, ArrowRouter, arrow_prototype, arrow_prototypes, gen_know_sub,
-};
+pub use arrow::{ArrowLinear, ArrowRouter, arrow_prototype, arrow_prototypes, gen_know_sub};
 pub use factors::{LoraExpert, LoraFactors};
 pub use mbc::{Clustering, MbcConfig, mbc_cluster};
 pub use merge::{
     Combination, MajoritySign, MergeOptions, MergeSpace, compress, merge, merge_experts, slerp,
     slerp_experts, task_arithmetic,
 };
+pub use mix::{LoraMix, lora_mixture};
+pub use routers::{AdapterFusion, PolytroponRouter, XLoraRouter};
 pub use store::{ExpertInfo, ExpertLibrary, ExpertMeta};

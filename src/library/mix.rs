@@ -1,0 +1,85 @@
+//! Aggregating LoRA experts under a routing (the aggregator role for libraries of LoRAs).
+//!
+//! - [`LoraMix::Output`]: the output mixture `Σ_e w_e s_e B_e A_e x`, each expert computed on
+//!   the rows routed to it only (the core's sparse dispatch).
+//! - [`LoraMix::Factor`]: the parameter (factor) mixture `(Σ_e w_e s_e B_e)(Σ_e w_e A_e) x` of
+//!   mttl and Polytropon, computed as two dispatch passes through an `r`-wide intermediate
+//!   (`u = Σ_e w_e x A_e`, then `Σ_e w_e s_e u B_e`) without forming any mixed factor; all
+//!   experts must share one rank.
+//!
+//! Gradients flow to the routing weights and to the factors in both modes.
+
+use burn::tensor::Tensor;
+
+use crate::error::{Error, Result};
+use crate::modules::lora::LoraAdapter;
+use crate::routing::{DispatchPlan, Routing, WeightedSum};
+
+/// How a routing combines LoRA experts (see the [module docs](self)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LoraMix {
+    /// `Σ w_e s_e B_e A_e x` (PEFT's Arrow, X-LoRA).
+    #[default]
+    Output,
+    /// `(Σ w_e s_e B_e)(Σ w_e A_e) x` (mttl's Arrow, Polytropon).
+    Factor,
+}
+
+/// The experts' combined contribution for `x: [rows, d_in]` under `routing` (module `e` is
+/// `adapters[e]`), `[rows, d_out]`.
+///
+/// # Errors
+/// [`Error::Shape`] if the routing's module count or row count does not match, or the
+/// adapters' widths differ; [`Error::Invalid`] for no adapters or (factor mode) mixed ranks.
+pub fn lora_mixture(
+    x: Tensor<2>,
+    routing: &Routing,
+    adapters: &[LoraAdapter],
+    mode: LoraMix,
+) -> Result<Tensor<2>> {
+    let Some(first) = adapters.first() else {
+        return Err(Error::invalid("LoRA mixture", "there are no adapters"));
+    };
+    if routing.num_modules() != adapters.len() {
+        return Err(Error::shape(
+            "LoRA mixture (routing modules = adapters)",
+            adapters.len().to_string(),
+            routing.num_modules().to_string(),
+        ));
+    }
+    if let Some(a) = adapters
+        .iter()
+        .find(|a| (a.d_in(), a.d_out()) != (first.d_in(), first.d_out()))
+    {
+        return Err(Error::shape(
+            "LoRA mixture (adapter widths)",
+            format!("[{}, {}]", first.d_in(), first.d_out()),
+            format!("[{}, {}]", a.d_in(), a.d_out()),
+        ));
+    }
+    let plan = DispatchPlan::new(routing)?;
+    let d_out = first.d_out();
+    match mode {
+        LoraMix::Output => plan.apply(routing, x, d_out, &WeightedSum, |m, xm| {
+            let a = &adapters[m];
+            Ok(xm
+                .matmul(a.a.val())
+                .mul_scalar(a.scaling())
+                .matmul(a.b.val()))
+        }),
+        LoraMix::Factor => {
+            let r = first.rank();
+            if adapters.iter().any(|a| a.rank() != r) {
+                return Err(Error::invalid(
+                    "LoraMix::Factor",
+                    "factor mixing needs adapters of one rank; use LoraMix::Output",
+                ));
+            }
+            let u = plan.combine(plan.run(x, r, |m, xm| Ok(xm.matmul(adapters[m].a.val())))?);
+            plan.apply(routing, u, d_out, &WeightedSum, |m, um| {
+                let a = &adapters[m];
+                Ok(um.matmul(a.b.val()).mul_scalar(a.scaling()))
+            })
+        }
+    }
+}
