@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::tensor::{Device, Tensor};
-use common::{assert_close, data, golden};
+use common::{assert_close, data, golden, mat, mat_diff};
 use modula::library::{LoraExpert, LoraFactors};
-use modula::linalg::Mat;
 use modula::{PeftLora, TensorFile};
 
 fn modula(args: &[&str]) -> (bool, String, String) {
@@ -21,11 +20,6 @@ fn modula(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn mat(f: &TensorFile, name: &str) -> Mat {
-    let t = f.get(name).unwrap();
-    Mat::from_f32(t.shape[0], t.shape[1], &t.data)
 }
 
 /// Writes golden factors `{prefix}{i}.lora_A/B` as PEFT folders adapting `fc1` (r=4, alpha=8).
@@ -51,14 +45,6 @@ fn golden_folders(file: &str, prefix: &str, n: usize, root: &Path) -> Vec<PathBu
             dir
         })
         .collect()
-}
-
-fn max_diff(a: &Mat, b: &Mat) -> f64 {
-    a.data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -93,7 +79,7 @@ fn merge_writes_a_peft_folder_with_peft_numbers() {
         let delta = merged.layers["fc1"].delta();
         let expected = mat(&g, &format!("{method}.delta_weight"));
         assert!(
-            max_diff(&delta, &expected) < 1e-5,
+            mat_diff(&delta, &expected) < 1e-5,
             "{method}: delta vs PEFT"
         );
         // Outputs of fc1 with the merged adapter equal x (W + ΔW_PEFT)ᵀ + b.
@@ -124,7 +110,7 @@ fn arrow_cluster_inspect_and_bake() {
     assert!(ok, "{err}");
     let protos = TensorFile::open(&out).unwrap();
     let g = golden("arrow_routing.safetensors");
-    assert!(max_diff(&mat(&protos, "fc1"), &mat(&g, "prototypes")) < 1e-5);
+    assert!(mat_diff(&mat(&protos, "fc1"), &mat(&g, "prototypes")) < 1e-5);
 
     // cluster: JSON list of clusters of the folders as given.
     let mut c = vec!["cluster", "--k", "2"];
@@ -160,7 +146,7 @@ fn arrow_cluster_inspect_and_bake() {
     let baked = TensorFile::open(&baked).unwrap();
     let expected = golden("peft_lora_tiny_mlp_expected.safetensors");
     for layer in ["fc1", "fc2"] {
-        let d = max_diff(
+        let d = mat_diff(
             &mat(&baked, &format!("{layer}.weight")),
             &mat(&expected, &format!("expected_merged_{layer}_weight")),
         );

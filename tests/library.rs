@@ -4,7 +4,7 @@
 mod common;
 
 use burn::tensor::{Device, Tensor};
-use common::{Rng, assert_close, devices, golden};
+use common::{Rng, assert_close, devices, golden, mat, mat_diff};
 use modula::library::arith::{ia3_add, ia3_negate, lora_add, lora_negate, lora_scale};
 use modula::library::{
     ArrowLinear, ArrowRouter, Combination, LoraFactors, LoraMix, MajoritySign, MergeOptions,
@@ -12,21 +12,6 @@ use modula::library::{
 };
 use modula::linalg::{Mat, svd};
 use modula::{Router, TensorFile};
-
-fn mat(f: &TensorFile, name: &str) -> Mat {
-    let t = f.get(name).unwrap();
-    assert_eq!(t.shape.len(), 2, "{name}");
-    Mat::from_f32(t.shape[0], t.shape[1], &t.data)
-}
-
-fn max_diff(a: &Mat, b: &Mat) -> f64 {
-    assert_eq!((a.rows, a.cols), (b.rows, b.cols), "shapes differ");
-    a.data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-}
 
 fn golden_adapters(f: &TensorFile, prefix: &str, n: usize) -> Vec<LoraFactors> {
     (0..n)
@@ -59,7 +44,7 @@ fn every_deterministic_peft_combination_matches() {
     let refs: Vec<&LoraFactors> = adapters.iter().collect();
     // Each input's own delta first: our s·B·A is PEFT's get_delta_weight.
     for (i, a) in adapters.iter().enumerate() {
-        assert!(max_diff(&a.delta(), &mat(&g, &format!("a{i}.delta_weight"))) < 1e-5);
+        assert!(mat_diff(&a.delta(), &mat(&g, &format!("a{i}.delta_weight"))) < 1e-5);
     }
     let cases: &[Case] = &[
         (
@@ -162,14 +147,14 @@ fn every_deterministic_peft_combination_matches() {
         let m = merge(&refs, w, &opts).unwrap();
         assert_eq!(m.scaling, 1.0, "{name}: merged adapters have scaling 1");
         let expected_delta = mat(&g, &format!("{name}.delta_weight"));
-        let d = max_diff(&m.delta(), &expected_delta);
+        let d = mat_diff(&m.delta(), &expected_delta);
         assert!(d < 1e-5, "{name}: delta differs by {d:e}");
         let expected_a = mat(&g, &format!("{name}.lora_A"));
         assert_eq!(m.rank(), expected_a.rows, "{name}: rank");
         if factors_comparable {
-            assert!(max_diff(&m.a, &expected_a) < 1e-5, "{name}: lora_A");
+            assert!(mat_diff(&m.a, &expected_a) < 1e-5, "{name}: lora_A");
             assert!(
-                max_diff(&m.b, &mat(&g, &format!("{name}.lora_B"))) < 1e-5,
+                mat_diff(&m.b, &mat(&g, &format!("{name}.lora_B"))) < 1e-5,
                 "{name}: lora_B"
             );
         }
@@ -200,7 +185,7 @@ fn svd_merge_singular_values_match_peft() {
             *s += w * v;
         }
     }
-    assert!(max_diff(&exact.delta(), &sum) < 1e-12);
+    assert!(mat_diff(&exact.delta(), &sum) < 1e-12);
     assert_eq!(exact.rank(), 12);
 }
 
@@ -332,7 +317,7 @@ fn compression_is_the_best_low_rank_approximation() {
     // svd_rank on the delta-space linear merge is the same compression.
     let opts = MergeOptions::new(Combination::Linear).with_svd_rank(5);
     let m = merge(&refs, &w, &opts).unwrap();
-    assert!(max_diff(&m.delta(), &compress(&exact, 5).delta()) < 1e-10);
+    assert!(mat_diff(&m.delta(), &compress(&exact, 5).delta()) < 1e-10);
 }
 
 #[test]
@@ -342,12 +327,12 @@ fn rslora_merges_are_not_over_scaled() {
     let mut rng = Rng(5);
     let f = random_factors(&mut rng, 16, 20, 10, 8.0 / 4.0);
     let merged = merge(&[&f], &[1.0], &MergeOptions::new(Combination::Svd)).unwrap();
-    assert!(max_diff(&merged.delta(), &f.delta()) < 1e-10);
+    assert!(mat_diff(&merged.delta(), &f.delta()) < 1e-10);
     let device = Device::flex();
     let adapter = merged.to_adapter(&device).unwrap();
     assert!((adapter.scaling() - 1.0).abs() < 1e-12);
     let back = LoraFactors::from_adapter(&adapter);
-    assert!(max_diff(&back.delta(), &f.delta()) < 1e-5);
+    assert!(mat_diff(&back.delta(), &f.delta()) < 1e-5);
 }
 
 #[test]
@@ -356,8 +341,8 @@ fn slerp_interpolates_on_the_sphere() {
     let a = random_factors(&mut rng, 4, 12, 8, 1.0);
     let b = random_factors(&mut rng, 4, 12, 8, 1.0);
     let (da, db) = (a.delta(), b.delta());
-    assert!(max_diff(&slerp(&a, &b, 0.0).unwrap().delta(), &da) < 1e-10);
-    assert!(max_diff(&slerp(&a, &b, 1.0).unwrap().delta(), &db) < 1e-10);
+    assert!(mat_diff(&slerp(&a, &b, 0.0).unwrap().delta(), &da) < 1e-10);
+    assert!(mat_diff(&slerp(&a, &b, 1.0).unwrap().delta(), &db) < 1e-10);
     // Unit-norm inputs stay unit-norm along the path, and the angle splits evenly.
     let na = compress_scale(&a, 1.0 / a.delta_norm());
     let nb = compress_scale(&b, 1.0 / b.delta_norm());
@@ -393,7 +378,7 @@ fn pem_arithmetic() {
     {
         *e = 0.3 * x + 0.7 * y;
     }
-    assert!(max_diff(&exact.delta(), &expected) < 1e-12);
+    assert!(mat_diff(&exact.delta(), &expected) < 1e-12);
     // PEM's factor-space addition: A = Σ w s A, B = Σ w B.
     let factor = lora_add(&[&a, &b], &[0.3, 0.7], MergeSpace::Factor).unwrap();
     assert!(
@@ -470,7 +455,7 @@ fn arrow_matches_peft_golden() {
     let protos = arrow_prototypes(&refs).unwrap();
     let expected = mat(&g, "prototypes");
     assert!(
-        max_diff(&protos, &expected) < 1e-5,
+        mat_diff(&protos, &expected) < 1e-5,
         "prototypes (same sign convention)"
     );
     for device in devices() {
@@ -635,7 +620,7 @@ fn gen_know_sub_both_spaces() {
     {
         *e -= 0.5 * (a + b);
     }
-    assert!(max_diff(&exact.delta(), &expected) < 1e-12);
+    assert!(mat_diff(&exact.delta(), &expected) < 1e-12);
     let factor = gen_know_sub(&task, &[&g1, &g2], MergeSpace::Factor).unwrap();
     assert!(
         (factor.a.at(2, 3) - (task.a.at(2, 3) - 0.5 * (g1.a.at(2, 3) + g2.a.at(2, 3)))).abs()
@@ -711,7 +696,7 @@ fn library_store_round_trip_and_errors() {
     assert_eq!(lib2.meta("t0").unwrap().layers["fc1"], [12, 16]);
     let back = lib2.factors("t0").unwrap();
     for (p, f) in &e1.layers {
-        assert!(max_diff(&back.layers[p].delta(), &f.delta()) < 1e-5, "{p}");
+        assert!(mat_diff(&back.layers[p].delta(), &f.delta()) < 1e-5, "{p}");
     }
     // Each expert is a PEFT folder PEFT's loader (ours) reads back.
     let exported = dir.path().join("out");

@@ -239,12 +239,7 @@ impl ArrowRouter {
                 format!("{top_k} is outside 1..={e} (the number of experts)"),
             ));
         }
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::invalid(
-                "Arrow temperature",
-                format!("{temperature} must be positive and finite"),
-            ));
-        }
+        super::check_temperature("Arrow temperature", temperature)?;
         Ok(Self {
             prototypes_t: float_tensor(prototypes.t().to_f32(), [prototypes.cols, e], device),
             top_k,

@@ -45,3 +45,15 @@ pub use merge::{
 pub use mix::{LoraMix, lora_mixture};
 pub use routers::{AdapterFusion, PolytroponRouter, XLoraRouter};
 pub use store::{ExpertInfo, ExpertLibrary, ExpertMeta};
+
+/// Checks a softmax or relaxation temperature: positive and finite.
+pub(crate) fn check_temperature(what: &str, t: f64) -> crate::Result<()> {
+    if t > 0.0 && t.is_finite() {
+        Ok(())
+    } else {
+        Err(crate::Error::invalid(
+            what,
+            format!("{t} must be positive and finite"),
+        ))
+    }
+}

@@ -47,12 +47,7 @@ impl PolytroponRouter {
                 format!("{tasks} tasks × {skills} skills; both must be at least 1"),
             ));
         }
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::invalid(
-                "Polytropon temperature",
-                format!("{temperature} must be positive and finite"),
-            ));
-        }
+        super::check_temperature("Polytropon temperature", temperature)?;
         let z = Tensor::<2>::random([tasks, skills], Distribution::Uniform(-1e-3, 1e-3), device);
         Ok(Self {
             logits: Param::from_tensor(z),
@@ -142,12 +137,7 @@ impl XLoraRouter {
                 format!("{k} is outside 1..={experts} (the number of experts)"),
             ));
         }
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::invalid(
-                "X-LoRA temperature",
-                format!("{temperature} must be positive and finite"),
-            ));
-        }
+        super::check_temperature("X-LoRA temperature", temperature)?;
         Ok(Self {
             hidden: LinearConfig::new(d_in, hidden).init(device),
             out: LinearConfig::new(hidden, experts).init(device),
@@ -223,12 +213,7 @@ impl AdapterFusion {
                 "d_in, d_out and d_attn must be at least 1",
             ));
         }
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::invalid(
-                "AdapterFusion temperature",
-                format!("{temperature} must be positive and finite"),
-            ));
-        }
+        super::check_temperature("AdapterFusion temperature", temperature)?;
         let mut value = LinearConfig::new(d_out, d_out)
             .with_bias(false)
             .init(device);

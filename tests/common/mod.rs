@@ -78,3 +78,20 @@ impl Rng {
         Tensor::<2>::from_data(burn::tensor::TensorData::new(v, [r, c]), device)
     }
 }
+
+/// A 2-D tensor of a golden file as a host matrix.
+pub fn mat(f: &TensorFile, name: &str) -> modula::linalg::Mat {
+    let t = f.get(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(t.shape.len(), 2, "{name} is not 2-D");
+    modula::linalg::Mat::from_f32(t.shape[0], t.shape[1], &t.data)
+}
+
+/// Largest absolute difference between two host matrices of the same shape.
+pub fn mat_diff(a: &modula::linalg::Mat, b: &modula::linalg::Mat) -> f64 {
+    assert_eq!((a.rows, a.cols), (b.rows, b.cols), "shapes differ");
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
