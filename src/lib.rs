@@ -79,6 +79,11 @@
 //! - The `modula` command-line tool (feature `cli`): `inspect`, `merge`, `cluster`, `arrow`,
 //!   `bake`.
 //!
+//! ## Continual learning
+//! - [`continual`]: LMC local module composition (expansion by outlier test, freezing,
+//!   task-agnostic inference, fusion), latent replay buffers, L2R routers over frozen task
+//!   modules.
+//!
 //! ## Files
 //! - [`peft`]: PEFT LoRA and IA3 folders, loaded by module path and saved so that PEFT 0.21
 //!   loads them with identical outputs; unsupported settings (DoRA, bias training, ...) are
@@ -92,6 +97,7 @@
 
 #![warn(missing_docs)]
 
+pub mod continual;
 pub mod error;
 pub mod io;
 pub mod library;

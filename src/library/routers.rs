@@ -147,12 +147,12 @@ impl XLoraRouter {
     }
 }
 
-impl Router for XLoraRouter {
-    fn num_modules(&self) -> usize {
-        self.out.weight.shape().dims::<2>()[1]
-    }
-
-    fn route(&self, x: &Tensor<2>) -> Result<Routing> {
+impl XLoraRouter {
+    /// The classifier's logits (before temperature and softmax), `[rows, experts]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for the wrong input width.
+    pub fn logits(&self, x: &Tensor<2>) -> Result<Tensor<2>> {
         let d_in = self.hidden.weight.shape().dims::<2>()[0];
         if x.dims()[1] != d_in {
             return Err(Error::shape(
@@ -161,10 +161,17 @@ impl Router for XLoraRouter {
                 x.dims()[1].to_string(),
             ));
         }
-        let logits = self
-            .out
-            .forward(relu(self.hidden.forward(x.clone())))
-            .div_scalar(self.temperature);
+        Ok(self.out.forward(relu(self.hidden.forward(x.clone()))))
+    }
+}
+
+impl Router for XLoraRouter {
+    fn num_modules(&self) -> usize {
+        self.out.weight.shape().dims::<2>()[1]
+    }
+
+    fn route(&self, x: &Tensor<2>) -> Result<Routing> {
+        let logits = self.logits(x)?.div_scalar(self.temperature);
         ensure_finite(&logits, "X-LoRA logits")?;
         match self.top_k {
             None => Routing::from_dense(softmax(logits, 1)),
