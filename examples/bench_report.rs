@@ -435,5 +435,39 @@ fn library_metrics(
     );
     metrics.push((format!("arrow_{n_arrow}_loras_s"), t[0]));
     metrics.push(("ties_8x_r16_s".into(), t[1]));
+
+    // --- LMC: a layer with 4 modules against 1 (each module's function and decoder run on
+    // every row, so the ideal is 4).
+    let lx = Tensor::<2>::random([tokens_for(quick), d], Distribution::Default, device);
+    let one = modula::continual::LmcLayer::new(d, d, Default::default(), device)?;
+    let mut four = one.clone();
+    for _ in 1..4 {
+        four.add_module(device);
+    }
+    let t = interleaved(
+        1,
+        if quick { 3 } else { 7 },
+        &mut [
+            &mut || {
+                let _ = one.forward(lx.clone()).expect("valid");
+                sync(device);
+            },
+            &mut || {
+                let _ = four.forward(lx.clone()).expect("valid");
+                sync(device);
+            },
+        ],
+    );
+    ratio(
+        metrics,
+        "lmc 4 / 1 modules",
+        "lmc_4_modules_over_1_module",
+        t[1],
+        t[0],
+    );
     Ok(())
+}
+
+fn tokens_for(quick: bool) -> usize {
+    if quick { 256 } else { 2048 }
 }

@@ -107,6 +107,7 @@ fn rotate(img: &[f32], q: usize) -> Vec<f32> {
 }
 
 /// Mini-batch training of `loss(model, x, y)` for `epochs` over `(x, y)`.
+#[allow(clippy::too_many_arguments)]
 fn train<M, F>(
     mut model: M,
     x: &[f32],
