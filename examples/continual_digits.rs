@@ -37,7 +37,7 @@ use modula::{LoraConfig, LoraLinear, Routing};
 
 #[path = "common/digits.rs"]
 mod digits;
-use digits::{CLASSES, PIXELS, load_digits, shuffle};
+use digits::{CLASSES, PIXELS, load_digits, rotate, shuffle};
 
 #[derive(Module, Debug)]
 struct Mlp {
@@ -88,22 +88,6 @@ fn rows_of(x: &[f32], y: &[i64], rows: &[usize]) -> (Vec<f32>, Vec<i64>) {
 fn accuracy(logits: Tensor<2>, y: &[i64]) -> f64 {
     let p: Vec<i64> = logits.argmax(1).into_data().iter::<i64>().collect();
     100.0 * p.iter().zip(y).filter(|(a, b)| a == b).count() as f64 / y.len().max(1) as f64
-}
-
-fn rotate(img: &[f32], q: usize) -> Vec<f32> {
-    let mut out = img.to_vec();
-    for i in 0..8 {
-        for j in 0..8 {
-            let (si, sj) = match q % 4 {
-                0 => (i, j),
-                1 => (j, 7 - i),
-                2 => (7 - i, 7 - j),
-                _ => (7 - j, i),
-            };
-            out[i * 8 + j] = img[si * 8 + sj];
-        }
-    }
-    out
 }
 
 /// Mini-batch training of `loss(model, x, y)` for `epochs` over `(x, y)`.

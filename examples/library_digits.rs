@@ -35,7 +35,7 @@ use modula::{LoraConfig, LoraLinear, PeftLora};
 
 #[path = "common/digits.rs"]
 mod digits;
-use digits::{CLASSES, PIXELS, batch, load_digits, shuffle};
+use digits::{CLASSES, PIXELS, batch, load_digits, rotate, shuffle};
 
 const RANK: usize = 8;
 const EPOCHS: usize = 30;
@@ -129,25 +129,6 @@ impl ArrowNet {
         let h = relu(self.layers[1].forward(h)?);
         Ok(self.head.forward(h))
     }
-}
-
-/// Rotates every 8×8 image by `quarter` quarter turns (counter-clockwise).
-fn rotate(x: &[f32], quarter: usize) -> Vec<f32> {
-    let mut out = x.to_vec();
-    for (img, src) in out.chunks_mut(PIXELS).zip(x.chunks(PIXELS)) {
-        for i in 0..8 {
-            for j in 0..8 {
-                let (si, sj) = match quarter % 4 {
-                    0 => (i, j),
-                    1 => (j, 7 - i),
-                    2 => (7 - i, 7 - j),
-                    _ => (7 - j, i),
-                };
-                img[i * 8 + j] = src[si * 8 + sj];
-            }
-        }
-    }
-    out
 }
 
 fn accuracy(logits: Tensor<2>, y: &[i64]) -> f64 {

@@ -61,3 +61,22 @@ pub fn shuffle(v: &mut [usize], state: &mut u64) {
         v.swap(i, ((*state >> 33) % (i as u64 + 1)) as usize);
     }
 }
+
+/// Rotates every 8×8 image by `quarter` quarter turns (counter-clockwise).
+pub fn rotate(x: &[f32], quarter: usize) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for (img, src) in out.chunks_mut(PIXELS).zip(x.chunks(PIXELS)) {
+        for i in 0..8 {
+            for j in 0..8 {
+                let (si, sj) = match quarter % 4 {
+                    0 => (i, j),
+                    1 => (j, 7 - i),
+                    2 => (7 - i, 7 - j),
+                    _ => (7 - j, i),
+                };
+                img[i * 8 + j] = src[si * 8 + sj];
+            }
+        }
+    }
+    out
+}
