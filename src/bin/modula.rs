@@ -12,7 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use modula::io::{HostTensor, write_safetensors};
 use modula::library::mbc::{MbcConfig, mbc_cluster};
 use modula::library::{
-    Combination, LoraExpert, MajoritySign, MergeOptions, MergeSpace, arrow_prototypes, merge,
+    Combination, LoraExpert, MajoritySign, MergeOptions, MergeSpace, arrow_prototypes,
+    merge_experts_with_progress,
 };
 use modula::{Error, PeftLora, Result, TensorFile};
 
@@ -222,18 +223,9 @@ fn run_merge(
     let weights = weights.unwrap_or_else(|| vec![1.0 / n as f64; n]);
     let (_, experts) = load_experts(adapters, &device)?;
     same_layers(adapters, &experts)?;
+    let refs: Vec<&LoraExpert> = experts.iter().collect();
     let pb = bar(experts[0].layers.len(), "merging");
-    let mut merged = LoraExpert::default();
-    for (i, path) in experts[0].layers.keys().enumerate() {
-        let layer: Vec<_> = experts.iter().map(|e| &e.layers[path]).collect();
-        let o = opts
-            .clone()
-            .with_seed(seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-        merged
-            .layers
-            .insert(path.clone(), merge(&layer, &weights, &o)?);
-        pb.inc(1);
-    }
+    let merged = merge_experts_with_progress(&refs, &weights, &opts, |_| pb.inc(1))?;
     pb.finish_and_clear();
     merged.to_peft(&device)?.save(out)?;
     eprintln!("wrote {}", out.display());

@@ -300,21 +300,16 @@ pub fn merge(
     let c = options.combination;
     let mut rng = SplitMix64::new(options.seed);
     match (c, options.space) {
-        (Combination::Cat, _) => {
+        // The exact weighted sum in cat form; compressed only when a rank is asked for in
+        // delta space (PEFT's `cat` keeps the full rank).
+        (Combination::Cat, space) | (Combination::Linear, space @ MergeSpace::Delta) => {
             let cat = cat_form(adapters, weights);
             Ok(match options.svd_rank {
-                Some(k) if options.space == MergeSpace::Delta => compress(&cat, k),
+                Some(k) if space == MergeSpace::Delta => compress(&cat, k),
                 _ => cat,
             })
         }
         (Combination::Svd, _) => Ok(compress(&cat_form(adapters, weights), target_rank)),
-        (Combination::Linear, MergeSpace::Delta) => {
-            let cat = cat_form(adapters, weights);
-            Ok(match options.svd_rank {
-                Some(k) => compress(&cat, k),
-                None => cat,
-            })
-        }
         (c, space) if c.is_svd() || space == MergeSpace::Delta => {
             // Dense reducers on the updates, then re-compression.
             let deltas: Vec<Mat> = adapters.iter().map(|a| a.delta()).collect();
@@ -401,9 +396,24 @@ pub fn merge_experts(
     weights: &[f64],
     options: &MergeOptions,
 ) -> Result<LoraExpert> {
+    merge_experts_with_progress(experts, weights, options, |_| {})
+}
+
+/// [`merge_experts`], calling `on_layer(path)` after each layer is merged (for progress
+/// reporting).
+///
+/// # Errors
+/// As [`merge_experts`].
+pub fn merge_experts_with_progress(
+    experts: &[&LoraExpert],
+    weights: &[f64],
+    options: &MergeOptions,
+    mut on_layer: impl FnMut(&str),
+) -> Result<LoraExpert> {
     let Some(first) = experts.first() else {
         return Err(Error::invalid("merge", "there are no experts to merge"));
     };
+    check_same_layers(experts)?;
     let mut out = LoraExpert::default();
     for (i, path) in first.layers.keys().enumerate() {
         let layer: Vec<&LoraFactors> = experts
@@ -417,8 +427,8 @@ pub fn merge_experts(
         );
         out.layers
             .insert(path.clone(), merge(&layer, weights, &opts)?);
+        on_layer(path);
     }
-    check_same_layers(experts)?;
     Ok(out)
 }
 

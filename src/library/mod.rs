@@ -39,8 +39,8 @@ pub use arrow::{ArrowLinear, ArrowRouter, arrow_prototype, arrow_prototypes, gen
 pub use factors::{LoraExpert, LoraFactors};
 pub use mbc::{Clustering, MbcConfig, mbc_cluster};
 pub use merge::{
-    Combination, MajoritySign, MergeOptions, MergeSpace, compress, merge, merge_experts, slerp,
-    slerp_experts, task_arithmetic,
+    Combination, MajoritySign, MergeOptions, MergeSpace, compress, merge, merge_experts,
+    merge_experts_with_progress, slerp, slerp_experts, task_arithmetic,
 };
 pub use mix::{LoraMix, lora_mixture};
 pub use routers::{AdapterFusion, PolytroponRouter, XLoraRouter};
