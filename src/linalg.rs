@@ -351,38 +351,28 @@ pub fn truncated_svd(a: &Mat, k: usize) -> Svd {
     let at = a.t();
     let mut prev: Vec<f64> = vec![f64::INFINITY; k];
     let mut q = qr_thin(&q).0;
-    for _ in 0..500 {
-        let y = a.matmul(&q); // m×p
-        let (qy, _) = qr_thin(&y);
-        let z = at.matmul(&qy); // n×p
-        let (qz, _) = qr_thin(&z);
-        q = qz;
+    let mut iterations = 0;
+    let ritz = loop {
+        let (qy, _) = qr_thin(&a.matmul(&q)); // m×p
+        q = qr_thin(&at.matmul(&qy)).0; // n×p
         // Rayleigh–Ritz: the SVD of A Q (m×p) gives the Ritz values.
-        let b = a.matmul(&q);
-        let small_svd = svd(&b);
-        let cur: Vec<f64> = small_svd.s[..k].to_vec();
+        let ritz = svd(&a.matmul(&q));
+        let cur: Vec<f64> = ritz.s[..k].to_vec();
         let converged = cur
             .iter()
             .zip(&prev)
             .all(|(c, p)| (c - p).abs() <= 1e-12 * cur[0].max(f64::MIN_POSITIVE));
         prev = cur;
-        if converged {
-            // A Q = U S Wᵀ  ⇒  A ≈ U S (Q W)ᵀ.
-            let v = q.matmul(&small_svd.v);
-            return Svd {
-                u: small_svd.u,
-                s: small_svd.s,
-                v,
-            }
-            .truncate(k);
+        iterations += 1;
+        if converged || iterations == 500 {
+            break ritz;
         }
-    }
-    let b = a.matmul(&q);
-    let small_svd = svd(&b);
-    let v = q.matmul(&small_svd.v);
+    };
+    // A Q = U S Wᵀ  ⇒  A ≈ U S (Q W)ᵀ.
+    let v = q.matmul(&ritz.v);
     Svd {
-        u: small_svd.u,
-        s: small_svd.s,
+        u: ritz.u,
+        s: ritz.s,
         v,
     }
     .truncate(k)
