@@ -639,13 +639,19 @@ impl LoraLinear {
 /// which moves no activations at all. Active flags are ignored (the batch names the
 /// adapters); dropout is not applied (this is the serving path). No adapter may be merged.
 impl LoraLinear {
-    fn mixed_ids(&self, names: &[Option<&str>]) -> Result<Vec<i64>> {
-        if let Some(i) = self.slots.merged.iter().position(|m| *m) {
-            return Err(Error::State(format!(
+    /// Mixed-adapter forwards add each adapter's own path, so none may be merged.
+    fn check_unmerged(&self) -> Result<()> {
+        match self.slots.merged.iter().position(|m| *m) {
+            Some(i) => Err(Error::State(format!(
                 "adapter `{}` is merged into the base weight; unmerge it before a mixed-adapter forward",
                 self.slots.names[i]
-            )));
+            ))),
+            None => Ok(()),
         }
+    }
+
+    fn mixed_ids(&self, names: &[Option<&str>]) -> Result<Vec<i64>> {
+        self.check_unmerged()?;
         names
             .iter()
             .map(|n| n.map_or(Ok(-1), |n| self.slots.index(n).map(|i| i as i64)))
@@ -684,7 +690,7 @@ impl LoraLinear {
         routing: &crate::routing::Routing,
     ) -> Result<Tensor<2>> {
         check_last_dim(&x, self.d_in(), "LoraLinear::forward_routed input")?;
-        self.mixed_ids(&[])?;
+        self.check_unmerged()?;
         if routing.num_modules() != self.adapters.len() {
             return Err(Error::shape(
                 "LoraLinear::forward_routed (routing modules = adapters)",
@@ -692,20 +698,15 @@ impl LoraLinear {
                 routing.num_modules().to_string(),
             ));
         }
-        let plan = crate::routing::DispatchPlan::new(routing)?;
         let base = self.base.forward(x.clone());
-        let delta = plan.apply(
-            routing,
+        if self.adapters.is_empty() {
+            return Ok(base);
+        }
+        let delta = crate::library::lora_mixture(
             x,
-            self.d_out(),
-            &crate::routing::WeightedSum,
-            |m, xm| {
-                let a = &self.adapters[m];
-                Ok(xm
-                    .matmul(a.a.val())
-                    .mul_scalar(a.scaling())
-                    .matmul(a.b.val()))
-            },
+            routing,
+            &self.adapters,
+            crate::library::LoraMix::Output,
         )?;
         Ok(base + delta)
     }
