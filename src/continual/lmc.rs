@@ -235,6 +235,11 @@ impl LmcLayer {
     /// Wrong width or an empty batch.
     pub fn forward(&self, x: Tensor<2>) -> Result<(Tensor<2>, LayerTrace)> {
         let gamma = self.gammas(&x)?;
+        Ok(self.mix(x, gamma))
+    }
+
+    /// The routing and mixture for `x` given its already computed `γ` (`[rows, modules]`).
+    fn mix(&self, x: Tensor<2>, gamma: Tensor<2>) -> (Tensor<2>, LayerTrace) {
         let [rows, m] = gamma.dims();
         // Each module's γ relative to its own running mean (1 on the data it was trained on),
         // so modules trained separately (fusion) or on data of other scales compare fairly.
@@ -274,14 +279,14 @@ impl LmcLayer {
         for (i, _) in self.frozen.iter().enumerate().filter(|(_, f)| !**f) {
             structural = structural + gamma.clone().slice([0..rows, i..i + 1]).mean().reshape([1]);
         }
-        Ok((
+        (
             out,
             LayerTrace {
                 weights,
                 gamma,
                 structural_loss: structural,
             },
-        ))
+        )
     }
 
     /// Whether `x` (a batch of a new task) is an outlier for every frozen module: the
@@ -325,6 +330,13 @@ impl LmcLayer {
     /// Wrong width or an empty batch.
     pub fn update_stats(&mut self, x: &Tensor<2>) -> Result<()> {
         let gamma = self.gammas(x)?;
+        self.record_gamma(gamma);
+        Ok(())
+    }
+
+    /// Adds per-row `γ` (`[rows, modules]`, e.g. a forward's [`LayerTrace::gamma`]) to the
+    /// trainable modules' running statistics.
+    fn record_gamma(&mut self, gamma: Tensor<2>) {
         let [rows, m] = gamma.dims();
         let g = to_vec_f32(gamma);
         for i in 0..m {
@@ -333,7 +345,6 @@ impl LmcLayer {
                 self.stats[i].update(&col);
             }
         }
-        Ok(())
     }
 
     /// Freezes every module (end of a task).
@@ -523,8 +534,11 @@ impl LmcModel {
     pub fn update_stats(&mut self, x: &Tensor<2>) -> Result<()> {
         let mut h = x.clone();
         for layer in self.layers.iter_mut() {
-            layer.update_stats(&h)?;
-            h = layer.forward(h)?.0.detach();
+            // γ is computed once: it updates the statistics, then routes the next layer's
+            // input under them.
+            let gamma = layer.gammas(&h)?;
+            layer.record_gamma(gamma.clone());
+            h = layer.mix(h, gamma).0.detach();
         }
         Ok(())
     }
