@@ -448,8 +448,37 @@ mod tests {
         us.scale_cols(&s);
         let a = us.matmul(&v.t());
         let t = truncated_svd(&a, 4);
+        assert_eq!(t.s.len(), 4);
+        assert_eq!((t.u.rows, t.u.cols, t.v.rows, t.v.cols), (300, 4, 280, 4));
         for (got, want) in t.s.iter().zip(&s) {
             assert!((got - want).abs() < 1e-9, "{got} vs {want}");
         }
+        // The vectors: the planted ones up to a sign shared by u_i and v_i, orthonormal, and
+        // together the best rank-4 approximation U₄ S₄ V₄ᵀ. The iteration stops on the values
+        // (1e-12 relative change), which bounds the vectors' error only by about its square
+        // root, 1e-6 (measured here: 1e-7 for the fourth pair, whose gap σ₅/σ₄ is 0.8).
+        for i in 0..4 {
+            let cu: f64 = (0..300).map(|r| t.u.at(r, i) * u.at(r, i)).sum();
+            let sign = cu.signum();
+            let du = (0..300)
+                .map(|r| (t.u.at(r, i) - sign * u.at(r, i)).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let dv = (0..280)
+                .map(|r| (t.v.at(r, i) - sign * v.at(r, i)).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                du < 1e-6 && dv < 1e-6,
+                "vector {i}: |Δu| = {du:e}, |Δv| = {dv:e}"
+            );
+        }
+        assert!(max_diff(&t.u.t().matmul(&t.u), &Mat::identity(4)) < 1e-12);
+        assert!(max_diff(&t.v.t().matmul(&t.v), &Mat::identity(4)) < 1e-12);
+        let mut u4 = u.first_cols(4);
+        u4.scale_cols(&s[..4]);
+        let best = u4.matmul(&v.first_cols(4).t());
+        let err = max_diff(&reconstruct(&t), &best);
+        assert!(err < 1e-7, "rank-4 reconstruction off by {err:e}");
     }
 }

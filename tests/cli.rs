@@ -125,6 +125,48 @@ fn arrow_cluster_inspect_and_bake() {
     given.sort();
     assert_eq!(all, given);
 
+    // cluster with a known answer: noisy copies of two different experts, interleaved in the
+    // argument list, must come back as the two families.
+    let mut rng = common::Rng(77);
+    let families: Vec<PathBuf> = (0..6)
+        .map(|i| {
+            let src = &dirs[i % 2];
+            let peft = PeftLora::load(src, &Device::flex()).unwrap();
+            let f = LoraExpert::from_peft(&peft).unwrap().layers["fc1"].clone();
+            let jitter = |m: &modula::linalg::Mat, rng: &mut common::Rng| {
+                let mut m = m.clone();
+                m.data
+                    .iter_mut()
+                    .for_each(|v| *v += 0.05 * (2.0 * rng.uniform() as f64 - 1.0));
+                m
+            };
+            let noisy =
+                LoraFactors::new(jitter(&f.a, &mut rng), jitter(&f.b, &mut rng), 2.0).unwrap();
+            let mut out = PeftLora::new(4, 8.0, false);
+            let a = noisy.to_adapter(&Device::flex()).unwrap();
+            let a =
+                modula::LoraAdapter::from_factors(a.a.val(), a.b.val(), 8.0, false, 0.0).unwrap();
+            out.insert("fc1", a);
+            let dir = tmp.path().join(format!("family{}_{i}", i % 2));
+            out.save(&dir).unwrap();
+            dir
+        })
+        .collect();
+    let mut c = vec!["cluster", "--k", "2"];
+    c.extend(families.iter().map(|d| d.to_str().unwrap()));
+    let (ok, stdout, err) = modula(&c);
+    assert!(ok, "{err}");
+    let mut clusters: Vec<Vec<String>> = serde_json::from_str(stdout.trim()).unwrap();
+    clusters.iter_mut().for_each(|c| c.sort());
+    clusters.sort();
+    let family = |j: usize| -> Vec<String> {
+        (0..6)
+            .filter(|i| i % 2 == j)
+            .map(|i| families[i].to_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(clusters, [family(0), family(1)], "the two families");
+
     // inspect: config and layers.
     let (ok, stdout, err) = modula(&["inspect", args[0]]);
     assert!(ok, "{err}");

@@ -155,6 +155,24 @@ fn peft_rslora_folder_matches_peft() {
 }
 
 #[test]
+fn peft_folder_with_rank_and_alpha_patterns_matches_peft() {
+    // PEFT wrote this folder with r = 4, lora_alpha = 8, rank_pattern {fc2: 2} and
+    // alpha_pattern {fc2: 3}: fc1 has scaling 8/4 = 2, fc2 rank 2 and scaling 3/2.
+    check_peft_folder(
+        "peft_lora_patterns_tiny_mlp",
+        "peft_lora_patterns_tiny_mlp_expected.safetensors",
+        2.0,
+    );
+    let peft = PeftLora::load(data("peft_lora_patterns_tiny_mlp"), &Device::flex()).unwrap();
+    assert_eq!(peft.config.rank_for("fc1"), 4);
+    assert_eq!(peft.config.rank_for("fc2"), 2);
+    assert_eq!(peft.config.alpha_for("fc2"), 3.0);
+    let fc2 = peft.get("fc2").unwrap();
+    assert_eq!(fc2.rank(), 2);
+    assert_eq!(fc2.scaling(), 1.5);
+}
+
+#[test]
 fn peft_ia3_folder_matches_peft() {
     let base = golden("tiny_mlp_base.safetensors");
     let g = golden("ia3_tiny_mlp.safetensors");
