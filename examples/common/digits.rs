@@ -80,3 +80,29 @@ pub fn rotate(x: &[f32], quarter: usize) -> Vec<f32> {
     }
     out
 }
+
+/// Mean and sample standard deviation (0 for a single value).
+pub fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// `mean ± sd` with one decimal, as the docs tables print it.
+pub fn pm(v: &[f64]) -> String {
+    let (m, s) = mean_sd(v);
+    format!("{m:.1} ± {s:.1}")
+}
+
+/// Splits shuffled training rows into (train, validation): the last `val_fraction` of them
+/// are held out for choosing hyper-parameters, so the test rows are never looked at.
+pub fn validation_split(rows: &[usize], val_fraction: f64) -> (Vec<usize>, Vec<usize>) {
+    let n_val = (rows.len() as f64 * val_fraction).round() as usize;
+    let (train, val) = rows.split_at(rows.len() - n_val);
+    (train.to_vec(), val.to_vec())
+}
