@@ -17,8 +17,9 @@ fn bench_continual(c: &mut Criterion) {
         }
         g.bench_function(format!("lmc_forward_{m}_modules_1024x256"), |b| {
             b.iter(|| {
-                let _ = layer.forward(x.clone()).unwrap();
-                device.sync().unwrap()
+                let y = layer.forward(x.clone()).unwrap();
+                device.sync().unwrap();
+                y
             })
         });
     }

@@ -85,14 +85,16 @@ fn bench_library(c: &mut Criterion) {
     single.set_forward_mode(modula::LoraForward::Thin);
     g.bench_function("single_adapter_thin_32x32x512", |b| {
         b.iter(|| {
-            let _ = single.forward(x.clone()).unwrap();
-            device.sync().unwrap()
+            let y = single.forward(x.clone()).unwrap();
+            device.sync().unwrap();
+            y
         })
     });
     g.bench_function("mixed_16_adapters_32x32x512", |b| {
         b.iter(|| {
-            let _ = layer.forward_mixed_seqs(x.clone(), &per_seq).unwrap();
-            device.sync().unwrap()
+            let y = layer.forward_mixed_seqs(x.clone(), &per_seq).unwrap();
+            device.sync().unwrap();
+            y
         })
     });
     g.finish();

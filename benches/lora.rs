@@ -27,20 +27,23 @@ fn bench_lora(c: &mut Criterion) {
     g.sample_size(20);
     g.bench_function("linear_fwd", |bch| {
         bch.iter(|| {
-            let _ = linear.forward(x.clone());
-            sync()
+            let y = linear.forward(x.clone());
+            sync();
+            y
         })
     });
     g.bench_function("lora_r8_fwd", |bch| {
         bch.iter(|| {
-            let _ = lora.forward(x.clone()).unwrap();
-            sync()
+            let y = lora.forward(x.clone()).unwrap();
+            sync();
+            y
         })
     });
     g.bench_function("lora_r8_merged_fwd", |bch| {
         bch.iter(|| {
-            let _ = merged.forward(x.clone()).unwrap();
-            sync()
+            let y = merged.forward(x.clone()).unwrap();
+            sync();
+            y
         })
     });
     g.bench_function("lora_r8_merge_unmerge", |bch| {
@@ -48,7 +51,8 @@ fn bench_lora(c: &mut Criterion) {
             let mut l = lora.clone();
             l.merge("r8").unwrap();
             l.unmerge("r8").unwrap();
-            sync()
+            sync();
+            l
         })
     });
     g.finish();

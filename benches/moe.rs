@@ -23,14 +23,16 @@ fn bench_moe(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("sparse_top2", |b| {
         b.iter(|| {
-            let _ = moe.forward(x.clone()).unwrap();
-            device.sync().unwrap()
+            let y = moe.forward(x.clone()).unwrap();
+            device.sync().unwrap();
+            y
         })
     });
     g.bench_function("dense_all_experts", |b| {
         b.iter(|| {
-            let _ = moe.forward_dense(x.clone(), &routing).unwrap();
-            device.sync().unwrap()
+            let y = moe.forward_dense(x.clone(), &routing).unwrap();
+            device.sync().unwrap();
+            y
         })
     });
     g.finish();

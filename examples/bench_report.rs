@@ -1,8 +1,15 @@
 //! Prints modula's benchmark ratios, measured in one run so machine noise cancels.
 //!
-//! Run with `cargo run --release --example bench_report`. The last line is one JSON object.
+//! Run with `cargo run --release --example bench_report`. The last line is one JSON object:
+//! every metric, plus a `method` object that records how they were measured (warm-up and
+//! timed rounds per section, the statistic, the device, the commit).
 //! Shapes follow the peers' script (../shared/peers/bench_peers.py): d_in = d_out = 1024,
-//! 4096 tokens, f32, on Flex (or `--wgpu` with the `wgpu` feature); `--quick` for small shapes.
+//! 4096 tokens, f32, on Flex (or `--wgpu` with the `wgpu` feature); `--quick` for small shapes;
+//! `--write-docs` also writes docs/bench_report.json and docs/bench_report.md.
+//!
+//! Timing: within a section every round runs each variant once, in rotating order, and a
+//! variant's time is the median of its timed rounds. Each variant keeps its output alive until
+//! the device has synced, so a lazy backend cannot skip the work.
 //!
 //! `lora_r8_fwd_over_linear_fwd` uses the default [`LoraForward::Auto`](modula::LoraForward)
 //! (the fused-weight form at this size), `lora_r8_thin_fwd_over_linear_fwd` forces the thin
@@ -11,6 +18,7 @@
 //! MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=268435456` (or a caching allocator) to
 //! see the compute-bound figures.
 
+use std::hint::black_box;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -23,9 +31,41 @@ use modula::linalg::Mat;
 use modula::prelude::*;
 use modula::{ExpertConfig, LoraLinear, MoeLayer, TopKRouterConfig};
 
-/// Median wall times in seconds of each closure over `reps` rounds after `warmup` rounds.
-/// Every round runs all closures once, in rotating order, so drift in machine speed and the
-/// allocator's state affect them alike. Each closure must sync the device.
+/// What was measured and how: the metrics, and per section its warm-up and timed rounds.
+#[derive(Default)]
+struct Report {
+    metrics: Vec<(String, f64)>,
+    sections: Vec<(String, usize, usize)>,
+}
+
+impl Report {
+    /// Median wall times in seconds of each closure over `reps` rounds after `warmup` rounds,
+    /// recorded under `section`. Every round runs all closures once, in rotating order, so
+    /// drift in machine speed and the allocator's state affect them alike. Each closure must
+    /// sync the device before it drops its output.
+    fn time(
+        &mut self,
+        section: &str,
+        warmup: usize,
+        reps: usize,
+        fs: &mut [&mut dyn FnMut()],
+    ) -> Vec<f64> {
+        self.sections.push((section.into(), warmup, reps));
+        interleaved(warmup, reps, fs)
+    }
+
+    fn push(&mut self, key: impl Into<String>, v: f64) {
+        self.metrics.push((key.into(), v));
+    }
+
+    /// Prints `label`'s time and its ratio to `base`, and records the ratio under `key`.
+    fn ratio(&mut self, label: &str, key: &str, t: f64, base: f64) {
+        println!("{label:<17} {:8.2} ms  ratio {:.3}", t * 1e3, t / base);
+        self.push(key, t / base);
+    }
+}
+
+/// Median wall times; see [`Report::time`].
 fn interleaved(warmup: usize, reps: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
     let n = fs.len();
     let mut times = vec![Vec::with_capacity(reps); n];
@@ -46,12 +86,6 @@ fn interleaved(warmup: usize, reps: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<f
             t[t.len() / 2]
         })
         .collect()
-}
-
-/// Prints `label`'s time and its ratio to `base`, and records the ratio under `key`.
-fn ratio(metrics: &mut Vec<(String, f64)>, label: &str, key: &str, t: f64, base: f64) {
-    println!("{label:<17} {:8.2} ms  ratio {:.3}", t * 1e3, t / base);
-    metrics.push((key.into(), t / base));
 }
 
 fn device_from_args() -> Device {
@@ -85,10 +119,10 @@ fn main() -> modula::Result<()> {
         (1024, 4096, 3, 15)
     };
     let sync = |d: &Device| d.sync().expect("device sync");
-    let mut metrics: Vec<(String, f64)> = Vec::new();
+    let mut report = Report::default();
     if std::env::args().any(|a| a == "--library-only") {
-        library_metrics(&device, quick, &mut metrics)?;
-        print_json(&metrics);
+        library_metrics(&device, quick, &mut report)?;
+        print_json(&report, &device, quick);
         return Ok(());
     }
 
@@ -100,25 +134,30 @@ fn main() -> modula::Result<()> {
     merged.merge("bench")?;
     let mut thin = lora.clone();
     thin.set_forward_mode(modula::LoraForward::Thin);
-    let t = interleaved(
+    let t = report.time(
+        "lora_fwd",
         warm,
         reps,
         &mut [
             &mut || {
-                let _ = linear.forward(x.clone());
+                let y = linear.forward(x.clone());
                 sync(&device);
+                black_box(y);
             },
             &mut || {
-                let _ = lora.forward(x.clone());
+                let y = lora.forward(x.clone()).expect("shapes are right");
                 sync(&device);
+                black_box(y);
             },
             &mut || {
-                let _ = merged.forward(x.clone());
+                let y = merged.forward(x.clone()).expect("shapes are right");
                 sync(&device);
+                black_box(y);
             },
             &mut || {
-                let _ = thin.forward(x.clone());
+                let y = thin.forward(x.clone()).expect("shapes are right");
                 sync(&device);
+                black_box(y);
             },
         ],
     );
@@ -129,23 +168,15 @@ fn main() -> modula::Result<()> {
         t_lin * 1e3,
         gflop / t_lin
     );
-    metrics.push(("linear_fwd_gflops".into(), gflop / t_lin));
-    ratio(
-        &mut metrics,
-        "lora r8 fwd",
-        "lora_r8_fwd_over_linear_fwd",
-        t_lora,
-        t_lin,
-    );
-    ratio(
-        &mut metrics,
+    report.push("linear_fwd_gflops", gflop / t_lin);
+    report.ratio("lora r8 fwd", "lora_r8_fwd_over_linear_fwd", t_lora, t_lin);
+    report.ratio(
         "lora r8 merged",
         "lora_r8_merged_fwd_over_linear_fwd",
         t_merged,
         t_lin,
     );
-    ratio(
-        &mut metrics,
+    report.ratio(
         "lora r8 thin fwd",
         "lora_r8_thin_fwd_over_linear_fwd",
         t_thin,
@@ -158,25 +189,27 @@ fn main() -> modula::Result<()> {
     let lora_t = lora_layer(LinearConfig::new(d, d).init(&ad), 8, &ad)?;
     let xg = Tensor::<2>::random([tokens, d], Distribution::Default, &ad).require_grad();
     let g = Tensor::<2>::random([tokens, d], Distribution::Default, &ad);
-    let t = interleaved(
+    let t = report.time(
+        "lora_fwd_bwd",
         warm,
         reps,
         &mut [
             &mut || {
-                let _grads = (lin_t.forward(xg.clone()) * g.clone()).sum().backward();
+                let grads = (lin_t.forward(xg.clone()) * g.clone()).sum().backward();
                 sync(&ad);
+                black_box(grads);
             },
             &mut || {
                 let y = lora_t.forward(xg.clone()).expect("shapes are right");
-                let _grads = (y * g.clone()).sum().backward();
+                let grads = (y * g.clone()).sum().backward();
                 sync(&ad);
+                black_box(grads);
             },
         ],
     );
     let (t_lin_fb, t_lora_fb) = (t[0], t[1]);
     println!("linear fwd+bwd    {:8.2} ms", t_lin_fb * 1e3);
-    ratio(
-        &mut metrics,
+    report.ratio(
         "lora r8 fwd+bwd",
         "lora_r8_fwd_bwd_over_linear_fwd_bwd",
         t_lora_fb,
@@ -202,29 +235,48 @@ fn main() -> modula::Result<()> {
         .collect();
     let w: Vec<Vec<f32>> = vec![vec![0.6, 0.4]; tokens];
     let top2 = Routing::from_rows(&idx, &w, 8, &device)?;
-    let dense = Routing::from_dense(Tensor::<2>::ones([tokens, 8], &device))?;
-    let t = interleaved(
+    let all8 = Routing::from_dense(Tensor::<2>::ones([tokens, 8], &device))?;
+    let t = report.time(
+        "dispatch",
         warm,
         reps,
         &mut [
             &mut || {
-                let _ = dispatch_modules(&experts, &top2, x.clone(), &WeightedSum);
+                let y = dispatch_modules(&experts, &top2, x.clone(), &WeightedSum);
                 sync(&device);
+                black_box(y.ok());
             },
             &mut || {
-                let _ = dispatch_modules(&experts, &dense, x.clone(), &WeightedSum);
+                // The dense baseline: every expert on every row, summed directly (no gather,
+                // no scatter, no copies of x).
+                let mut y = experts[0].delta_forward(x.clone());
+                for e in &experts[1..] {
+                    y = y + e.delta_forward(x.clone());
+                }
                 sync(&device);
+                black_box(y);
+            },
+            &mut || {
+                let y = dispatch_modules(&experts, &all8, x.clone(), &WeightedSum);
+                sync(&device);
+                black_box(y.ok());
             },
         ],
     );
-    let (t_top2, t_all) = (t[0], t[1]);
-    println!("all 8 experts     {:8.2} ms", t_all * 1e3);
-    ratio(
-        &mut metrics,
+    let (t_top2, t_dense, t_all8) = (t[0], t[1], t[2]);
+    println!("all 8, dense sum  {:8.2} ms", t_dense * 1e3);
+    report.ratio(
         "dispatch top-2/8",
-        "dispatch_top2_of_8_over_all_8",
+        "dispatch_top2_of_8_over_dense_all_8",
         t_top2,
-        t_all,
+        t_dense,
+    );
+    // The dispatch's own overhead: the same all-8 work through gather/scatter.
+    report.ratio(
+        "dispatch all 8",
+        "dispatch_all_8_over_dense_all_8",
+        t_all8,
+        t_dense,
     );
 
     // --- MoE layer: E = 8, top-2, SwiGLU d_ff = 2·d, `tokens` tokens (Mixtral-style block).
@@ -238,59 +290,154 @@ fn main() -> modula::Result<()> {
     let (_, routing) = moe.forward(x.clone())?;
     let w_up = Tensor::<2>::random([d, 2 * d_ff], Distribution::Default, &device);
     let (moe_warm, moe_reps) = if quick { (1, 3) } else { (1, 5) };
-    let t = interleaved(
+    let t = report.time(
+        "moe",
         moe_warm,
         moe_reps,
         &mut [
             &mut || {
-                let _ = moe.forward(x.clone()).expect("valid input");
+                let y = moe.forward(x.clone()).expect("valid input");
                 sync(&device);
+                black_box(y);
             },
             &mut || {
-                let _ = moe.forward_dense(x.clone(), &routing).expect("valid input");
+                let y = moe
+                    .forward_routed(x.clone(), &routing)
+                    .expect("valid input");
                 sync(&device);
+                black_box(y);
             },
             &mut || {
-                let _ = x.clone().matmul(w_up.clone());
+                let y = moe.forward_dense(x.clone(), &routing).expect("valid input");
                 sync(&device);
+                black_box(y);
+            },
+            &mut || {
+                let r = modula::Router::route(&moe.router, &x).expect("valid input");
+                sync(&device);
+                black_box(r);
+            },
+            &mut || {
+                let y = x.clone().matmul(w_up.clone());
+                sync(&device);
+                black_box(y);
             },
         ],
     );
-    let (t_moe, t_moe_dense, t_mm) = (t[0], t[1], t[2]);
+    let (t_moe, t_experts, t_moe_dense, t_router, t_mm) = (t[0], t[1], t[2], t[3], t[4]);
     // Useful FLOPs: each token through k experts of 3 d×d_ff projections.
     let moe_gflops = (tokens * k * 3 * 2 * d * d_ff) as f64 / 1e9 / t_moe;
     let mm_gflops = (2 * tokens * d * 2 * d_ff) as f64 / 1e9 / t_mm;
     println!("moe dense (all 8) {:8.2} ms", t_moe_dense * 1e3);
-    ratio(
-        &mut metrics,
+    // Expert work against expert work: both sides take the same precomputed routing.
+    report.ratio(
         "moe top-2 of 8",
         "moe_top2_over_dense_all_experts",
-        t_moe,
+        t_experts,
         t_moe_dense,
     );
+    // The router (gate matmul, softmax, top-k, losses) as a share of the whole layer.
+    report.ratio("moe router", "moe_router_over_layer", t_router, t_moe);
     println!(
         "moe {:.1} GFLOP/s, plain matmul {:.1} GFLOP/s, {:.0} tokens/s",
         moe_gflops,
         mm_gflops,
         tokens as f64 / t_moe
     );
-    metrics.push((
-        "moe_gflops_over_matmul_gflops".into(),
-        moe_gflops / mm_gflops,
-    ));
-    metrics.push(("moe_tokens_per_s".into(), tokens as f64 / t_moe));
+    report.push("moe_gflops_over_matmul_gflops", moe_gflops / mm_gflops);
+    report.push("moe_tokens_per_s", tokens as f64 / t_moe);
 
-    library_metrics(&device, quick, &mut metrics)?;
-    print_json(&metrics);
+    library_metrics(&device, quick, &mut report)?;
+    print_json(&report, &device, quick);
     Ok(())
 }
 
-fn print_json(metrics: &[(String, f64)]) {
-    let body: Vec<String> = metrics
+/// The commit the report was built from, `-dirty` when the work tree has changes.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(head) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(s) if !s.is_empty() => format!("{head}-dirty"),
+            _ => head,
+        },
+        None => "unknown".into(),
+    }
+}
+
+/// One JSON object: the metrics at the top level and how they were measured under `method`.
+/// With `--write-docs` it is also written to docs/bench_report.json, and the same figures as a
+/// markdown table to docs/bench_report.md.
+fn print_json(report: &Report, device: &Device, quick: bool) {
+    let mut obj = serde_json::Map::new();
+    for (k, v) in &report.metrics {
+        obj.insert(k.clone(), serde_json::json!((v * 1e4).round() / 1e4));
+    }
+    let sections: serde_json::Map<String, serde_json::Value> = report
+        .sections
         .iter()
-        .map(|(k, v)| format!("\"{k}\": {v:.4}"))
+        .map(|(name, warmup, rounds)| {
+            (
+                name.clone(),
+                serde_json::json!({ "warmup_rounds": warmup, "timed_rounds": rounds }),
+            )
+        })
         .collect();
-    println!("{{{}}}", body.join(", "));
+    obj.insert(
+        "method".into(),
+        serde_json::json!({
+            "timing": "per section, every round runs each variant once in rotating order; a variant's time is the median of its timed rounds; outputs are kept alive until the device has synced",
+            "statistic": "median",
+            "sections": sections,
+            "device": format!("{device:?}"),
+            "quick": quick,
+            "commit": commit(),
+            "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        }),
+    );
+    let json = serde_json::Value::Object(obj);
+    println!("{json}");
+    if std::env::args().any(|a| a == "--write-docs") {
+        if let Err(e) = write_docs(&json, report) {
+            eprintln!("error: could not write the docs files: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// docs/bench_report.json (the JSON line, pretty-printed) and docs/bench_report.md (a table
+/// of the metrics and the method), each written atomically.
+fn write_docs(json: &serde_json::Value, report: &Report) -> modula::Result<()> {
+    let docs = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let pretty = serde_json::to_string_pretty(json).expect("a JSON value serialises") + "\n";
+    modula::io::atomic_write(&docs.join("bench_report.json"), pretty.as_bytes())?;
+    let method = &json["method"];
+    let mut md = String::from("# bench_report: the last recorded run\n\n");
+    md.push_str(&format!(
+        "Written by `cargo run --release --features wgpu,cli --example bench_report -- --write-docs` \
+         (commit `{}`, device `{}`, {} threads{}). {}.\n\n",
+        method["commit"].as_str().unwrap_or("unknown"),
+        method["device"].as_str().unwrap_or("?"),
+        method["threads"],
+        if method["quick"] == true { ", `--quick` shapes" } else { "" },
+        method["timing"].as_str().unwrap_or_default()
+    ));
+    md.push_str("| section | warm-up rounds | timed rounds |\n|---|---|---|\n");
+    for (name, warmup, rounds) in &report.sections {
+        md.push_str(&format!("| {name} | {warmup} | {rounds} |\n"));
+    }
+    md.push_str("\n| metric | value |\n|---|---|\n");
+    for (k, v) in &report.metrics {
+        md.push_str(&format!("| `{k}` | {v:.4} |\n"));
+    }
+    modula::io::atomic_write(&docs.join("bench_report.md"), md.as_bytes())
 }
 
 fn random_factors(r: usize, d_in: usize, d_out: usize, seed: u64) -> LoraFactors {
@@ -310,11 +457,7 @@ fn random_factors(r: usize, d_in: usize, d_out: usize, seed: u64) -> LoraFactors
 
 /// Library metrics: mixed-adapter batches, Arrow prototypes, TIES merging (shapes of the
 /// peers' sections c, f and e).
-fn library_metrics(
-    device: &Device,
-    quick: bool,
-    metrics: &mut Vec<(String, f64)>,
-) -> modula::Result<()> {
+fn library_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::Result<()> {
     let sync = |d: &Device| d.sync().expect("device sync");
     let (d, seqs, seq_len, n_adapters, warm, reps) = if quick {
         (256, 16, 16, 8, 1, 3)
@@ -344,7 +487,8 @@ fn library_metrics(
         .map(|s| Some(names[(s * 7 + s / 3) % n_adapters].as_str()))
         .collect();
     let x = Tensor::<3>::random([seqs, seq_len, d], Distribution::Default, device);
-    let t = interleaved(
+    let t = report.time(
+        "mixed_adapters",
         warm,
         reps,
         &mut [
@@ -354,6 +498,7 @@ fn library_metrics(
                     h = burn::tensor::activation::relu(l.forward(h).expect("valid"));
                 }
                 sync(device);
+                black_box(h);
             },
             &mut || {
                 let mut h = x.clone();
@@ -361,6 +506,7 @@ fn library_metrics(
                     h = burn::tensor::activation::relu(l.forward(h).expect("valid"));
                 }
                 sync(device);
+                black_box(h);
             },
             &mut || {
                 let mut h = x.clone();
@@ -370,6 +516,7 @@ fn library_metrics(
                     );
                 }
                 sync(device);
+                black_box(h);
             },
         ],
     );
@@ -378,15 +525,13 @@ fn library_metrics(
         .collect::<std::collections::BTreeSet<_>>()
         .len();
     println!("single adapter    {:8.2} ms", t[0] * 1e3);
-    ratio(
-        metrics,
+    report.ratio(
         &format!("mixed ({distinct} of {n_adapters})"),
         &format!("mixed_{n_adapters}_adapters_over_single_adapter"),
         t[2],
         t[0],
     );
-    ratio(
-        metrics,
+    report.ratio(
         "mixed / thin 1",
         &format!("mixed_{n_adapters}_adapters_over_single_adapter_thin"),
         t[2],
@@ -416,15 +561,16 @@ fn library_metrics(
     let ties = MergeOptions::new(Combination::Ties)
         .with_space(MergeSpace::Factor)
         .with_density(0.5);
-    let t = interleaved(
+    let t = report.time(
+        "arrow_ties",
         1,
         if quick { 3 } else { 9 },
         &mut [
             &mut || {
-                let _ = arrow_prototypes(&arrow_refs).expect("valid");
+                black_box(arrow_prototypes(&arrow_refs).expect("valid"));
             },
             &mut || {
-                let _ = merge_experts(&expert_refs, &w, &ties).expect("valid");
+                black_box(merge_experts(&expert_refs, &w, &ties).expect("valid"));
             },
         ],
     );
@@ -433,8 +579,8 @@ fn library_metrics(
         "ties 8x r16 x4    {:8.2} ms (PEFT factor space)",
         t[1] * 1e3
     );
-    metrics.push((format!("arrow_{n_arrow}_loras_s"), t[0]));
-    metrics.push(("ties_8x_r16_s".into(), t[1]));
+    report.push(format!("arrow_{n_arrow}_loras_s"), t[0]);
+    report.push("ties_8x_r16_s", t[1]);
 
     // --- LMC: a layer with 4 modules against 1 (each module's function and decoder run on
     // every row, so the ideal is 4).
@@ -444,22 +590,24 @@ fn library_metrics(
     for _ in 1..4 {
         four.add_module(device);
     }
-    let t = interleaved(
+    let t = report.time(
+        "lmc",
         1,
         if quick { 3 } else { 7 },
         &mut [
             &mut || {
-                let _ = one.forward(lx.clone()).expect("valid");
+                let y = one.forward(lx.clone()).expect("valid");
                 sync(device);
+                black_box(y);
             },
             &mut || {
-                let _ = four.forward(lx.clone()).expect("valid");
+                let y = four.forward(lx.clone()).expect("valid");
                 sync(device);
+                black_box(y);
             },
         ],
     );
-    ratio(
-        metrics,
+    report.ratio(
         "lmc 4 / 1 modules",
         "lmc_4_modules_over_1_module",
         t[1],
