@@ -393,7 +393,7 @@ fn print_json(report: &Report, device: &Device, quick: bool) {
     obj.insert(
         "method".into(),
         serde_json::json!({
-            "timing": "per section, every round runs each variant once in rotating order; a variant's time is the median of its timed rounds; outputs are kept alive until the device has synced",
+            "timing": "Per section, every round runs each variant once in rotating order; a variant's time is the median of its timed rounds; outputs are kept alive until the device has synced",
             "statistic": "median",
             "sections": sections,
             "device": format!("{device:?}"),
