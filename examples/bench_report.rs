@@ -404,11 +404,11 @@ fn print_json(report: &Report, device: &Device, quick: bool) {
     );
     let json = serde_json::Value::Object(obj);
     println!("{json}");
-    if std::env::args().any(|a| a == "--write-docs") {
-        if let Err(e) = write_docs(&json, report) {
-            eprintln!("error: could not write the docs files: {e}");
-            std::process::exit(1);
-        }
+    if std::env::args().any(|a| a == "--write-docs")
+        && let Err(e) = write_docs(&json, report)
+    {
+        eprintln!("error: could not write the docs files: {e}");
+        std::process::exit(1);
     }
 }
 

@@ -44,7 +44,7 @@ use modula::{LoraConfig, LoraLinear, Routing};
 
 #[path = "common/digits.rs"]
 mod digits;
-use digits::{CLASSES, PIXELS, load_digits, mean_sd, pm, rotate, shuffle, validation_split};
+use digits::{CLASSES, PIXELS, Splits, load_digits, mean_sd, pm, rotate, shuffle};
 
 /// Learning rates tried on the validation slice.
 const LRS: [f64; 3] = [1e-3, 3e-3, 1e-2];
@@ -577,12 +577,8 @@ fn benchmark_table(
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (x, y) = load_digits()?;
-    let n = y.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = 11u64;
-    shuffle(&mut order, &mut rng);
-    let (train_rows, test_rows) = order.split_at(n * 4 / 5);
-    let (train_rows, val_rows) = validation_split(train_rows, 0.15);
+    let splits = Splits::new(y.len(), 11, 0.15);
+    let (train_rows, val_rows, test_rows) = (&splits.train, &splits.val, &splits.test);
     let pick = |rows: &[usize], keep: &dyn Fn(i64) -> bool, q: usize| -> (Vec<f32>, Vec<i64>) {
         let mut xs = Vec::new();
         let mut ys = Vec::new();
@@ -595,11 +591,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (xs, ys)
     };
     let make = |keep: &dyn Fn(i64) -> bool, q: usize| {
-        let (train_x, train_y) = pick(&train_rows, keep, q);
+        let (train_x, train_y) = pick(train_rows, keep, q);
         Task {
             train_x,
             train_y,
-            sets: [pick(&val_rows, keep, q), pick(test_rows, keep, q)],
+            sets: [pick(val_rows, keep, q), pick(test_rows, keep, q)],
         }
     };
     let split: Vec<Task> = (0..5).map(|t| make(&move |c| c / 2 == t, 0)).collect();

@@ -40,7 +40,7 @@ use modula::{LoraConfig, LoraLinear, PeftLora};
 
 #[path = "common/digits.rs"]
 mod digits;
-use digits::{CLASSES, PIXELS, batch, load_digits, mean_sd, pm, rotate, shuffle, validation_split};
+use digits::{CLASSES, PIXELS, Splits, batch, load_digits, mean_sd, pm, rotate, shuffle};
 
 /// Seeds of the runs the table averages.
 const SEEDS: [u64; 3] = [0, 1, 2];
@@ -177,22 +177,13 @@ fn bar(len: u64, what: &str) -> Result<ProgressBar, Box<dyn std::error::Error>> 
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (x, y) = load_digits()?;
-    let n = y.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = 7u64;
-    shuffle(&mut order, &mut rng);
-    let (train, test) = order.split_at(n * 4 / 5);
-    let (train, val) = validation_split(train, 0.15);
-    println!(
-        "digits: {} train, {} validation, {} test",
-        train.len(),
-        val.len(),
-        test.len()
-    );
+    let splits = Splits::new(y.len(), 7, 0.15);
+    println!("digits: {}", splits.summary());
+    let (train, val, test) = (&splits.train, &splits.val, &splits.test);
     let rotated: Vec<Vec<f32>> = ROTATIONS.iter().map(|&q| rotate(&x, q)).collect();
     let mut runs = Vec::new();
     for &seed in &SEEDS {
-        runs.push(run(seed, &rotated, &x, &y, &train, &val, test)?);
+        runs.push(run(seed, &rotated, &x, &y, train, val, test)?);
     }
     let n_experts = ROTATIONS.len() * SHARDS.len();
 

@@ -29,7 +29,7 @@ use plotters::prelude::*;
 
 #[path = "common/digits.rs"]
 mod digits;
-use digits::{CLASSES, batch, load_digits, mean_sd, pm, shuffle, validation_split};
+use digits::{CLASSES, Splits, batch, load_digits, mean_sd, pm, shuffle};
 
 const EXPERTS: usize = 4;
 /// Learning rates tried on the validation slice.
@@ -121,18 +121,9 @@ fn evaluate(
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (x, y) = load_digits()?;
-    let n = y.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = 42u64;
-    shuffle(&mut order, &mut rng);
-    let (train, test) = order.split_at(n * 4 / 5);
-    let (train, val) = validation_split(train, 0.15);
-    println!(
-        "digits: {} train, {} validation, {} test",
-        train.len(),
-        val.len(),
-        test.len()
-    );
+    let splits = Splits::new(y.len(), 42, 0.15);
+    println!("digits: {}", splits.summary());
+    let (train, val, test) = (&splits.train, &splits.val, &splits.test);
 
     let bar = ProgressBar::new((40 * LRS.len() * SEEDS.len()) as u64);
     bar.set_style(ProgressStyle::with_template(
@@ -143,8 +134,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for &lr in &LRS {
         let mut per_seed = Vec::new();
         for &seed in &SEEDS {
-            let m = train_model(&x, &y, &train, seed, lr, &bar)?;
-            let (acc, _, _) = evaluate(&m, &x, &y, &val)?;
+            let m = train_model(&x, &y, train, seed, lr, &bar)?;
+            let (acc, _, _) = evaluate(&m, &x, &y, val)?;
             per_seed.push((m, acc));
         }
         models.push(per_seed);

@@ -319,29 +319,21 @@ fn dare_statistics_match_peft() {
         let (mean_a, sd_a) = entry_stats(&sa);
         let (mean_b, sd_b) = entry_stats(&sb);
         let (mean_d, sd_d) = entry_stats(&sd);
-        let peft_sd_a = mat(&g, &format!("{name}.std_lora_A")).data;
-        let peft_sd_b = mat(&g, &format!("{name}.std_lora_B")).data;
-        within(
-            &mean_a,
-            &mat(&g, &format!("{name}.mean_lora_A")).data,
-            &se_diff(&sd_a, &peft_sd_a, n),
-            FAMILY_Z,
-            &format!("{name}: E[A] vs PEFT"),
-        );
-        within(
-            &mean_b,
-            &mat(&g, &format!("{name}.mean_lora_B")).data,
-            &se_diff(&sd_b, &peft_sd_b, n),
-            FAMILY_Z,
-            &format!("{name}: E[B] vs PEFT"),
-        );
-        within(
-            &mean_d,
-            &mat(&g, &format!("{name}.mean_delta_weight")).data,
-            &se_diff(&sd_d, &sd_d, n),
-            FAMILY_Z,
-            &format!("{name}: E[ΔW] vs PEFT"),
-        );
+        for (ours, sd, key, peft_sd) in [
+            (&mean_a, &sd_a, "mean_lora_A", Some("std_lora_A")),
+            (&mean_b, &sd_b, "mean_lora_B", Some("std_lora_B")),
+            (&mean_d, &sd_d, "mean_delta_weight", None),
+        ] {
+            let theirs_sd =
+                peft_sd.map_or_else(|| sd.clone(), |k| mat(&g, &format!("{name}.{k}")).data);
+            within(
+                ours,
+                &mat(&g, &format!("{name}.{key}")).data,
+                &se_diff(sd, &theirs_sd, n),
+                FAMILY_Z,
+                &format!("{name}: {key} vs PEFT"),
+            );
+        }
         if c == Combination::DareLinear {
             // E[dare_linear] is the linear merge: one sample mean against the exact value.
             let se = |sd: &[f64]| -> Vec<f64> { sd.iter().map(|s| s / n.sqrt()).collect() };

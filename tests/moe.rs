@@ -226,25 +226,15 @@ fn gradients_reach_router_and_experts_and_match_finite_differences() {
     // the truncation part h²·|f⁽³⁾|/6 is smaller while the routing stays fixed. 1e-4 is what
     // that supports (measured: 1.3e-6).
     let h = 1e-2f32;
-    let base_idx: Vec<i64> = moe
-        .forward(x.clone())
-        .unwrap()
-        .1
-        .indices()
-        .into_data()
-        .iter::<i64>()
-        .collect();
+    let top_k = |m: &MoeLayer| -> Vec<i64> {
+        let routing = m.forward(x.clone()).unwrap().1;
+        routing.indices().into_data().iter::<i64>().collect()
+    };
+    let base_idx = top_k(&moe);
     let eval = |m: &MoeLayer| -> f64 {
         // ±h must leave the top-k choice unchanged, or the difference quotient straddles a
         // jump of the piecewise-smooth loss.
-        let idx: Vec<i64> = m
-            .forward(x.clone())
-            .unwrap()
-            .1
-            .indices()
-            .into_data()
-            .iter::<i64>()
-            .collect();
+        let idx = top_k(m);
         assert_eq!(idx, base_idx, "a bump of h changed the top-k choice");
         loss_of(m).into_scalar::<f32>() as f64
     };

@@ -99,10 +99,40 @@ pub fn pm(v: &[f64]) -> String {
     format!("{m:.1} ± {s:.1}")
 }
 
-/// Splits shuffled training rows into (train, validation): the last `val_fraction` of them
-/// are held out for choosing hyper-parameters, so the test rows are never looked at.
-pub fn validation_split(rows: &[usize], val_fraction: f64) -> (Vec<usize>, Vec<usize>) {
-    let n_val = (rows.len() as f64 * val_fraction).round() as usize;
-    let (train, val) = rows.split_at(rows.len() - n_val);
-    (train.to_vec(), val.to_vec())
+/// Row indices of the train, validation and test sets.
+pub struct Splits {
+    /// Rows the models train on.
+    pub train: Vec<usize>,
+    /// Rows hyper-parameters are chosen on (never trained on).
+    pub val: Vec<usize>,
+    /// Rows the tables report (never looked at while choosing).
+    pub test: Vec<usize>,
+}
+
+impl Splits {
+    /// The `n` rows shuffled with `seed`, 80 % / 20 % into training and test, and the last
+    /// `val_fraction` of the training rows held out for validation.
+    pub fn new(n: usize, seed: u64, val_fraction: f64) -> Self {
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = seed;
+        shuffle(&mut order, &mut rng);
+        let (train, test) = order.split_at(n * 4 / 5);
+        let n_val = (train.len() as f64 * val_fraction).round() as usize;
+        let (train, val) = train.split_at(train.len() - n_val);
+        Self {
+            train: train.to_vec(),
+            val: val.to_vec(),
+            test: test.to_vec(),
+        }
+    }
+
+    /// "1221 train, 216 validation, 360 test".
+    pub fn summary(&self) -> String {
+        format!(
+            "{} train, {} validation, {} test",
+            self.train.len(),
+            self.val.len(),
+            self.test.len()
+        )
+    }
 }
