@@ -220,6 +220,21 @@ fn zero_fraction(samples: &[Vec<f64>]) -> f64 {
     zeros as f64 / total as f64
 }
 
+/// Asserts that the zero fractions of the A and B samples are `p` within 3σ, where σ is the
+/// standard deviation of a binomial fraction over all their (independent) entries.
+fn assert_zero_fractions(a: &[Vec<f64>], b: &[Vec<f64>], p: f64, what: &str) {
+    for (samples, factor) in [(a, "A"), (b, "B")] {
+        let frac = zero_fraction(samples);
+        let entries = (samples.len() * samples[0].len()) as f64;
+        let sigma = (p * (1.0 - p) / entries).sqrt();
+        assert!(
+            (frac - p).abs() < 3.0 * sigma,
+            "{what}: zero fraction of {factor} {frac}, expected {p} ± {}",
+            3.0 * sigma
+        );
+    }
+}
+
 /// `trials` seeded factor-space DARE merges of the golden adapters: (A, B, ΔW) samples.
 type Samples = (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>);
 fn dare_samples(refs: &[&LoraFactors], c: Combination, density: f64, trials: u64) -> Samples {
@@ -293,16 +308,7 @@ fn dare_statistics_match_peft() {
         let peft_std = peft["frobenius_delta_std"].as_f64().expect("manifest std");
         // An entry is zero when all three inputs dropped it: p = (1 − density)³. The fraction
         // over 512 trials of 64 (A) or 48 (B) independent entries has σ = √(p(1−p)/N).
-        let p = (1.0f64 - 0.5).powi(3);
-        for (samples, what) in [(&sa, "A"), (&sb, "B")] {
-            let frac = zero_fraction(samples);
-            let sigma = (p * (1.0 - p) / (n * samples[0].len() as f64)).sqrt();
-            assert!(
-                (frac - p).abs() < 3.0 * sigma,
-                "{name}: zero fraction of {what} {frac}, expected {p} ± {}",
-                3.0 * sigma
-            );
-        }
+        assert_zero_fractions(&sa, &sb, (1.0f64 - 0.5).powi(3), name);
         let norms: Vec<f64> = sd
             .iter()
             .map(|d| d.iter().map(|v| v * v).sum::<f64>().sqrt())
@@ -373,15 +379,7 @@ fn dare_at_density_0_3_matches_its_expectation_by_hand() {
     let p = (1.0 - d).powi(3); // 0.343: all three inputs dropped the entry
     for c in [Combination::DareLinear, Combination::DareTies] {
         let (sa, sb, sdw) = dare_samples(&refs, c, d, trials);
-        for (samples, what) in [(&sa, "A"), (&sb, "B")] {
-            let frac = zero_fraction(samples);
-            let sigma = (p * (1.0 - p) / (n * samples[0].len() as f64)).sqrt();
-            assert!(
-                (frac - p).abs() < 3.0 * sigma,
-                "{c:?}: zero fraction of {what} {frac}, expected {p} ± {}",
-                3.0 * sigma
-            );
-        }
+        assert_zero_fractions(&sa, &sb, p, c.name());
         if c != Combination::DareLinear {
             continue;
         }
