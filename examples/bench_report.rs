@@ -1,8 +1,8 @@
 //! Prints modula's benchmark ratios, measured in one run so machine noise cancels.
 //!
-//! Run with `cargo run --release --example bench_report`. The last line is one JSON object:
-//! every metric, plus a `method` object that records how they were measured (warm-up and
-//! timed rounds per section, the statistic, the device, the commit).
+//! Run with `cargo run --release --features wgpu,cli --example bench_report`. The last line is
+//! one JSON object: every metric, plus a `method` object that records how they were measured
+//! (warm-up and timed rounds per section, the statistic, the device, the commit).
 //! Shapes follow the peers' script (../shared/peers/bench_peers.py): d_in = d_out = 1024,
 //! 4096 tokens, f32, on Flex (or `--wgpu` with the `wgpu` feature); `--quick` for small shapes;
 //! `--write-docs` also writes docs/bench_report.json and docs/bench_report.md.
