@@ -119,7 +119,7 @@ pub use modules::lora::{
     AdapterSlots, LoraAdapter, LoraConfig, LoraEmbedding, LoraForward, LoraInit, LoraLinear,
 };
 pub use modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
-pub use modules::{ComputeModule, dispatch_modules};
+pub use modules::{ComputeModule, dispatch_modules, dispatch_planned};
 pub use moe::MoeLayer;
 pub use moe::capacity::SecondExpertPolicy;
 pub use moe::expert_choice::{ExpertChoiceRouter, HashRouter};
@@ -141,7 +141,7 @@ pub mod prelude {
     pub use crate::modules::ia3::Ia3Linear;
     pub use crate::modules::lora::{LoraAdapter, LoraConfig, LoraEmbedding, LoraLinear};
     pub use crate::modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
-    pub use crate::modules::{ComputeModule, dispatch_modules};
+    pub use crate::modules::{ComputeModule, dispatch_modules, dispatch_planned};
     pub use crate::peft::{PeftIa3, PeftLora};
     pub use crate::routing::{Aggregator, DispatchPlan, FixedRouter, Router, Routing, WeightedSum};
 }

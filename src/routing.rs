@@ -296,6 +296,8 @@ pub struct DispatchPlan {
     row_index: Tensor<1, Int>,
     /// For each sorted entry, its weight (`[n, 1]`).
     weights: Tensor<2>,
+    /// The routing's weights per slot, `[rows, k]` (for aggregators that see every slot).
+    slot_weights: Tensor<2>,
 }
 
 impl DispatchPlan {
@@ -351,12 +353,23 @@ impl DispatchPlan {
             slots,
             row_index: int_tensor(&rows_of, &device),
             weights,
+            slot_weights: routing.weights.clone(),
         })
     }
 
     /// Number of rows of the routed batch.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Number of modules the routing chooses among.
+    pub fn num_modules(&self) -> usize {
+        self.num_modules
+    }
+
+    /// The routing's weights per slot, `[rows, k]` (zero or any value for dropped slots).
+    pub fn slot_weights(&self) -> Tensor<2> {
+        self.slot_weights.clone()
     }
 
     fn check_rows(&self, rows: usize, context: &str) -> Result<()> {
@@ -395,19 +408,43 @@ impl DispatchPlan {
     /// the outputs in plan order, `[num_entries, d_out]` (not yet weighted).
     ///
     /// `f` must map `[n_m, d]` to `[n_m, d_out]` with the same `d_out` for every module.
-    pub fn run<F>(&self, x: Tensor<2>, d_out: usize, mut f: F) -> Result<Tensor<2>>
+    pub fn run<F>(&self, x: Tensor<2>, d_out: usize, f: F) -> Result<Tensor<2>>
     where
         F: FnMut(usize, Tensor<2>) -> Result<Tensor<2>>,
     {
-        let [rows, d] = x.dims();
-        self.check_rows(rows, "DispatchPlan::run")?;
         let device = x.device();
+        let mut outs = Vec::new();
+        self.each_segment(x, d_out, f, |_, ym| outs.push(ym), "DispatchPlan::run")?;
+        Ok(match outs.len() {
+            0 => Tensor::<2>::zeros([0, d_out], &device),
+            1 => outs
+                .pop()
+                .unwrap_or_else(|| Tensor::zeros([0, d_out], &device)),
+            _ => Tensor::cat(outs, 0),
+        })
+    }
+
+    /// The one per-segment loop: gathers `x` once in plan order, runs `f(m, x_m)` on each
+    /// module's contiguous segment, checks its shape and hands `(segment, y_m)` to `sink`.
+    fn each_segment<F, S>(
+        &self,
+        x: Tensor<2>,
+        d_out: usize,
+        mut f: F,
+        mut sink: S,
+        context: &str,
+    ) -> Result<()>
+    where
+        F: FnMut(usize, Tensor<2>) -> Result<Tensor<2>>,
+        S: FnMut(std::ops::Range<usize>, Tensor<2>),
+    {
+        let [rows, d] = x.dims();
+        self.check_rows(rows, context)?;
         let n = self.num_entries();
         if n == 0 {
-            return Ok(Tensor::<2>::zeros([0, d_out], &device));
+            return Ok(());
         }
         let gathered = self.gather(x);
-        let mut outs = Vec::new();
         for m in 0..self.num_modules {
             let seg = self.segment(m);
             if seg.is_empty() {
@@ -417,18 +454,13 @@ impl DispatchPlan {
             let xm = if len == n {
                 gathered.clone()
             } else {
-                gathered.clone().slice([seg, 0..d])
+                gathered.clone().slice([seg.clone(), 0..d])
             };
             let ym = f(m, xm)?;
             check_output(m, &ym, len, d_out)?;
-            outs.push(ym);
+            sink(seg, ym);
         }
-        Ok(if outs.len() == 1 {
-            outs.pop()
-                .unwrap_or_else(|| Tensor::<2>::zeros([0, d_out], &device))
-        } else {
-            Tensor::cat(outs, 0)
-        })
+        Ok(())
     }
 
     /// Weights plan-ordered outputs `y: [num_entries, d_out]` by their routing weights and
@@ -468,50 +500,41 @@ impl DispatchPlan {
     }
 
     /// The full sparse path: run each selected module on its rows, then aggregate with `agg`.
+    /// A plan built once serves every layer that shares its routing.
     ///
     /// For aggregators that are linear in the outputs ([`Aggregator::is_weighted_sum`]) each
     /// module's output is weighted and scatter-added into the result as soon as it is
     /// computed, so the outputs are never concatenated.
-    pub fn apply<F, A>(
-        &self,
-        routing: &Routing,
-        x: Tensor<2>,
-        d_out: usize,
-        agg: &A,
-        mut f: F,
-    ) -> Result<Tensor<2>>
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if `x` has other rows than the routing or a module returns the wrong
+    /// shape; whatever `f` returns.
+    pub fn apply<F, A>(&self, x: Tensor<2>, d_out: usize, agg: &A, f: F) -> Result<Tensor<2>>
     where
         F: FnMut(usize, Tensor<2>) -> Result<Tensor<2>>,
         A: Aggregator + ?Sized,
     {
         if !agg.is_weighted_sum() {
             let y = self.run(x, d_out, f)?;
-            return Ok(agg.combine(self, routing, y));
+            return Ok(agg.combine(self, y));
         }
-        let [rows, d] = x.dims();
-        self.check_rows(rows, "DispatchPlan::apply")?;
-        let mut out = Tensor::<2>::zeros([rows, d_out], &x.device());
-        if self.num_entries() == 0 {
-            return Ok(out);
-        }
-        let gathered = self.gather(x);
-        for m in 0..self.num_modules {
-            let seg = self.segment(m);
-            if seg.is_empty() {
-                continue;
-            }
-            let len = seg.len();
-            let ym = f(m, gathered.clone().slice([seg.clone(), 0..d]))?;
-            check_output(m, &ym, len, d_out)?;
-            let w = self.weights.clone().slice([seg.clone(), 0..1]);
-            out = out.select_assign(
-                0,
-                self.row_index.clone().narrow(0, seg.start, len),
-                ym * w,
-                IndexingUpdateOp::Add,
-            );
-        }
-        Ok(out)
+        let (rows, device) = (x.dims()[0], x.device());
+        // Moved in and out of the option so each scatter-add can update the buffer in place.
+        let mut out = Some(Tensor::<2>::zeros([rows, d_out], &device));
+        self.each_segment(
+            x,
+            d_out,
+            f,
+            |seg, ym| {
+                let w = self.weights.clone().slice([seg.clone(), 0..1]);
+                let rows = self.row_index.clone().narrow(0, seg.start, seg.len());
+                out = out
+                    .take()
+                    .map(|o| o.select_assign(0, rows, ym * w, IndexingUpdateOp::Add));
+            },
+            "DispatchPlan::apply",
+        )?;
+        Ok(out.unwrap_or_else(|| Tensor::zeros([rows, d_out], &device)))
     }
 }
 
@@ -541,9 +564,10 @@ pub trait Aggregator {
     }
 
     /// Combines plan-ordered outputs. The default places them into slots and calls
-    /// [`aggregate`](Self::aggregate); linear aggregators override it with a scatter-add.
-    fn combine(&self, plan: &DispatchPlan, routing: &Routing, y: Tensor<2>) -> Tensor<2> {
-        self.aggregate(plan.to_slots(y), routing.weights())
+    /// [`aggregate`](Self::aggregate) with the plan's slot weights; linear aggregators override
+    /// it with a scatter-add.
+    fn combine(&self, plan: &DispatchPlan, y: Tensor<2>) -> Tensor<2> {
+        self.aggregate(plan.to_slots(y), plan.slot_weights())
     }
 }
 
@@ -559,7 +583,7 @@ impl Aggregator for WeightedSum {
             .reshape([rows, d])
     }
 
-    fn combine(&self, plan: &DispatchPlan, _routing: &Routing, y: Tensor<2>) -> Tensor<2> {
+    fn combine(&self, plan: &DispatchPlan, y: Tensor<2>) -> Tensor<2> {
         plan.combine(y)
     }
 
@@ -599,7 +623,7 @@ where
 {
     let routing = router.route(&x)?;
     let plan = DispatchPlan::new(&routing)?;
-    let y = plan.apply(&routing, x, d_out, agg, f)?;
+    let y = plan.apply(x, d_out, agg, f)?;
     Ok((y, routing))
 }
 

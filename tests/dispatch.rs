@@ -209,3 +209,68 @@ fn gradients_flow_to_routing_weights_and_modules() {
         );
     }
 }
+
+#[test]
+fn one_plan_serves_every_layer_that_shares_the_routing() {
+    use burn::nn::LinearConfig;
+    use modula::{LoraLinear, WeightedSum, dispatch_planned};
+    for device in devices() {
+        device.seed(31);
+        let mut rng = Rng(41);
+        let (d, rows, e) = (12, 10, 4);
+        // A 4-layer stack of LoRA layers, each with the same 4 adapter names.
+        let layers: Vec<LoraLinear> = (0..4)
+            .map(|_| {
+                let mut l = LoraLinear::new(LinearConfig::new(d, d).init(&device));
+                for i in 0..e {
+                    l.insert_adapter(&format!("a{i}"), expert(&mut rng, d, d, &device))
+                        .unwrap();
+                }
+                l
+            })
+            .collect();
+        // One mixed-adapter routing for the whole batch: rows mix two adapters, one row none.
+        let idx: Vec<Vec<i64>> = (0..rows)
+            .map(|i| {
+                if i == 3 {
+                    vec![-1, -1]
+                } else {
+                    vec![(i % e) as i64, ((i + 1) % e) as i64]
+                }
+            })
+            .collect();
+        let w: Vec<Vec<f32>> = (0..rows)
+            .map(|i| vec![0.7, 0.3 + 0.01 * i as f32])
+            .collect();
+        let routing = Routing::from_rows(&idx, &w, e, &device).unwrap();
+        let x = rng.tensor(rows, d, &device);
+        // Planned once, the plan passed to every layer.
+        let plan = DispatchPlan::new(&routing).unwrap();
+        let (mut once, mut per_layer) = (x.clone(), x.clone());
+        for l in &layers {
+            once = burn::tensor::activation::relu(l.forward_planned(once, &plan).unwrap());
+            per_layer =
+                burn::tensor::activation::relu(l.forward_routed(per_layer, &routing).unwrap());
+        }
+        assert_close(once, per_layer, 0.0, "one plan vs a plan per layer");
+        // The same plan also drives the generic dispatch (and the weighted sum it computes
+        // equals dispatching through the routing).
+        let adapters: Vec<LoraAdapter> = (0..e)
+            .map(|i| layers[0].adapter(&format!("a{i}")).unwrap().clone())
+            .collect();
+        assert_close(
+            dispatch_planned(&adapters, &plan, x.clone(), &WeightedSum).unwrap(),
+            dispatch_modules(&adapters, &routing, x.clone(), &WeightedSum).unwrap(),
+            0.0,
+            "dispatch_planned vs dispatch_modules",
+        );
+        // A plan over another number of modules is a shape error, not a panic.
+        let three =
+            Routing::from_rows(&vec![vec![0]; 10], &vec![vec![1.0]; 10], 3, &device).unwrap();
+        let wrong = DispatchPlan::new(&three).unwrap();
+        assert!(matches!(
+            layers[0].forward_planned(x, &wrong),
+            Err(modula::Error::Shape { .. })
+        ));
+    }
+}

@@ -30,7 +30,9 @@ pub mod arrow;
 pub mod factors;
 pub mod mbc;
 pub mod merge;
-pub mod mix;
+/// Mixing LoRA experts under a routing (lives in [`modules::mix`](crate::modules::mix), the
+/// layer the library builds on).
+pub use crate::modules::mix;
 pub(crate) mod rng;
 pub mod routers;
 pub mod store;

@@ -35,8 +35,10 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
+use super::mix::{LoraMix, lora_mixture_planned};
 use super::{ComputeModule, check_last_dim};
 use crate::error::{Error, Result};
+use crate::routing::DispatchPlan;
 
 /// How the `A` factor of a new adapter is initialised (`B` always starts at zero).
 #[derive(Config, Debug, Copy, PartialEq)]
@@ -689,25 +691,30 @@ impl LoraLinear {
         x: Tensor<2>,
         routing: &crate::routing::Routing,
     ) -> Result<Tensor<2>> {
+        self.forward_planned(x, &DispatchPlan::new(routing)?)
+    }
+
+    /// [`forward_routed`](Self::forward_routed) under a plan built once: every layer that
+    /// shares a routing (all layers of a mixed-adapter batch) can take the same plan, so the
+    /// routing is read to the host and sorted once per batch, not once per layer.
+    ///
+    /// # Errors
+    /// As [`forward_routed`](Self::forward_routed).
+    pub fn forward_planned(&self, x: Tensor<2>, plan: &DispatchPlan) -> Result<Tensor<2>> {
         check_last_dim(&x, self.d_in(), "LoraLinear::forward_routed input")?;
         self.check_unmerged()?;
-        if routing.num_modules() != self.adapters.len() {
+        if plan.num_modules() != self.adapters.len() {
             return Err(Error::shape(
                 "LoraLinear::forward_routed (routing modules = adapters)",
                 self.adapters.len().to_string(),
-                routing.num_modules().to_string(),
+                plan.num_modules().to_string(),
             ));
         }
         let base = self.base.forward(x.clone());
         if self.adapters.is_empty() {
             return Ok(base);
         }
-        let delta = crate::library::lora_mixture(
-            x,
-            routing,
-            &self.adapters,
-            crate::library::LoraMix::Output,
-        )?;
+        let delta = lora_mixture_planned(x, plan, &self.adapters, LoraMix::Output)?;
         Ok(base + delta)
     }
 

@@ -16,6 +16,7 @@
 pub mod adapter;
 pub mod ia3;
 pub mod lora;
+pub mod mix;
 pub mod prefix;
 
 use burn::tensor::Tensor;
@@ -40,7 +41,8 @@ pub trait ComputeModule {
 }
 
 /// Applies `modules` to `x: [rows, d]` under `routing` through the sparse dispatch: each module
-/// computes on its own rows only, and `agg` combines the results.
+/// computes on its own rows only, and `agg` combines the results. Plans the routing; layers
+/// that share one routing should plan it once and call [`dispatch_planned`].
 ///
 /// # Errors
 /// [`Error::Shape`] if the modules disagree on widths, `x` has the wrong width or the routing
@@ -55,17 +57,34 @@ where
     M: ComputeModule,
     A: Aggregator + ?Sized,
 {
+    dispatch_planned(modules, &DispatchPlan::new(routing)?, x, agg)
+}
+
+/// [`dispatch_modules`] under a plan built once.
+///
+/// # Errors
+/// As [`dispatch_modules`].
+pub fn dispatch_planned<M, A>(
+    modules: &[M],
+    plan: &DispatchPlan,
+    x: Tensor<2>,
+    agg: &A,
+) -> Result<Tensor<2>>
+where
+    M: ComputeModule,
+    A: Aggregator + ?Sized,
+{
     let Some(first) = modules.first() else {
         return Err(Error::invalid(
             "modules",
             "dispatch needs at least one module",
         ));
     };
-    if routing.num_modules() != modules.len() {
+    if plan.num_modules() != modules.len() {
         return Err(Error::shape(
             "dispatch_modules (routing modules vs modules given)",
             modules.len().to_string(),
-            routing.num_modules().to_string(),
+            plan.num_modules().to_string(),
         ));
     }
     let (d_in, d_out) = (first.d_input(), first.d_output());
@@ -85,10 +104,7 @@ where
             x.dims()[1].to_string(),
         ));
     }
-    let plan = DispatchPlan::new(routing)?;
-    plan.apply(routing, x, d_out, agg, |m, xm| {
-        Ok(modules[m].forward_rows(xm))
-    })
+    plan.apply(x, d_out, agg, |m, xm| Ok(modules[m].forward_rows(xm)))
 }
 
 /// Checks that the last axis of a `D`-dimensional input has width `expected`.

@@ -74,8 +74,23 @@ impl MoeLayer {
     /// # Errors
     /// Shape or routing errors.
     pub fn forward_routed(&self, x: Tensor<2>, routing: &Routing) -> Result<Tensor<2>> {
-        let plan = DispatchPlan::new(routing)?;
-        plan.apply(routing, x, self.d_model(), &WeightedSum, |m, xm| {
+        self.forward_planned(x, &DispatchPlan::new(routing)?)
+    }
+
+    /// [`forward_routed`](Self::forward_routed) under a plan built once (several layers that
+    /// share one routing plan it once).
+    ///
+    /// # Errors
+    /// Shape errors, or a plan over another number of experts.
+    pub fn forward_planned(&self, x: Tensor<2>, plan: &DispatchPlan) -> Result<Tensor<2>> {
+        if plan.num_modules() != self.experts.len() {
+            return Err(Error::shape(
+                "MoeLayer::forward_planned (routing modules = experts)",
+                self.experts.len().to_string(),
+                plan.num_modules().to_string(),
+            ));
+        }
+        plan.apply(x, self.d_model(), &WeightedSum, |m, xm| {
             Ok(self.experts[m].forward_rows(xm))
         })
     }

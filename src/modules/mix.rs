@@ -26,7 +26,8 @@ pub enum LoraMix {
 }
 
 /// The experts' combined contribution for `x: [rows, d_in]` under `routing` (module `e` is
-/// `adapters[e]`), `[rows, d_out]`.
+/// `adapters[e]`), `[rows, d_out]`. Plans the routing; several layers that share one routing
+/// should plan it once and call [`lora_mixture_planned`].
 ///
 /// # Errors
 /// [`Error::Shape`] if the routing's module count or row count does not match, or the
@@ -37,14 +38,27 @@ pub fn lora_mixture(
     adapters: &[LoraAdapter],
     mode: LoraMix,
 ) -> Result<Tensor<2>> {
+    lora_mixture_planned(x, &DispatchPlan::new(routing)?, adapters, mode)
+}
+
+/// [`lora_mixture`] under a plan built once (see [`DispatchPlan`]).
+///
+/// # Errors
+/// As [`lora_mixture`].
+pub fn lora_mixture_planned(
+    x: Tensor<2>,
+    plan: &DispatchPlan,
+    adapters: &[LoraAdapter],
+    mode: LoraMix,
+) -> Result<Tensor<2>> {
     let Some(first) = adapters.first() else {
         return Err(Error::invalid("LoRA mixture", "there are no adapters"));
     };
-    if routing.num_modules() != adapters.len() {
+    if plan.num_modules() != adapters.len() {
         return Err(Error::shape(
             "LoRA mixture (routing modules = adapters)",
             adapters.len().to_string(),
-            routing.num_modules().to_string(),
+            plan.num_modules().to_string(),
         ));
     }
     if let Some(a) = adapters
@@ -57,10 +71,9 @@ pub fn lora_mixture(
             format!("[{}, {}]", a.d_in(), a.d_out()),
         ));
     }
-    let plan = DispatchPlan::new(routing)?;
     let d_out = first.d_out();
     match mode {
-        LoraMix::Output => plan.apply(routing, x, d_out, &WeightedSum, |m, xm| {
+        LoraMix::Output => plan.apply(x, d_out, &WeightedSum, |m, xm| {
             let a = &adapters[m];
             Ok(xm
                 .matmul(a.a.val())
@@ -76,7 +89,7 @@ pub fn lora_mixture(
                 ));
             }
             let u = plan.combine(plan.run(x, r, |m, xm| Ok(xm.matmul(adapters[m].a.val())))?);
-            plan.apply(routing, u, d_out, &WeightedSum, |m, um| {
+            plan.apply(u, d_out, &WeightedSum, |m, um| {
                 let a = &adapters[m];
                 Ok(um.matmul(a.b.val()).mul_scalar(a.scaling()))
             })
