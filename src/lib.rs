@@ -105,6 +105,7 @@ pub mod linalg;
 pub mod modules;
 pub mod moe;
 pub mod peft;
+pub(crate) mod rng;
 pub mod routing;
 pub mod tensor_util;
 

@@ -14,6 +14,8 @@
 //! Matrices are row-major [`Mat`]s. These routines are deliberately simple and exact; they are
 //! not meant to compete with LAPACK on large dense problems.
 
+use crate::rng::SplitMix64;
+
 /// A dense row-major `f64` matrix.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mat {
@@ -340,13 +342,10 @@ pub fn truncated_svd(a: &Mat, k: usize) -> Svd {
     }
     let p = (k + k.max(8)).min(small);
     // Deterministic start: a fixed pseudo-random block.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = SplitMix64::new(0x9E37_79B9_7F4A_7C15);
     let mut q = Mat::zeros(a.cols, p);
     for v in q.data.iter_mut() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        *v = (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+        *v = rng.next_f64() - 0.5;
     }
     let at = a.t();
     let mut prev: Vec<f64> = vec![f64::INFINITY; k];

@@ -17,7 +17,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::continual::replay::ReplayBuffer;
 use crate::error::{Error, Result};
 use crate::library::XLoraRouter;
-use crate::library::rng::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::routing::{Router, Routing};
 use crate::tensor_util::float_tensor;
 

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::library::rng::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// Which examples a full class keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

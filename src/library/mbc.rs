@@ -20,8 +20,8 @@ use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::library::factors::LoraExpert;
-use crate::library::rng::SplitMix64;
 use crate::linalg::{Mat, svd};
+use crate::rng::SplitMix64;
 use crate::tensor_util::{float_tensor, to_vec_f32};
 
 /// Settings of [`mbc_cluster`].

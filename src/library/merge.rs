@@ -37,8 +37,8 @@
 
 use crate::error::{Error, Result};
 use crate::library::factors::{LoraExpert, LoraFactors};
-use crate::library::rng::SplitMix64;
 use crate::linalg::{Mat, lowrank_svd, truncated_svd};
+use crate::rng::SplitMix64;
 
 /// PEFT's `combination_type`s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,7 +33,6 @@ pub mod merge;
 /// Mixing LoRA experts under a routing (lives in [`modules::mix`](crate::modules::mix), the
 /// layer the library builds on).
 pub use crate::modules::mix;
-pub(crate) mod rng;
 pub mod routers;
 pub mod store;
 

@@ -16,6 +16,7 @@
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 use crate::routing::Routing;
 use crate::tensor_util::{int_tensor, to_vec_f32, to_vec_i64};
 
@@ -74,14 +75,6 @@ pub fn expert_capacity(
     Ok(capacity_of(capacity_factor, tokens * k, experts))
 }
 
-fn splitmix(state: &mut u64) -> f32 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
-}
-
 /// Applies the second-expert policy and the capacity `capacity` to `routing`, marking
 /// dropped slots `-1`. Weights (and their gradients), auxiliary losses and diagnostics are
 /// kept.
@@ -100,18 +93,16 @@ pub fn apply_capacity(
     let mut idx = to_vec_i64(routing.indices());
     if policy != SecondExpertPolicy::All && k > 1 {
         let w = to_vec_f32(routing.weights());
-        let mut state = match policy {
+        let mut rng = SplitMix64::new(match policy {
             SecondExpertPolicy::Random { seed } => seed,
             _ => 0,
-        };
+        });
         for row in 0..t {
             for j in 1..k {
                 let s = row * k + j;
                 let keep = match policy {
                     SecondExpertPolicy::Threshold(th) => w[s] >= th,
-                    SecondExpertPolicy::Random { .. } => {
-                        splitmix(&mut state) < (2.0 * w[s]).min(1.0)
-                    }
+                    SecondExpertPolicy::Random { .. } => rng.next_f32() < (2.0 * w[s]).min(1.0),
                     SecondExpertPolicy::All => true,
                 };
                 if !keep {

@@ -21,6 +21,7 @@ use super::capacity::{capacity_of, check_capacity_factor};
 use super::router::validate_gate;
 use crate::error::{Error, Result};
 use crate::modules::check_last_dim;
+use crate::rng::SplitMix64;
 use crate::routing::{Router, Routing};
 use crate::tensor_util::{ensure_finite, float_tensor, int_tensor, to_vec_i64};
 
@@ -118,13 +119,9 @@ impl HashRouter {
             ));
         }
         let mut order: Vec<usize> = (0..vocab_size).collect();
-        let mut state = seed;
+        let mut rng = SplitMix64::new(seed);
         for i in (1..vocab_size).rev() {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let j = ((state >> 33) % (i as u64 + 1)) as usize;
-            order.swap(i, j);
+            order.swap(i, rng.below(i + 1));
         }
         let mut table = vec![0i64; vocab_size];
         for (rank, &id) in order.iter().enumerate() {

@@ -1,5 +1,8 @@
-//! A small seeded generator (SplitMix64, Steele et al. 2014) for the library's random choices
-//! (DARE drops, k-means++ seeding): deterministic for a seed on every platform and backend.
+//! The crate's one host random generator (SplitMix64, Steele et al. 2014), for every seeded
+//! choice made on the host: DARE drops, k-means++ seeding, GShard's random second-expert
+//! policy, the hash router's table, replay reservoirs, the truncated SVD's start block.
+//! Deterministic for a seed on every platform and backend. (Device-side randomness, such as
+//! dropout masks and initialisations, comes from burn's seeded device generator.)
 
 /// SplitMix64.
 #[derive(Clone, Debug)]
@@ -25,6 +28,11 @@ impl SplitMix64 {
     /// Uniform in `[0, 1)`.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `[0, 1)` with 24 random bits.
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
     /// Uniform in `0..n` (`n > 0`).
