@@ -33,9 +33,10 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use modula::library::{
-    ArrowLinear, Combination, ExpertInfo, ExpertLibrary, LoraExpert, LoraMix, MbcConfig,
-    MergeOptions, mbc_cluster, merge_experts,
+    ArrowLinear, Combination, LoraExpert, LoraMix, MbcConfig, MergeOptions, mbc_cluster,
+    merge_experts,
 };
+use modula::store::{ExpertInfo, ExpertLibrary};
 use modula::{LoraConfig, LoraLinear, PeftLora};
 
 #[path = "common/digits.rs"]

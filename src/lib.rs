@@ -72,7 +72,7 @@
 //!   `add_weighted_adapter` combination type in PEFT's factor space and exactly in delta space
 //!   ([`library::merge`](mod@library::merge)), task arithmetic, SLERP, PEM arithmetic ([`library::arith`]); Arrow
 //!   with exact prototypes ([`library::arrow`]); MBC clustering ([`library::mbc`]); a library
-//!   folder with atomic writes ([`library::store`]).
+//!   folder with atomic writes ([`store`]).
 //! - Mixed-adapter batches: [`LoraLinear::forward_mixed`], [`LoraLinear::forward_mixed_seqs`],
 //!   [`LoraLinear::forward_routed`] serve many adapters on one base in one gathered pass.
 //! - [`linalg`]: the exact host linear algebra these use (QR, Jacobi SVD, low-rank SVD).
@@ -107,6 +107,7 @@ pub mod moe;
 pub mod peft;
 pub(crate) mod rng;
 pub mod routing;
+pub mod store;
 pub mod tensor_util;
 
 pub use error::{Error, Result};

@@ -29,6 +29,8 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
 use crate::io::{HostTensor, TensorFile, atomic_write, write_safetensors};
+use crate::library::factors::{LoraExpert, LoraFactors};
+use crate::linalg::Mat;
 use crate::modules::ia3::Ia3Linear;
 use crate::modules::lora::{LoraAdapter, LoraEmbedding, LoraLinear, lora_scaling};
 
@@ -334,6 +336,77 @@ pub struct PeftLora {
     pub source: Option<PathBuf>,
 }
 
+/// Reads and validates a PEFT LoRA folder and calls `f(config, path, lora_A, lora_B)` for each
+/// adapted module (PyTorch layout: A `[r, in]`, B `[out, r]`). Returns the config and the paths
+/// that adapt embedding tables. The one parser behind [`PeftLora::load`] (device tensors) and
+/// [`LoraExpert::load_peft`] (host factors, no device).
+fn read_lora_folder<F>(dir: &Path, mut f: F) -> Result<(PeftConfig, BTreeSet<String>)>
+where
+    F: FnMut(&PeftConfig, &str, &HostTensor, &HostTensor) -> Result<()>,
+{
+    let (config, file) = read_folder(dir)?;
+    let w_path = file.path().to_path_buf();
+    if config.peft_type != PeftType::Lora {
+        return Err(Error::peft(
+            dir,
+            "this is an IA3 adapter; load it with PeftIa3::load",
+        ));
+    }
+    let mut halves: BTreeMap<String, (Option<&HostTensor>, Option<&HostTensor>)> = BTreeMap::new();
+    let mut embeddings = BTreeSet::new();
+    let parts = [
+        "lora_A.weight",
+        "lora_B.weight",
+        "lora_embedding_A",
+        "lora_embedding_B",
+    ];
+    for (key, t) in file.tensors() {
+        let Some((path, part)) = split_key(key, &parts) else {
+            let why = if key.contains("lora_magnitude_vector") {
+                format!("tensor `{key}` belongs to DoRA, which modula does not support")
+            } else {
+                format!(
+                    "unexpected tensor `{key}`; expected `<module>.lora_A.weight` / `.lora_B.weight` (or `.lora_embedding_A` / `.lora_embedding_B`)"
+                )
+            };
+            return Err(Error::peft(&w_path, why));
+        };
+        if part.starts_with("lora_embedding") {
+            embeddings.insert(path.to_string());
+        }
+        let entry = halves.entry(path.to_string()).or_default();
+        if part == "lora_A.weight" || part == "lora_embedding_A" {
+            entry.0 = Some(t);
+        } else {
+            entry.1 = Some(t);
+        }
+    }
+    if halves.is_empty() {
+        return Err(Error::peft(&w_path, "contains no LoRA tensors"));
+    }
+    for (path, (a, b)) in halves {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(Error::peft(
+                &w_path,
+                format!("module `{path}` has only one of lora_A / lora_B; the file is incomplete"),
+            ));
+        };
+        let r = config.rank_for(&path);
+        let ok = a.shape.len() == 2 && b.shape.len() == 2 && a.shape[0] == r && b.shape[1] == r;
+        if !ok {
+            return Err(Error::peft(
+                &w_path,
+                format!(
+                    "module `{path}`: lora_A {:?} and lora_B {:?} disagree with the config's rank {r} (expected [{r}, in] and [out, {r}]); check r / rank_pattern",
+                    a.shape, b.shape
+                ),
+            ));
+        }
+        f(&config, &path, a, b)?;
+    }
+    Ok((config, embeddings))
+}
+
 impl PeftLora {
     /// Loads a PEFT LoRA folder onto `device`.
     ///
@@ -343,79 +416,18 @@ impl PeftLora {
     /// rank; [`Error::SafeTensors`] for a truncated weights file.
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
-        let (config, file) = read_folder(dir)?;
-        let w_path = file.path().to_path_buf();
-        if config.peft_type != PeftType::Lora {
-            return Err(Error::peft(
-                dir,
-                "this is an IA3 adapter; load it with PeftIa3::load",
-            ));
-        }
-        let mut halves: BTreeMap<String, (Option<&HostTensor>, Option<&HostTensor>)> =
-            BTreeMap::new();
-        let mut embeddings = BTreeSet::new();
-        let parts = [
-            "lora_A.weight",
-            "lora_B.weight",
-            "lora_embedding_A",
-            "lora_embedding_B",
-        ];
-        for (key, t) in file.tensors() {
-            let Some((path, part)) = split_key(key, &parts) else {
-                let why = if key.contains("lora_magnitude_vector") {
-                    format!("tensor `{key}` belongs to DoRA, which modula does not support")
-                } else {
-                    format!(
-                        "unexpected tensor `{key}`; expected `<module>.lora_A.weight` / `.lora_B.weight` (or `.lora_embedding_A` / `.lora_embedding_B`)"
-                    )
-                };
-                return Err(Error::peft(&w_path, why));
-            };
-            if part.starts_with("lora_embedding") {
-                embeddings.insert(path.to_string());
-            }
-            let entry = halves.entry(path.to_string()).or_default();
-            if part == "lora_A.weight" || part == "lora_embedding_A" {
-                entry.0 = Some(t);
-            } else {
-                entry.1 = Some(t);
-            }
-        }
-        if halves.is_empty() {
-            return Err(Error::peft(&w_path, "contains no LoRA tensors"));
-        }
         let mut modules = BTreeMap::new();
-        for (path, (a, b)) in halves {
-            let (Some(a), Some(b)) = (a, b) else {
-                return Err(Error::peft(
-                    &w_path,
-                    format!(
-                        "module `{path}` has only one of lora_A / lora_B; the file is incomplete"
-                    ),
-                ));
-            };
-            let r = config.rank_for(&path);
-            let ok = a.shape.len() == 2 && b.shape.len() == 2 && a.shape[0] == r && b.shape[1] == r;
-            if !ok {
-                return Err(Error::peft(
-                    &w_path,
-                    format!(
-                        "module `{path}`: lora_A {:?} and lora_B {:?} disagree with the config's rank {r} (expected [{r}, in] and [out, {r}]); check r / rank_pattern",
-                        a.shape, b.shape
-                    ),
-                ));
-            }
-            let at = a.to_tensor::<2>(device)?.transpose();
-            let bt = b.to_tensor::<2>(device)?.transpose();
+        let (config, embeddings) = read_lora_folder(dir, |config, path, a, b| {
             let adapter = LoraAdapter::from_factors(
-                at,
-                bt,
-                config.alpha_for(&path),
+                a.to_tensor::<2>(device)?.transpose(),
+                b.to_tensor::<2>(device)?.transpose(),
+                config.alpha_for(path),
                 config.use_rslora,
                 config.lora_dropout,
             )?;
-            modules.insert(path, adapter);
-        }
+            modules.insert(path.to_string(), adapter);
+            Ok(())
+        })?;
         Ok(Self {
             config,
             modules,
@@ -785,6 +797,96 @@ fn write_folder(
         source: e,
     })?;
     atomic_write(&cfg_path, text.as_bytes())
+}
+
+/// Conversions between a PEFT LoRA and the library's host factors. They live here, in the
+/// file-format layer, so the library's math never knows the PEFT format.
+impl LoraExpert {
+    /// Reads a PEFT LoRA folder straight into host factors, without a device: what the
+    /// offline operations (merging, Arrow prototypes, MBC) start from.
+    ///
+    /// # Errors
+    /// As [`PeftLora::load`], and [`Error::Invalid`] if the adapter adapts an embedding table
+    /// (library operations cover linear layers).
+    pub fn load_peft(dir: impl AsRef<Path>) -> Result<Self> {
+        let mut layers = BTreeMap::new();
+        let (_, embeddings) = read_lora_folder(dir.as_ref(), |config, path, a, b| {
+            if a.shape.len() != 2 || b.shape.len() != 2 {
+                return Err(Error::peft(
+                    dir.as_ref(),
+                    format!("module `{path}` is not 2-D"),
+                ));
+            }
+            let factors = LoraFactors::new(
+                Mat::from_f32(a.shape[0], a.shape[1], &a.data),
+                Mat::from_f32(b.shape[0], b.shape[1], &b.data),
+                config.scaling_for(path),
+            )?;
+            layers.insert(path.to_string(), factors);
+            Ok(())
+        })?;
+        if let Some(e) = embeddings.iter().next() {
+            return Err(Error::invalid(
+                "library expert",
+                format!(
+                    "module `{e}` adapts an embedding table; library operations cover Linear layers only"
+                ),
+            ));
+        }
+        Ok(Self { layers })
+    }
+
+    /// Host copies of a PEFT LoRA's linear modules.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] if the adapter adapts an embedding table (library operations cover
+    /// linear layers).
+    pub fn from_peft(peft: &PeftLora) -> Result<Self> {
+        if let Some(e) = peft.embeddings.iter().next() {
+            return Err(Error::invalid(
+                "library expert",
+                format!(
+                    "module `{e}` adapts an embedding table; library operations cover Linear layers only"
+                ),
+            ));
+        }
+        Ok(Self {
+            layers: peft
+                .modules
+                .iter()
+                .map(|(p, a)| (p.clone(), LoraFactors::from_adapter(a)))
+                .collect(),
+        })
+    }
+
+    /// A PEFT LoRA with the same updates (per-module ranks go to `rank_pattern` when saved).
+    /// The config's default rank is the most common one and `lora_alpha` is chosen per module
+    /// so that `alpha/r` equals each layer's scaling.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for an expert with no layers.
+    pub fn to_peft(&self, device: &Device) -> Result<PeftLora> {
+        let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+        for f in self.layers.values() {
+            *counts.entry(f.rank()).or_default() += 1;
+        }
+        let Some((&r0, _)) = counts
+            .iter()
+            .max_by_key(|(r, c)| (**c, std::cmp::Reverse(**r)))
+        else {
+            return Err(Error::invalid("library expert", "it has no layers"));
+        };
+        let s0 = self
+            .layers
+            .values()
+            .find(|f| f.rank() == r0)
+            .map_or(1.0, |f| f.scaling);
+        let mut peft = PeftLora::new(r0, s0 * r0 as f64, false);
+        for (path, f) in &self.layers {
+            peft.insert(path, f.to_adapter(device)?);
+        }
+        Ok(peft)
+    }
 }
 
 #[cfg(test)]

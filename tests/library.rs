@@ -968,7 +968,7 @@ fn random_expert(
 
 #[test]
 fn library_store_round_trip_and_errors() {
-    use modula::library::{ExpertInfo, ExpertLibrary};
+    use modula::store::{ExpertInfo, ExpertLibrary};
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("lib");
     let device = Device::flex();
@@ -1349,4 +1349,27 @@ fn xlora_router_and_adapter_fusion() {
         let bad = Tensor::<3>::zeros([4, 3, 8], &device);
         assert!(fusion.fuse(x.clone(), bad).is_err());
     }
+}
+
+#[test]
+fn peft_folders_load_straight_to_host_factors() {
+    // The host loader (no device) gives exactly what loading onto a device and copying back
+    // gives, rank/alpha patterns and rsLoRA included.
+    use modula::PeftLora;
+    use modula::library::LoraExpert;
+    for dir in [
+        "peft_lora_tiny_mlp",
+        "peft_rslora_tiny_mlp",
+        "peft_lora_patterns_tiny_mlp",
+    ] {
+        let host = LoraExpert::load_peft(common::data(dir)).unwrap();
+        let via_device =
+            LoraExpert::from_peft(&PeftLora::load(common::data(dir), &Device::flex()).unwrap())
+                .unwrap();
+        assert_eq!(host, via_device, "{dir}");
+    }
+    let err = LoraExpert::load_peft(common::data("peft_ia3_tiny_mlp"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("IA3"), "{err}");
 }

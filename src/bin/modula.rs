@@ -158,7 +158,7 @@ fn same_layers(dirs: &[PathBuf], experts: &[LoraExpert]) -> Result<()> {
 
 fn inspect(dir: &Path) -> Result<serde_json::Value> {
     if dir.join("library.json").exists() {
-        let lib = modula::library::ExpertLibrary::open(dir)?;
+        let lib = modula::store::ExpertLibrary::open(dir)?;
         return serde_json::to_value(lib.list()).map_err(|e| Error::Json {
             path: dir.join("library.json"),
             source: e,

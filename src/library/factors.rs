@@ -8,7 +8,6 @@ use burn::tensor::Device;
 use crate::error::{Error, Result};
 use crate::linalg::Mat;
 use crate::modules::lora::LoraAdapter;
-use crate::peft::PeftLora;
 use crate::tensor_util::{float_tensor, to_vec_f32};
 
 /// One LoRA's factors on the host, in PEFT's layout: `a` is `lora_A` (`r × d_in`), `b` is
@@ -135,58 +134,6 @@ pub struct LoraExpert {
 }
 
 impl LoraExpert {
-    /// Host copies of a PEFT LoRA's linear modules.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] if the adapter adapts an embedding table (library operations cover
-    /// linear layers).
-    pub fn from_peft(peft: &PeftLora) -> Result<Self> {
-        if let Some(e) = peft.embeddings.iter().next() {
-            return Err(Error::invalid(
-                "library expert",
-                format!(
-                    "module `{e}` adapts an embedding table; library operations cover Linear layers only"
-                ),
-            ));
-        }
-        Ok(Self {
-            layers: peft
-                .modules
-                .iter()
-                .map(|(p, a)| (p.clone(), LoraFactors::from_adapter(a)))
-                .collect(),
-        })
-    }
-
-    /// A PEFT LoRA with the same updates (per-module ranks go to `rank_pattern` when saved).
-    /// The config's default rank is the most common one and `lora_alpha` is chosen per module
-    /// so that `alpha/r` equals each layer's scaling.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] for an expert with no layers.
-    pub fn to_peft(&self, device: &Device) -> Result<PeftLora> {
-        let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
-        for f in self.layers.values() {
-            *counts.entry(f.rank()).or_default() += 1;
-        }
-        let Some((&r0, _)) = counts
-            .iter()
-            .max_by_key(|(r, c)| (**c, std::cmp::Reverse(**r)))
-        else {
-            return Err(Error::invalid("library expert", "it has no layers"));
-        };
-        let s0 = self
-            .layers
-            .values()
-            .find(|f| f.rank() == r0)
-            .map_or(1.0, |f| f.scaling);
-        let mut peft = PeftLora::new(r0, s0 * r0 as f64, false);
-        for (path, f) in &self.layers {
-            peft.insert(path, f.to_adapter(device)?);
-        }
-        Ok(peft)
-    }
-
     /// The factors of layer `path`.
     ///
     /// # Errors

@@ -15,8 +15,10 @@
 //!   classifier, AdapterFusion.
 //! - [`mbc`]: model-based clustering of a library (sparsify, exact Gram-based embedding, cosine
 //!   similarity, seeded k-means++).
-//! - [`store`]: a library folder on disk (JSON index + one PEFT folder per expert), with
-//!   atomic writes and PEFT import/export.
+//!
+//! The library's math never touches files: a library folder on disk (JSON index + one PEFT
+//! folder per expert, atomic writes, PEFT import/export) is [`crate::store`], and the PEFT
+//! conversions of [`LoraExpert`] live in [`crate::peft`].
 //!
 //! Mixed-adapter batches (each row or sequence its own adapter) are methods of
 //! [`LoraLinear`](crate::LoraLinear): `forward_mixed`, `forward_mixed_seqs`, `forward_routed`.
@@ -34,7 +36,6 @@ pub mod merge;
 /// layer the library builds on).
 pub use crate::modules::mix;
 pub mod routers;
-pub mod store;
 
 pub use arrow::{ArrowLinear, ArrowRouter, arrow_prototype, arrow_prototypes, gen_know_sub};
 pub use factors::{LoraExpert, LoraFactors};
@@ -45,7 +46,6 @@ pub use merge::{
 };
 pub use mix::{LoraMix, lora_mixture};
 pub use routers::{AdapterFusion, PolytroponRouter, XLoraRouter};
-pub use store::{ExpertInfo, ExpertLibrary, ExpertMeta};
 
 /// Checks a softmax or relaxation temperature: positive and finite.
 pub(crate) fn check_temperature(what: &str, t: f64) -> crate::Result<()> {

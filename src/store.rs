@@ -272,7 +272,7 @@ impl ExpertLibrary {
     /// # Errors
     /// As [`get`](Self::get).
     pub fn factors(&self, name: &str) -> Result<LoraExpert> {
-        LoraExpert::from_peft(&self.get(name, &Device::flex())?)
+        LoraExpert::load_peft(self.expert_dir(name)?)
     }
 
     /// Removes expert `name` (the index first, then its folder).
