@@ -48,11 +48,11 @@ pub use mix::{LoraMix, lora_mixture};
 pub use routers::{AdapterFusion, PolytroponRouter, XLoraRouter};
 
 /// Checks a softmax or relaxation temperature: positive and finite.
-pub(crate) fn check_temperature(what: &str, t: f64) -> crate::Result<()> {
+pub(crate) fn check_temperature(what: &str, t: f64) -> crate::error::Result<()> {
     if t > 0.0 && t.is_finite() {
         Ok(())
     } else {
-        Err(crate::Error::invalid(
+        Err(crate::error::Error::invalid(
             what,
             format!("{t} must be positive and finite"),
         ))

@@ -233,7 +233,7 @@ impl AdapterFusion {
         })
     }
 
-    /// Fuses `outputs: [rows, E, d_out]` (e.g. [`DispatchPlan::to_slots`](crate::DispatchPlan::to_slots)
+    /// Fuses `outputs: [rows, E, d_out]` (e.g. [`DispatchPlan::to_slots`](crate::routing::DispatchPlan::to_slots)
     /// of a dense routing) for inputs `x: [rows, d_in]`; returns the fused `[rows, d_out]` and
     /// the attention `[rows, E]`.
     ///

@@ -12,7 +12,7 @@
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
-use crate::modules::lora::LoraAdapter;
+use crate::modules::lora_adapter::LoraAdapter;
 use crate::routing::{DispatchPlan, Routing, WeightedSum};
 
 /// How a routing combines LoRA experts (see the [module docs](self)).

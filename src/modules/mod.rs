@@ -16,6 +16,7 @@
 pub mod adapter;
 pub mod ia3;
 pub mod lora;
+pub mod lora_adapter;
 pub mod mix;
 pub mod prefix;
 
