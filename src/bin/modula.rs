@@ -118,18 +118,20 @@ fn bar(len: usize, what: &str) -> ProgressBar {
     pb
 }
 
-fn load_experts(dirs: &[PathBuf], device: &Device) -> Result<(Vec<PeftLora>, Vec<LoraExpert>)> {
+/// Reads each PEFT folder straight into host factors (no device: merging, clustering and Arrow
+/// work on the host). An expert the library cannot use is reported with its folder.
+fn load_experts(dirs: &[PathBuf]) -> Result<Vec<LoraExpert>> {
     let pb = bar(dirs.len(), "loading");
-    let mut pefts = Vec::new();
     let mut experts = Vec::new();
     for d in dirs {
-        let p = PeftLora::load(d, device)?;
-        experts.push(LoraExpert::from_peft(&p).map_err(|e| in_file(d, e))?);
-        pefts.push(p);
+        experts.push(LoraExpert::load_peft(d).map_err(|e| match e {
+            e @ Error::Invalid { .. } => in_file(d, e),
+            e => e,
+        })?);
         pb.inc(1);
     }
     pb.finish_and_clear();
-    Ok((pefts, experts))
+    Ok(experts)
 }
 
 fn in_file(path: &Path, e: Error) -> Error {
@@ -221,7 +223,7 @@ fn run_merge(
     opts.svd_rank = svd_rank;
     let n = adapters.len();
     let weights = weights.unwrap_or_else(|| vec![1.0 / n as f64; n]);
-    let (_, experts) = load_experts(adapters, &device)?;
+    let experts = load_experts(adapters)?;
     same_layers(adapters, &experts)?;
     let refs: Vec<&LoraExpert> = experts.iter().collect();
     let pb = bar(experts[0].layers.len(), "merging");
@@ -240,7 +242,7 @@ fn run_cluster(
     adapters: &[PathBuf],
 ) -> Result<serde_json::Value> {
     let device = Device::flex();
-    let (_, experts) = load_experts(adapters, &device)?;
+    let experts = load_experts(adapters)?;
     same_layers(adapters, &experts)?;
     let refs: Vec<&LoraExpert> = experts.iter().collect();
     let cfg = MbcConfig::new(k)
@@ -262,8 +264,7 @@ fn run_cluster(
 }
 
 fn run_arrow(out: &Path, adapters: &[PathBuf]) -> Result<()> {
-    let device = Device::flex();
-    let (_, experts) = load_experts(adapters, &device)?;
+    let experts = load_experts(adapters)?;
     same_layers(adapters, &experts)?;
     let pb = bar(experts[0].layers.len(), "arrow");
     let mut tensors = BTreeMap::new();
