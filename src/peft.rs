@@ -337,9 +337,10 @@ pub struct PeftLora {
 }
 
 /// Reads and validates a PEFT LoRA folder and calls `f(config, path, lora_A, lora_B)` for each
-/// adapted module (PyTorch layout: A `[r, in]`, B `[out, r]`). Returns the config and the paths
-/// that adapt embedding tables. The one parser behind [`PeftLora::load`] (device tensors) and
-/// [`LoraExpert::load_peft`] (host factors, no device).
+/// adapted module, with A `[r, in]` and B `[out, r]` already checked 2-D and of the config's
+/// rank (PyTorch layout). Returns the config and the paths that adapt embedding tables. The one
+/// parser behind [`PeftLora::load`] (device tensors) and [`LoraExpert::load_peft`] (host
+/// factors, no device).
 fn read_lora_folder<F>(dir: &Path, mut f: F) -> Result<(PeftConfig, BTreeSet<String>)>
 where
     F: FnMut(&PeftConfig, &str, &HostTensor, &HostTensor) -> Result<()>,
@@ -811,12 +812,6 @@ impl LoraExpert {
     pub fn load_peft(dir: impl AsRef<Path>) -> Result<Self> {
         let mut layers = BTreeMap::new();
         let (_, embeddings) = read_lora_folder(dir.as_ref(), |config, path, a, b| {
-            if a.shape.len() != 2 || b.shape.len() != 2 {
-                return Err(Error::peft(
-                    dir.as_ref(),
-                    format!("module `{path}` is not 2-D"),
-                ));
-            }
             let factors = LoraFactors::new(
                 Mat::from_f32(a.shape[0], a.shape[1], &a.data),
                 Mat::from_f32(b.shape[0], b.shape[1], &b.data),
