@@ -9,11 +9,11 @@ use modula::prelude::*;
 fn bench_dispatch(c: &mut Criterion) {
     let device = Device::flex();
     let (d, rows, e, k) = (512, 2048, 8, 2);
-    let experts: Vec<LoraAdapter> = (0..e)
+    let experts: Vec<LoraModule> = (0..e)
         .map(|_| {
             let a = Tensor::<2>::random([d, 64], Distribution::Default, &device);
             let b = Tensor::<2>::random([64, d], Distribution::Default, &device);
-            LoraAdapter::from_factors(a, b, 16.0, false, 0.0).unwrap()
+            LoraModule::from_factors(a, b, 16.0, false, 0.0).unwrap()
         })
         .collect();
     let x = Tensor::<2>::random([rows, d], Distribution::Default, &device);

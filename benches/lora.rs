@@ -16,7 +16,7 @@ fn bench_lora(c: &mut Criterion) {
     let b = Tensor::<2>::random([8, d], Distribution::Default, &device);
     lora.insert_adapter(
         "r8",
-        LoraAdapter::from_factors(a, b, 16.0, false, 0.0).unwrap(),
+        LoraModule::from_factors(a, b, 16.0, false, 0.0).unwrap(),
     )
     .unwrap();
     let mut merged = lora.clone();

@@ -4,16 +4,17 @@
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
+use modula::MoeLayerConfig;
 use modula::{ExpertConfig, MoeLayer, TopKRouterConfig};
 
 fn bench_moe(c: &mut Criterion) {
     let device = Device::flex();
     let (d, d_ff, tokens) = (512, 1024, 2048);
-    let moe = MoeLayer::new(
-        &TopKRouterConfig::new(d, 8).with_k(2),
-        &ExpertConfig::new(d, d_ff),
-        &device,
+    let moe = MoeLayerConfig::new(
+        TopKRouterConfig::new(d, 8).with_k(2),
+        ExpertConfig::new(d, d_ff),
     )
+    .init(&device)
     .unwrap()
     .no_grad();
     let x = Tensor::<2>::random([tokens, d], Distribution::Default, &device);

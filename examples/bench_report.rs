@@ -24,12 +24,13 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Distribution, Tensor};
+use modula::MoeLayerConfig;
 use modula::library::{
     Combination, LoraExpert, LoraFactors, MergeOptions, MergeSpace, arrow_prototypes, merge_experts,
 };
 use modula::linalg::Mat;
 use modula::prelude::*;
-use modula::{ExpertConfig, LoraLinear, MoeLayer, TopKRouterConfig};
+use modula::{ExpertConfig, LoraLinear, TopKRouterConfig};
 
 /// What was measured and how: the metrics, and per section its warm-up and timed rounds.
 #[derive(Default)]
@@ -106,7 +107,7 @@ fn lora_layer(base: Linear, rank: usize, device: &Device) -> modula::Result<Lora
         Distribution::Uniform(-0.03, 0.03),
         device,
     );
-    layer.insert_adapter("bench", LoraAdapter::from_factors(a, b, 16.0, false, 0.0)?)?;
+    layer.insert_adapter("bench", LoraModule::from_factors(a, b, 16.0, false, 0.0)?)?;
     Ok(layer)
 }
 
@@ -217,11 +218,11 @@ fn main() -> modula::Result<()> {
     );
 
     // --- Sparse dispatch: top-2 of 8 LoRA experts (r = 64) against all 8 on every row.
-    let experts: Vec<LoraAdapter> = (0..8)
+    let experts: Vec<LoraModule> = (0..8)
         .map(|_| {
             let a = Tensor::<2>::random([d, 64], Distribution::Uniform(-0.03, 0.03), &device);
             let b = Tensor::<2>::random([64, d], Distribution::Uniform(-0.03, 0.03), &device);
-            LoraAdapter::from_factors(a, b, 16.0, false, 0.0)
+            LoraModule::from_factors(a, b, 16.0, false, 0.0)
         })
         .collect::<modula::Result<_>>()?;
     let idx: Vec<Vec<i64>> = (0..tokens)
@@ -281,11 +282,11 @@ fn main() -> modula::Result<()> {
 
     // --- MoE layer: E = 8, top-2, SwiGLU d_ff = 2·d, `tokens` tokens (Mixtral-style block).
     let (e, k, d_ff) = (8, 2, 2 * d);
-    let moe = MoeLayer::new(
-        &TopKRouterConfig::new(d, e).with_k(k),
-        &ExpertConfig::new(d, d_ff),
-        &device,
-    )?;
+    let moe = MoeLayerConfig::new(
+        TopKRouterConfig::new(d, e).with_k(k),
+        ExpertConfig::new(d, d_ff),
+    )
+    .init(&device)?;
     let moe = moe.no_grad();
     let (_, routing) = moe.forward(x.clone())?;
     let w_up = Tensor::<2>::random([d, 2 * d_ff], Distribution::Default, &device);

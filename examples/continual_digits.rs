@@ -36,11 +36,10 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use modula::Router;
-use modula::continual::{
-    LmcConfig, LmcModel, ReplayBuffer, ReplayPolicy, SimilarityRouter, train_task_router,
-};
-use modula::library::{LoraMix, XLoraRouter, lora_mixture};
+use modula::XLoraRouterConfig;
+use modula::continual::{LmcConfig, LmcModel, ReplayBuffer, ReplayPolicy, train_task_router};
 use modula::{LoraConfig, LoraLinear, Routing};
+use modula::{LoraMix, SimilarityRouter, lora_mixture};
 
 #[path = "common/digits.rs"]
 mod digits;
@@ -401,7 +400,7 @@ fn run_benchmark(
     // retrained on the memory so far (10 examples per task) and every task seen is evaluated.
     pb.set_message(format!("seed {seed}, lr {lr:e}: L2R"));
     let base = &nets[0];
-    let mut layer_adapters: Vec<Vec<modula::LoraAdapter>> = vec![Vec::new(); 3];
+    let mut layer_adapters: Vec<Vec<modula::LoraModule>> = vec![Vec::new(); 3];
     let mut memory = ReplayBuffer::new(PIXELS, 10, ReplayPolicy::Reservoir, seed)?;
     let mut r_routed = [Matrices::new(), Matrices::new()];
     let mut inference = [[0.0; 2]; 2];
@@ -459,7 +458,9 @@ fn run_benchmark(
         let seen = ti + 1;
         let learned = train_task_router(
             &memory,
-            XLoraRouter::new(PIXELS, 64, seen, Some(1), 1.0, &ad)?,
+            XLoraRouterConfig::new(PIXELS, 64, seen)
+                .with_top_k(Some(1))
+                .init(&ad)?,
             100,
             lr,
             seed + ti as u64,

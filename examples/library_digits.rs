@@ -32,9 +32,9 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
+use modula::LoraMix;
 use modula::library::{
-    ArrowLinear, Combination, LoraExpert, LoraMix, MbcConfig, MergeOptions, mbc_cluster,
-    merge_experts,
+    ArrowLinear, Combination, LoraExpert, MbcConfig, MergeOptions, mbc_cluster, merge_experts,
 };
 use modula::store::{ExpertInfo, ExpertLibrary};
 use modula::{LoraConfig, LoraLinear, PeftLora};

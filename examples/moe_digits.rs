@@ -24,6 +24,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
+use modula::MoeLayerConfig;
 use modula::{ExpertConfig, MoeLayer, Routing, TopKRouterConfig};
 use plotters::prelude::*;
 
@@ -48,11 +49,11 @@ impl Classifier {
     fn new(device: &Device) -> modula::Result<Self> {
         Ok(Self {
             input: LinearConfig::new(64, 32).init(device),
-            moe: MoeLayer::new(
-                &TopKRouterConfig::new(32, EXPERTS).with_k(2),
-                &ExpertConfig::new(32, 64),
-                device,
-            )?,
+            moe: MoeLayerConfig::new(
+                TopKRouterConfig::new(32, EXPERTS).with_k(2),
+                ExpertConfig::new(32, 64),
+            )
+            .init(device)?,
             output: LinearConfig::new(32, CLASSES).init(device),
         })
     }

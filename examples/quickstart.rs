@@ -35,7 +35,10 @@ fn check(what: &str, diff: f32, tol: f32) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::State(format!("{what} is off by {diff}")))
+        Err(Error::Invalid {
+            what: what.to_string(),
+            why: format!("off by {diff}, above the tolerance {tol:e}"),
+        })
     }
 }
 

@@ -6,7 +6,11 @@
 use std::path::PathBuf;
 
 /// Errors returned by modula's public APIs.
+///
+/// Each variant carries the values a caller can branch on (an index, a name, a limit), not
+/// only a message. New variants may be added in minor releases.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A tensor or a configuration has the wrong shape.
     #[error("shape mismatch in {context}: expected {expected}, got {got}")]
@@ -28,31 +32,104 @@ pub enum Error {
         why: String,
     },
 
-    /// A named adapter does not exist on a layer.
+    /// A named adapter (or expert, or module path) does not exist where it was looked up.
     #[error(
-        "unknown adapter `{name}`{on}; known adapters: [{known}]. Add it first or pick one of these names"
+        "unknown {} `{name}`{scope}; known {}s: [{}]. Add it first or pick one of these names",
+        scope.noun(),
+        scope.noun(),
+        known.join(", ")
     )]
     UnknownAdapter {
         /// The name that was asked for.
         name: String,
-        /// Where it was looked up (" on layer fc1"), or empty.
-        on: String,
-        /// Comma-separated known names.
-        known: String,
+        /// Where it was looked up.
+        scope: Scope,
+        /// The names that exist there.
+        known: Vec<String>,
     },
 
-    /// An adapter name is already taken on a layer.
-    #[error("adapter `{name}` already exists{on}; remove it first or choose another name")]
+    /// A name is already taken where it was to be added.
+    #[error("{} `{name}` already exists{scope}; remove it first or choose another name", scope.noun())]
     DuplicateAdapter {
         /// The name that clashes.
         name: String,
-        /// Where it clashed, or empty.
-        on: String,
+        /// Where it clashed.
+        scope: Scope,
     },
 
-    /// A routing has NaN or infinite values, or indices outside the module range.
-    #[error("invalid routing: {0}")]
-    Routing(String),
+    /// A routing refers to a module that does not exist.
+    #[error(
+        "module index {index} is outside 0..{num_modules} (use -1 for a dropped slot); the routing must match the number of modules"
+    )]
+    ModuleIndex {
+        /// The index found.
+        index: i64,
+        /// The number of modules routed among.
+        num_modules: usize,
+    },
+
+    /// A tensor that must be finite (routing weights, router logits) has NaN or infinite
+    /// values.
+    #[error(
+        "{what} has non-finite values (NaN or infinite); check the inputs and the learning rate"
+    )]
+    NonFinite {
+        /// The tensor concerned.
+        what: String,
+    },
+
+    /// A token or task id is outside the range a router or table was built for.
+    #[error(
+        "{what} {id} is outside {within} 0..{bound}; pass ids below {bound} or rebuild it larger"
+    )]
+    IdOutOfRange {
+        /// `"task id"` or `"token id"`.
+        what: &'static str,
+        /// What the ids index (`"the hash router's vocabulary"`, ...).
+        within: &'static str,
+        /// The id found.
+        id: i64,
+        /// The exclusive upper bound.
+        bound: usize,
+    },
+
+    /// A router was given an input kind it does not read (token ids for a learned gate, ...).
+    #[error("{router} routes {expected}, not {got}; pass a RouterInput of the kind it reads")]
+    RouterInput {
+        /// The router.
+        router: &'static str,
+        /// The kinds it reads.
+        expected: &'static str,
+        /// The kind it was given.
+        got: &'static str,
+    },
+
+    /// An adapter (or IA3 vector) is merged into its base weight, and the operation needs it
+    /// unmerged.
+    #[error("adapter `{name}` is merged into the base weight; unmerge it before {operation}")]
+    AlreadyMerged {
+        /// The adapter.
+        name: String,
+        /// What was attempted.
+        operation: &'static str,
+    },
+
+    /// Unmerging an adapter (or IA3 vector) that is not merged.
+    #[error("adapter `{name}` is not merged; there is nothing to unmerge")]
+    NotMerged {
+        /// The adapter.
+        name: String,
+    },
+
+    /// An object was used before the step that prepares it (a model with no task heads, a
+    /// projection before any fit).
+    #[error("{what} is not ready: {fix}")]
+    NotReady {
+        /// What was used.
+        what: String,
+        /// The step that must come first.
+        fix: String,
+    },
 
     /// A PEFT adapter folder or config is malformed, inconsistent or uses unsupported features.
     #[error("PEFT adapter {path}: {why}")]
@@ -91,11 +168,44 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+}
 
-    /// An operation that is not valid in the layer's current state (e.g. unmerging an adapter
-    /// that is not merged).
-    #[error("invalid state: {0}")]
-    State(String),
+/// Where a name was looked up (for [`Error::UnknownAdapter`] and [`Error::DuplicateAdapter`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Scope {
+    /// The adapters of one layer.
+    Layer,
+    /// The module paths of a PEFT LoRA folder.
+    PeftLora,
+    /// The module paths of a PEFT IA3 folder.
+    PeftIa3,
+    /// The layers of a library expert.
+    ExpertLayers,
+    /// The experts of a library folder.
+    Library(PathBuf),
+}
+
+impl Scope {
+    fn noun(&self) -> &'static str {
+        match self {
+            Scope::Layer => "adapter",
+            Scope::PeftLora | Scope::PeftIa3 | Scope::ExpertLayers => "module path",
+            Scope::Library(_) => "expert",
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Layer => Ok(()),
+            Scope::PeftLora => write!(f, " in the PEFT LoRA adapter"),
+            Scope::PeftIa3 => write!(f, " in the PEFT IA3 adapter"),
+            Scope::ExpertLayers => write!(f, " among the expert's layers"),
+            Scope::Library(dir) => write!(f, " in library {}", dir.display()),
+        }
+    }
 }
 
 /// `Result` with modula's [`Error`].
@@ -126,6 +236,10 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+
+    pub(crate) fn non_finite(what: impl Into<String>) -> Self {
+        Error::NonFinite { what: what.into() }
     }
 
     pub(crate) fn peft(path: impl Into<PathBuf>, why: impl Into<String>) -> Self {

@@ -8,7 +8,7 @@
 //!
 //! | role | trait | what exists today |
 //! |---|---|---|
-//! | module (computation function) | [`ComputeModule`] | [`LoraAdapter`], [`LoraLinear`], [`LoraEmbedding`], [`Ia3Linear`], [`BottleneckAdapter`]; prefix tuning ([`PrefixEncoder`], [`PrefixAttention`]) |
+//! | module (computation function) | [`ComputeModule`] | [`LoraModule`], [`LoraLinear`], [`LoraEmbedding`], [`Ia3Linear`], [`BottleneckAdapter`]; prefix tuning ([`PrefixEncoder`], [`PrefixAttention`]) |
 //! | router | [`Router`] | [`FixedRouter`] (task id / one module per row), [`TopKRouter`] (softmax / top-k gate with load-balance and z-losses), [`NoisyTopKRouter`], [`ExpertChoiceRouter`], [`HashRouter`], [`ArrowRouter`](library::ArrowRouter) (zero-shot routing over a LoRA library) |
 //! | aggregator | [`Aggregator`] | [`WeightedSum`], [`WeightedMean`]; offline parameter merging in [`library::merge`](mod@library::merge) |
 //!
@@ -97,6 +97,8 @@
 
 #![warn(missing_docs)]
 
+// The layers, each importing only those above it (see docs/architecture.md).
+pub mod aggregate;
 pub mod continual;
 pub mod error;
 pub mod io;
@@ -106,11 +108,13 @@ pub mod modules;
 pub mod moe;
 pub mod peft;
 pub(crate) mod rng;
+pub mod routers;
 pub mod routing;
 pub mod store;
 pub mod tensor_util;
 
-pub use error::{Error, Result};
+pub use aggregate::{AdapterFusion, AdapterFusionConfig, LoraFactorMix, LoraMix, lora_mixture};
+pub use error::{Error, Result, Scope};
 pub use io::{HostTensor, TensorFile};
 pub use modules::adapter::{
     AdapterActivation, AdapterForm, AdapterPlacement, BlockAdapters, BottleneckAdapter,
@@ -118,20 +122,22 @@ pub use modules::adapter::{
 };
 pub use modules::ia3::Ia3Linear;
 pub use modules::lora::{
-    AdapterSlots, LoraAdapter, LoraConfig, LoraEmbedding, LoraForward, LoraInit, LoraLinear,
+    AdapterSlots, LoraConfig, LoraEmbedding, LoraForward, LoraInit, LoraLinear, LoraModule,
 };
 pub use modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
 pub use modules::{ComputeModule, dispatch_modules, dispatch_planned};
-pub use moe::MoeLayer;
-pub use moe::capacity::SecondExpertPolicy;
-pub use moe::expert_choice::{ExpertChoiceRouter, HashRouter};
 pub use moe::experts::{Expert, ExpertConfig, ExpertKind};
-pub use moe::noisy::{NoisyTopKRouter, NoisyTopKRouterConfig};
-pub use moe::router::{TopKRouter, TopKRouterConfig};
-pub use moe::soft::SoftMoe;
+pub use moe::soft::{SoftMoe, SoftMoeConfig};
+pub use moe::{MoeLayer, MoeLayerConfig};
 pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora};
+pub use routers::{
+    ArrowRouter, ExpertChoiceRouter, ExpertChoiceRouterConfig, HashRouter, HashRouterConfig,
+    NoisyTopKRouter, NoisyTopKRouterConfig, PolytroponRouter, PolytroponRouterConfig,
+    SecondExpertPolicy, SimilarityRouter, TopKRouter, TopKRouterConfig, XLoraRouter,
+    XLoraRouterConfig,
+};
 pub use routing::{
-    Aggregator, DispatchPlan, FixedRouter, Router, Routing, WeightedMean, WeightedSum,
+    Aggregator, DispatchPlan, FixedRouter, Router, RouterInput, Routing, WeightedMean, WeightedSum,
     route_and_dispatch,
 };
 
@@ -141,9 +147,11 @@ pub mod prelude {
     pub use crate::io::TensorFile;
     pub use crate::modules::adapter::{BottleneckAdapter, BottleneckConfig};
     pub use crate::modules::ia3::Ia3Linear;
-    pub use crate::modules::lora::{LoraAdapter, LoraConfig, LoraEmbedding, LoraLinear};
+    pub use crate::modules::lora::{LoraConfig, LoraEmbedding, LoraLinear, LoraModule};
     pub use crate::modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
     pub use crate::modules::{ComputeModule, dispatch_modules, dispatch_planned};
     pub use crate::peft::{PeftIa3, PeftLora};
-    pub use crate::routing::{Aggregator, DispatchPlan, FixedRouter, Router, Routing, WeightedSum};
+    pub use crate::routing::{
+        Aggregator, DispatchPlan, FixedRouter, Router, RouterInput, Routing, WeightedSum,
+    };
 }

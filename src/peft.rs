@@ -5,10 +5,10 @@
 //!
 //! | method | key | shape | modula |
 //! |---|---|---|---|
-//! | LoRA | `<path>.lora_A.weight` | `[r, in]` | [`LoraAdapter::a`] = transpose, `[in, r]` |
-//! | LoRA | `<path>.lora_B.weight` | `[out, r]` | [`LoraAdapter::b`] = transpose, `[r, out]` |
-//! | LoRA (embedding) | `<path>.lora_embedding_A` | `[r, n]` | [`LoraAdapter::a`] = transpose, `[n, r]` |
-//! | LoRA (embedding) | `<path>.lora_embedding_B` | `[d, r]` | [`LoraAdapter::b`] = transpose, `[r, d]` |
+//! | LoRA | `<path>.lora_A.weight` | `[r, in]` | [`LoraModule::a`] = transpose, `[in, r]` |
+//! | LoRA | `<path>.lora_B.weight` | `[out, r]` | [`LoraModule::b`] = transpose, `[r, out]` |
+//! | LoRA (embedding) | `<path>.lora_embedding_A` | `[r, n]` | [`LoraModule::a`] = transpose, `[n, r]` |
+//! | LoRA (embedding) | `<path>.lora_embedding_B` | `[d, r]` | [`LoraModule::b`] = transpose, `[r, d]` |
 //! | IA3 | `<path>.ia3_l` | `[out, 1]`, or `[1, in]` for `feedforward_modules` | [`Ia3Linear::scale`], `[n]` |
 //!
 //! The scaling of each LoRA module is `alpha/r` (or `alpha/sqrt(r)` with `use_rslora`), where
@@ -27,12 +27,12 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Tensor};
 use serde_json::{Map, Value, json};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Scope};
 use crate::io::{HostTensor, TensorFile, atomic_write, write_safetensors};
 use crate::library::factors::{LoraExpert, LoraFactors};
 use crate::linalg::Mat;
 use crate::modules::ia3::Ia3Linear;
-use crate::modules::lora::{LoraAdapter, LoraEmbedding, LoraLinear, lora_scaling};
+use crate::modules::lora::{LoraEmbedding, LoraLinear, LoraModule, lora_scaling};
 
 /// File name of a PEFT adapter config.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -322,14 +322,14 @@ fn split_key<'a>(key: &'a str, parts: &[&'a str]) -> Option<(&'a str, &'a str)> 
     })
 }
 
-/// A LoRA adapter read from (or to be written as) a PEFT folder: one [`LoraAdapter`] per
+/// A LoRA adapter read from (or to be written as) a PEFT folder: one [`LoraModule`] per
 /// module path.
 #[derive(Debug)]
 pub struct PeftLora {
     /// The config (defaults for saving, patterns for per-module rank/alpha).
     pub config: PeftConfig,
     /// The adapters by module path (`fc1`, `model.layers.0.self_attn.q_proj`, ...).
-    pub modules: BTreeMap<String, LoraAdapter>,
+    pub modules: BTreeMap<String, LoraModule>,
     /// The module paths that adapt an embedding table (PEFT's `lora_embedding_A/B` keys).
     pub embeddings: BTreeSet<String>,
     /// Where it was loaded from, if anywhere.
@@ -419,7 +419,7 @@ impl PeftLora {
         let dir = dir.as_ref();
         let mut modules = BTreeMap::new();
         let (config, embeddings) = read_lora_folder(dir, |config, path, a, b| {
-            let adapter = LoraAdapter::from_factors(
+            let adapter = LoraModule::from_factors(
                 a.to_tensor::<2>(device)?.transpose(),
                 b.to_tensor::<2>(device)?.transpose(),
                 config.alpha_for(path),
@@ -452,13 +452,13 @@ impl PeftLora {
     }
 
     /// Adds (or replaces) the adapter of the linear module `path`.
-    pub fn insert(&mut self, path: &str, adapter: LoraAdapter) {
+    pub fn insert(&mut self, path: &str, adapter: LoraModule) {
         self.embeddings.remove(path);
         self.modules.insert(path.to_string(), adapter);
     }
 
     /// Adds (or replaces) the adapter of the embedding module `path`.
-    pub fn insert_embedding(&mut self, path: &str, adapter: LoraAdapter) {
+    pub fn insert_embedding(&mut self, path: &str, adapter: LoraModule) {
         self.embeddings.insert(path.to_string());
         self.modules.insert(path.to_string(), adapter);
     }
@@ -472,11 +472,11 @@ impl PeftLora {
     ///
     /// # Errors
     /// [`Error::UnknownAdapter`] naming the paths the folder has.
-    pub fn get(&self, path: &str) -> Result<&LoraAdapter> {
+    pub fn get(&self, path: &str) -> Result<&LoraModule> {
         self.modules.get(path).ok_or_else(|| Error::UnknownAdapter {
             name: path.to_string(),
-            on: " in the PEFT adapter".into(),
-            known: self.modules.keys().cloned().collect::<Vec<_>>().join(", "),
+            scope: Scope::PeftLora,
+            known: self.modules.keys().cloned().collect(),
         })
     }
 
@@ -648,8 +648,8 @@ impl PeftIa3 {
             .get(path)
             .ok_or_else(|| Error::UnknownAdapter {
                 name: path.to_string(),
-                on: " in the PEFT IA3 adapter".into(),
-                known: self.modules.keys().cloned().collect::<Vec<_>>().join(", "),
+                scope: Scope::PeftIa3,
+                known: self.modules.keys().cloned().collect(),
             })?;
         Ia3Linear::with_scale(base, v.clone(), *ff)
     }

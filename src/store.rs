@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Scope};
 use crate::io::atomic_write;
 use crate::library::factors::LoraExpert;
 use crate::peft::PeftLora;
@@ -179,7 +179,7 @@ impl ExpertLibrary {
         if self.experts.iter().any(|e| e.name == name) {
             return Err(Error::DuplicateAdapter {
                 name: name.into(),
-                on: format!(" in library {}", self.dir.display()),
+                scope: Scope::Library(self.dir.clone()),
             });
         }
         let layers: BTreeMap<String, [usize; 2]> = adapter
@@ -311,8 +311,8 @@ impl ExpertLibrary {
     fn unknown(&self, name: &str) -> Error {
         Error::UnknownAdapter {
             name: name.into(),
-            on: format!(" in library {}", self.dir.display()),
-            known: self.names().join(", "),
+            scope: Scope::Library(self.dir.clone()),
+            known: self.names().iter().map(|n| n.to_string()).collect(),
         }
     }
 }

@@ -35,8 +35,6 @@ pub fn ensure_finite<const D: usize>(t: &Tensor<D>, what: &str) -> Result<()> {
     if finite {
         Ok(())
     } else {
-        Err(Error::Routing(format!(
-            "{what} contains NaN or infinite values; check the inputs and the learning rate"
-        )))
+        Err(Error::non_finite(what))
     }
 }

@@ -38,7 +38,7 @@ fn golden_folders(file: &str, prefix: &str, n: usize, root: &Path) -> Vec<PathBu
             let a = f.to_adapter(&device).unwrap();
             // Keep PEFT's own alpha (8 for r = 4): the same factors, scaling 2.
             let a =
-                modula::LoraAdapter::from_factors(a.a.val(), a.b.val(), 8.0, false, 0.0).unwrap();
+                modula::LoraModule::from_factors(a.a.val(), a.b.val(), 8.0, false, 0.0).unwrap();
             peft.insert("fc1", a);
             let dir = root.join(format!("{prefix}{i}"));
             peft.save(&dir).unwrap();
@@ -145,7 +145,7 @@ fn arrow_cluster_inspect_and_bake() {
             let mut out = PeftLora::new(4, 8.0, false);
             let a = noisy.to_adapter(&Device::flex()).unwrap();
             let a =
-                modula::LoraAdapter::from_factors(a.a.val(), a.b.val(), 8.0, false, 0.0).unwrap();
+                modula::LoraModule::from_factors(a.a.val(), a.b.val(), 8.0, false, 0.0).unwrap();
             out.insert("fc1", a);
             let dir = tmp.path().join(format!("family{}_{i}", i % 2));
             out.save(&dir).unwrap();

@@ -12,10 +12,9 @@ use burn::tensor::{Device, Tensor, TensorData};
 use common::Rng;
 use modula::Router;
 use modula::continual::{
-    LmcConfig, LmcLayer, LmcModel, NearestClassMean, ReplayBuffer, ReplayPolicy, SimilarityRouter,
-    train_task_router,
+    LmcConfig, LmcLayer, LmcModel, NearestClassMean, ReplayBuffer, ReplayPolicy, train_task_router,
 };
-use modula::library::XLoraRouter;
+use modula::{SimilarityRouter, XLoraRouterConfig};
 
 /// `n` rows around `centre` (entries ± `spread`).
 fn cluster(rng: &mut Rng, centre: &[f32], n: usize, spread: f32, device: &Device) -> Tensor<2> {
@@ -323,7 +322,10 @@ fn l2r_router_learns_tasks_from_a_small_memory() {
             .collect();
         memory.add(&xs, &[t; 10]).unwrap();
     }
-    let router = XLoraRouter::new(6, 16, 3, Some(1), 1.0, &device).unwrap();
+    let router = XLoraRouterConfig::new(6, 16, 3)
+        .with_top_k(Some(1))
+        .init(&device)
+        .unwrap();
     let router = train_task_router(&memory, router, 60, 1e-2, 0).unwrap();
     let sim = SimilarityRouter::from_memory(&memory, &Device::flex()).unwrap();
     let cpu = Device::flex();
@@ -353,7 +355,7 @@ fn l2r_router_learns_tasks_from_a_small_memory() {
     assert!(
         train_task_router(
             &empty,
-            XLoraRouter::new(6, 16, 3, None, 1.0, &device).unwrap(),
+            XLoraRouterConfig::new(6, 16, 3).init(&device).unwrap(),
             1,
             1e-2,
             0

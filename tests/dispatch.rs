@@ -7,11 +7,11 @@ mod common;
 use burn::tensor::{Device, Tensor};
 use common::{Rng, assert_close, devices, vals};
 use modula::prelude::*;
-use modula::{WeightedMean, dispatch_modules};
+use modula::{WeightedMean, dispatch_modules, dispatch_planned};
 
 /// A random LoRA "expert" of rank 3 with non-zero B.
-fn expert(rng: &mut Rng, d_in: usize, d_out: usize, device: &Device) -> LoraAdapter {
-    LoraAdapter::from_factors(
+fn expert(rng: &mut Rng, d_in: usize, d_out: usize, device: &Device) -> LoraModule {
+    LoraModule::from_factors(
         rng.tensor(d_in, 3, device),
         rng.tensor(3, d_out, device),
         6.0,
@@ -22,7 +22,7 @@ fn expert(rng: &mut Rng, d_in: usize, d_out: usize, device: &Device) -> LoraAdap
 }
 
 /// Host reference: `y = Σ_m R[:, m] f_m(x)` with every module computed on every row.
-fn dense_reference(modules: &[LoraAdapter], x: Tensor<2>, dense: &[f32]) -> Vec<f32> {
+fn dense_reference(modules: &[LoraModule], x: Tensor<2>, dense: &[f32]) -> Vec<f32> {
     let [rows, _] = x.dims();
     let e = modules.len();
     let outs: Vec<Vec<f32>> = modules
@@ -213,7 +213,7 @@ fn gradients_flow_to_routing_weights_and_modules() {
 #[test]
 fn one_plan_serves_every_layer_that_shares_the_routing() {
     use burn::nn::LinearConfig;
-    use modula::{LoraLinear, WeightedSum, dispatch_planned};
+    use modula::LoraLinear;
     for device in devices() {
         device.seed(31);
         let mut rng = Rng(41);
@@ -255,7 +255,7 @@ fn one_plan_serves_every_layer_that_shares_the_routing() {
         assert_close(once, per_layer, 0.0, "one plan vs a plan per layer");
         // The same plan also drives the generic dispatch (and the weighted sum it computes
         // equals dispatching through the routing).
-        let adapters: Vec<LoraAdapter> = (0..e)
+        let adapters: Vec<LoraModule> = (0..e)
             .map(|i| layers[0].adapter(&format!("a{i}")).unwrap().clone())
             .collect();
         assert_close(
@@ -272,5 +272,270 @@ fn one_plan_serves_every_layer_that_shares_the_routing() {
             layers[0].forward_planned(x, &wrong),
             Err(modula::Error::Shape { .. })
         ));
+    }
+}
+
+/// A random dense `[rows, e]` weight matrix and its top-k form with every module in every row.
+fn dense_and_rows(
+    rng: &mut Rng,
+    rows: usize,
+    e: usize,
+) -> (Vec<f32>, Vec<Vec<i64>>, Vec<Vec<f32>>) {
+    let dense: Vec<f32> = (0..rows * e).map(|_| rng.uniform() * 2.0 - 0.5).collect();
+    let idx = (0..rows).map(|_| (0..e as i64).collect()).collect();
+    let w = (0..rows)
+        .map(|i| dense[i * e..(i + 1) * e].to_vec())
+        .collect();
+    (dense, idx, w)
+}
+
+#[test]
+fn dense_plan_equals_the_row_plan_of_the_same_routing() {
+    for device in devices() {
+        let mut rng = Rng(17);
+        let (rows, e, d) = (11, 4, 6);
+        let modules: Vec<_> = (0..e).map(|_| expert(&mut rng, d, d, &device)).collect();
+        let (dense, idx, w) = dense_and_rows(&mut rng, rows, e);
+        let t = Tensor::<2>::from_data(burn::tensor::TensorData::new(dense, [rows, e]), &device);
+        let by_dense = Routing::from_dense(t).unwrap();
+        let by_rows = Routing::from_rows(&idx, &w, e, &device).unwrap();
+        let (pd, pr) = (
+            DispatchPlan::new(&by_dense).unwrap(),
+            DispatchPlan::new(&by_rows).unwrap(),
+        );
+        assert!(pd.is_dense() && !pr.is_dense());
+        assert_eq!(pd.rows_per_module(), pr.rows_per_module());
+        assert_eq!(by_dense.tokens_per_module(), vec![rows; e]);
+        let x = rng.tensor(rows, d, &device);
+        for (name, agg) in [
+            ("sum", &WeightedSum as &dyn Aggregator),
+            ("mean", &WeightedMean),
+        ] {
+            assert_close(
+                dispatch_planned(&modules, &pd, x.clone(), agg).unwrap(),
+                dispatch_planned(&modules, &pr, x.clone(), agg).unwrap(),
+                1e-5,
+                &format!("dense vs rows plan ({name})"),
+            );
+        }
+        let f = |m: usize, xm: Tensor<2>| Ok(modules[m].forward_rows(xm));
+        assert_close(
+            pd.to_slots(pd.run(x.clone(), d, f).unwrap()),
+            pr.to_slots(pr.run(x.clone(), d, f).unwrap()),
+            1e-6,
+            "to_slots",
+        );
+    }
+}
+
+#[test]
+fn sequence_plan_equals_the_row_plan_of_its_expanded_routing() {
+    use burn::nn::LinearConfig;
+    use modula::LoraLinear;
+    for device in devices() {
+        let mut rng = Rng(23);
+        let (seqs, len, e, d) = (5, 3, 3, 8);
+        let modules: Vec<_> = (0..e).map(|_| expert(&mut rng, d, d, &device)).collect();
+        // Two slots per sequence, some dropped.
+        let idx: Vec<Vec<i64>> = (0..seqs)
+            .map(|s| {
+                vec![
+                    (s % e) as i64,
+                    if s == 2 { -1 } else { ((s + 2) % e) as i64 },
+                ]
+            })
+            .collect();
+        let w: Vec<Vec<f32>> = (0..seqs).map(|s| vec![0.6 + 0.1 * s as f32, 0.4]).collect();
+        let per_seq = Routing::from_rows(&idx, &w, e, &device).unwrap();
+        let rows_idx: Vec<Vec<i64>> = idx
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(r.clone(), len))
+            .collect();
+        let rows_w: Vec<Vec<f32>> = w
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(r.clone(), len))
+            .collect();
+        let per_row = Routing::from_rows(&rows_idx, &rows_w, e, &device).unwrap();
+        let ps = DispatchPlan::per_sequence(&per_seq, len).unwrap();
+        let pr = DispatchPlan::new(&per_row).unwrap();
+        assert_eq!((ps.rows(), ps.units(), ps.rows_per_unit()), (15, 5, 3));
+        assert_eq!(ps.rows_per_module(), pr.rows_per_module());
+        let x = rng.tensor(seqs * len, d, &device);
+        for (name, agg) in [
+            ("sum", &WeightedSum as &dyn Aggregator),
+            ("mean", &WeightedMean),
+        ] {
+            assert_close(
+                dispatch_planned(&modules, &ps, x.clone(), agg).unwrap(),
+                dispatch_planned(&modules, &pr, x.clone(), agg).unwrap(),
+                1e-5,
+                &format!("sequence vs row plan ({name})"),
+            );
+        }
+        // A LoRA layer under a one-slot sequence plan gathers factors per sequence (one rank)
+        // and must agree with the row plan; with mixed ranks it runs whole sequences per
+        // adapter, and must agree too.
+        for ranks in [[3, 3, 3], [2, 5, 3]] {
+            let mut layer = LoraLinear::new(LinearConfig::new(d, d).init(&device));
+            for (i, &r) in ranks.iter().enumerate() {
+                let m = LoraModule::from_factors(
+                    rng.tensor(d, r, &device),
+                    rng.tensor(r, d, &device),
+                    4.0,
+                    false,
+                    0.0,
+                )
+                .unwrap();
+                layer.insert_adapter(&format!("a{i}"), m).unwrap();
+            }
+            let ids: Vec<i64> = vec![1, -1, 0, 2, 1];
+            let one = Routing::one_per_row(&ids, e, &device).unwrap();
+            let rows_ids: Vec<i64> = ids.iter().flat_map(|&i| [i; 3]).collect();
+            let one_rows = Routing::one_per_row(&rows_ids, e, &device).unwrap();
+            assert_close(
+                layer
+                    .forward_planned(x.clone(), &DispatchPlan::per_sequence(&one, len).unwrap())
+                    .unwrap(),
+                layer.forward_routed(x.clone(), &one_rows).unwrap(),
+                1e-5,
+                &format!("LoRA layer, ranks {ranks:?}"),
+            );
+        }
+        // Rows that are not a whole number of sequences are a shape error.
+        assert!(matches!(
+            dispatch_planned(&modules, &ps, rng.tensor(14, d, &device), &WeightedSum),
+            Err(modula::Error::Shape { .. })
+        ));
+        assert!(DispatchPlan::per_sequence(&per_seq, 0).is_err());
+    }
+}
+
+#[test]
+fn every_router_reads_its_own_input_kind() {
+    use modula::{HashRouterConfig, PolytroponRouterConfig, RouterInput, TopKRouterConfig};
+    let device = Device::flex();
+    let hash = HashRouterConfig::new(50, 4).with_seed(9).init().unwrap();
+    let ids = [3i64, 17, 49, 0];
+    let via_trait = hash
+        .route_input(RouterInput::TokenIds {
+            ids: &ids,
+            device: &device,
+        })
+        .unwrap();
+    let want: Vec<i64> = ids
+        .iter()
+        .map(|&i| hash.expert_of(i).unwrap() as i64)
+        .collect();
+    assert_eq!(
+        via_trait
+            .indices()
+            .into_data()
+            .iter::<i64>()
+            .collect::<Vec<_>>(),
+        want
+    );
+    let x = Tensor::<2>::ones([4, 6], &device);
+    assert!(matches!(
+        hash.route(&x),
+        Err(modula::Error::RouterInput { got: "rows", .. })
+    ));
+    assert!(matches!(
+        hash.route_input(RouterInput::TokenIds {
+            ids: &[50],
+            device: &device
+        }),
+        Err(modula::Error::IdOutOfRange {
+            id: 50,
+            bound: 50,
+            ..
+        })
+    ));
+
+    let poly = PolytroponRouterConfig::new(3, 4).init(&device).unwrap();
+    let tasks = [2usize, 0, 2];
+    let r = poly
+        .route_input(RouterInput::TaskIds {
+            ids: &tasks,
+            device: &device,
+        })
+        .unwrap();
+    assert_close(
+        r.to_dense(),
+        poly.route_tasks(&tasks, false).unwrap().to_dense(),
+        0.0,
+        "Polytropon through the trait",
+    );
+    assert!(matches!(
+        poly.route(&x),
+        Err(modula::Error::RouterInput {
+            router: "PolytroponRouter",
+            ..
+        })
+    ));
+
+    let fixed = FixedRouter::per_task(3);
+    let r = fixed
+        .route_input(RouterInput::TaskIds {
+            ids: &tasks,
+            device: &device,
+        })
+        .unwrap();
+    assert_eq!(
+        r.indices().into_data().iter::<i64>().collect::<Vec<_>>(),
+        [2, 0, 2]
+    );
+    assert!(matches!(
+        fixed.route_input(RouterInput::TaskIds {
+            ids: &[3],
+            device: &device
+        }),
+        Err(modula::Error::IdOutOfRange {
+            id: 3,
+            bound: 3,
+            ..
+        })
+    ));
+
+    let gate = TopKRouterConfig::new(6, 4).with_k(2).init(&device).unwrap();
+    assert!(matches!(
+        gate.route_input(RouterInput::TaskIds {
+            ids: &tasks,
+            device: &device
+        }),
+        Err(modula::Error::RouterInput {
+            router: "TopKRouter",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn adapter_fusion_is_an_aggregator_over_the_routed_outputs() {
+    use modula::AdapterFusionConfig;
+    for device in devices() {
+        device.seed(5);
+        let mut rng = Rng(29);
+        let (rows, e, d) = (7, 3, 8);
+        let modules: Vec<_> = (0..e).map(|_| expert(&mut rng, d, d, &device)).collect();
+        let fusion = AdapterFusionConfig::new(d, d, 5)
+            .with_temperature(0.7)
+            .init(&device)
+            .unwrap();
+        let routing = Routing::from_dense(Tensor::<2>::ones([rows, e], &device)).unwrap();
+        let x = rng.tensor(rows, d, &device);
+        let got = dispatch_modules(&modules, &routing, x.clone(), &fusion).unwrap();
+        let outs = Tensor::stack::<3>(
+            modules.iter().map(|m| m.forward_rows(x.clone())).collect(),
+            1,
+        );
+        let (want, attn) = fusion.fuse(x, outs).unwrap();
+        assert_close(got, want, 1e-5, "AdapterFusion via the dispatch");
+        // The attention is a distribution over the adapters.
+        assert_close(
+            attn.sum_dim(1),
+            Tensor::<2>::ones([rows, 1], &device),
+            1e-5,
+            "attention rows",
+        );
     }
 }

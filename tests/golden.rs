@@ -21,8 +21,7 @@ fn golden_lora_layer(file: &str, rslora: bool, device: &Device) -> (LoraLinear, 
     .unwrap();
     let a: Tensor<2> = g.tensor("lora_A", device).unwrap();
     let b: Tensor<2> = g.tensor("lora_B", device).unwrap();
-    let adapter =
-        LoraAdapter::from_factors(a.transpose(), b.transpose(), 8.0, rslora, 0.0).unwrap();
+    let adapter = LoraModule::from_factors(a.transpose(), b.transpose(), 8.0, rslora, 0.0).unwrap();
     let mut layer = LoraLinear::new(base);
     layer.insert_adapter("default", adapter).unwrap();
     (layer, g)

@@ -7,10 +7,12 @@ use burn::tensor::{Device, Tensor};
 use common::{Rng, assert_close, devices, golden, mat, mat_diff};
 use modula::library::arith::{ia3_add, ia3_negate, lora_add, lora_negate, lora_scale};
 use modula::library::{
-    ArrowLinear, ArrowRouter, Combination, LoraFactors, LoraMix, MajoritySign, MergeOptions,
-    MergeSpace, arrow_prototype, arrow_prototypes, compress, gen_know_sub, merge, slerp,
+    ArrowLinear, Combination, LoraFactors, MajoritySign, MergeOptions, MergeSpace, arrow_prototype,
+    arrow_prototypes, compress, gen_know_sub, merge, slerp,
 };
 use modula::linalg::{Mat, svd};
+use modula::{AdapterFusionConfig, PolytroponRouterConfig, XLoraRouterConfig};
+use modula::{ArrowRouter, LoraMix};
 use modula::{Router, TensorFile};
 
 fn golden_adapters(f: &TensorFile, prefix: &str, n: usize) -> Vec<LoraFactors> {
@@ -1177,7 +1179,7 @@ fn mixed_batch_equals_each_row_alone() {
         layer.merge("a").unwrap();
         assert!(matches!(
             layer.forward_mixed(x.clone().slice([0..1, 0..16]), &[Some("b")]),
-            Err(modula::Error::State(_))
+            Err(modula::Error::AlreadyMerged { .. })
         ));
     }
 }
@@ -1205,7 +1207,7 @@ fn arrow_prototype_handles_rank_deficient_factors() {
 #[test]
 fn polytropon_allocation_trains_and_mixes_factors() {
     use burn::module::Module;
-    use modula::library::{LoraMix, PolytroponRouter, lora_mixture};
+    use modula::{LoraMix, PolytroponRouter, lora_mixture};
     let device = Device::flex().autodiff();
     let mut rng = Rng(91);
     let skills: Vec<_> = (0..3)
@@ -1215,7 +1217,7 @@ fn polytropon_allocation_trains_and_mixes_factors() {
                 .unwrap()
         })
         .collect();
-    let router = PolytroponRouter::new(2, 3, 1.0, &device).unwrap();
+    let router = PolytroponRouterConfig::new(2, 3).init(&device).unwrap();
     let tasks = [0usize, 1, 1, 0];
     let routing = router.route_tasks(&tasks, true).unwrap();
     let sums: Vec<f32> = routing
@@ -1285,12 +1287,12 @@ fn polytropon_allocation_trains_and_mixes_factors() {
         eval.route_tasks(&[2], false).is_err(),
         "task id out of range"
     );
-    assert!(PolytroponRouter::new(0, 3, 1.0, &cpu).is_err());
+    assert!(PolytroponRouterConfig::new(0, 3).init(&cpu).is_err());
 }
 
 #[test]
 fn xlora_router_and_adapter_fusion() {
-    use modula::library::{AdapterFusion, LoraMix, XLoraRouter, lora_mixture};
+    use modula::{LoraMix, lora_mixture};
     for device in devices() {
         let mut rng = Rng(17);
         let experts: Vec<_> = (0..4)
@@ -1302,7 +1304,7 @@ fn xlora_router_and_adapter_fusion() {
             .collect();
         let x = rng.tensor(5, 12, &device);
         // Full softmax: weights sum to one; the mixture is Σ w_e Δ_e(x).
-        let router = XLoraRouter::new(12, 16, 4, None, 1.0, &device).unwrap();
+        let router = XLoraRouterConfig::new(12, 16, 4).init(&device).unwrap();
         let routing = router.route(&x).unwrap();
         let dense = routing.to_dense();
         let sums: Vec<f32> = dense.clone().sum_dim(1).into_data().iter::<f32>().collect();
@@ -1314,7 +1316,10 @@ fn xlora_router_and_adapter_fusion() {
         }
         assert_close(y, want, 1e-5, "X-LoRA output mixture");
         // Top-2: per row the two largest logits, weighted by the softmax over those two.
-        let top2 = XLoraRouter::new(12, 16, 4, Some(2), 1.0, &device).unwrap();
+        let top2 = XLoraRouterConfig::new(12, 16, 4)
+            .with_top_k(Some(2))
+            .init(&device)
+            .unwrap();
         let r2 = top2.route(&x).unwrap();
         assert_eq!(r2.k(), 2);
         let logits = common::vals(top2.logits(&x).unwrap());
@@ -1336,10 +1341,15 @@ fn xlora_router_and_adapter_fusion() {
                 "row {row} weight"
             );
         }
-        assert!(XLoraRouter::new(12, 16, 4, Some(5), 1.0, &device).is_err());
+        assert!(
+            XLoraRouterConfig::new(12, 16, 4)
+                .with_top_k(Some(5))
+                .init(&device)
+                .is_err()
+        );
 
         // AdapterFusion: attention sums to one; with equal outputs the fusion returns them.
-        let fusion = AdapterFusion::new(12, 8, 6, 1.0, &device).unwrap();
+        let fusion = AdapterFusionConfig::new(12, 8, 6).init(&device).unwrap();
         let o = rng.tensor(5, 8, &device);
         let outs = Tensor::stack::<3>(vec![o.clone(), o.clone(), o.clone()], 1);
         let (fused, attn) = fusion.fuse(x.clone(), outs).unwrap();

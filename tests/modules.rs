@@ -18,7 +18,7 @@ fn two_adapter_layer(rng: &mut Rng, d_in: usize, d_out: usize, device: &Device) 
         // Factors of realistic size (outputs O(1)), so 1e-5 is a rounding-level tolerance.
         let a = rng.tensor(d_in, r, device).mul_scalar(0.1);
         let b = rng.tensor(r, d_out, device).mul_scalar(0.1);
-        let ad = LoraAdapter::from_factors(a, b, 16.0, rs, 0.0).unwrap();
+        let ad = LoraModule::from_factors(a, b, 16.0, rs, 0.0).unwrap();
         layer.insert_adapter(name, ad).unwrap();
     }
     layer
@@ -134,7 +134,7 @@ fn only_adapter_parameters_receive_gradients_and_training_works() {
     let device = Device::flex().autodiff();
     let mut rng = Rng(4);
     let mut layer = LoraLinear::new(LinearConfig::new(12, 6).init(&device));
-    let ad = LoraAdapter::from_factors(
+    let ad = LoraModule::from_factors(
         rng.tensor(12, 2, &device),
         rng.tensor(2, 6, &device),
         4.0,
@@ -205,7 +205,7 @@ fn dropout_applies_in_training_only() {
     let (a, b) = (rng.tensor(32, 4, &device), rng.tensor(4, 8, &device));
     let with_b = |b: Tensor<2>| {
         let mut layer = LoraLinear::new(base.clone());
-        let ad = LoraAdapter::from_factors(a.clone(), b, 8.0, false, 0.5).unwrap();
+        let ad = LoraModule::from_factors(a.clone(), b, 8.0, false, 0.5).unwrap();
         layer.insert_adapter("d", ad).unwrap();
         layer
     };
@@ -280,7 +280,7 @@ fn peft_folder_round_trip_keeps_outputs_and_per_module_ranks() {
         let mut rng = Rng(21);
         let mut peft = PeftLora::new(4, 8.0, true);
         let mk = |rng: &mut Rng, din, r, dout, alpha| {
-            LoraAdapter::from_factors(
+            LoraModule::from_factors(
                 rng.tensor(din, r, &device),
                 rng.tensor(r, dout, &device),
                 alpha,
@@ -458,7 +458,7 @@ fn lora_embedding_lookup_merge_and_peft_keys() {
     for device in devices() {
         let mut rng = Rng(51);
         let mut emb = modula::LoraEmbedding::new(EmbeddingConfig::new(11, 6).init(&device));
-        let ad = LoraAdapter::from_factors(
+        let ad = LoraModule::from_factors(
             rng.tensor(11, 3, &device),
             rng.tensor(3, 6, &device),
             6.0,

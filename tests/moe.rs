@@ -4,10 +4,11 @@
 mod common;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use common::{Rng, assert_close, devices, vals};
-use modula::moe::losses::{cv_squared, load_balancing_loss, router_entropy, z_loss};
+use modula::routers::losses::{cv_squared, load_balancing_loss, router_entropy, z_loss};
 use modula::{ComputeModule, Error, ExpertConfig, ExpertKind, MoeLayer, TopKRouterConfig};
+use modula::{ExpertChoiceRouterConfig, HashRouterConfig, MoeLayerConfig, SoftMoeConfig};
 
 fn t2(v: Vec<f32>, r: usize, c: usize, device: &Device) -> Tensor<2> {
     Tensor::<2>::from_data(TensorData::new(v, [r, c]), device)
@@ -31,7 +32,9 @@ fn sparse_moe_equals_dense_all_experts() {
                 .with_k(k)
                 .with_renormalize(renorm);
             let ec = ExpertConfig::new(12, 20).with_kind(kind).with_bias(bias);
-            let moe = MoeLayer::new(&rc, &ec, &device).unwrap();
+            let moe = MoeLayerConfig::new(rc.clone(), ec.clone())
+                .init(&device)
+                .unwrap();
             let x = Rng(k as u64 + 3).tensor(37, 12, &device);
             let (y, routing) = moe.forward(x.clone()).unwrap();
             assert_eq!(routing.k(), k);
@@ -152,24 +155,17 @@ fn bad_router_inputs_are_typed_errors() {
         let err = router
             .route_logits(t2(vec![0.0, bad], 1, 2, &device))
             .unwrap_err();
-        assert!(matches!(err, Error::Routing(_)), "{err:?}");
+        assert!(matches!(err, Error::NonFinite { .. }), "{err:?}");
     }
-    let moe = MoeLayer::new(
-        &TopKRouterConfig::new(8, 4),
-        &ExpertConfig::new(8, 16),
-        &device,
-    )
-    .unwrap();
+    let moe = MoeLayerConfig::new(TopKRouterConfig::new(8, 4), ExpertConfig::new(8, 16))
+        .init(&device)
+        .unwrap();
     assert!(matches!(
         moe.forward(Tensor::zeros([3, 7], &device)),
         Err(Error::Shape { .. })
     ));
     assert!(matches!(
-        MoeLayer::new(
-            &TopKRouterConfig::new(8, 4),
-            &ExpertConfig::new(6, 16),
-            &device
-        ),
+        MoeLayerConfig::new(TopKRouterConfig::new(8, 4), ExpertConfig::new(6, 16)).init(&device),
         Err(Error::Shape { .. })
     ));
 }
@@ -206,7 +202,9 @@ fn gradients_reach_router_and_experts_and_match_finite_differences() {
         .with_k(2)
         .with_load_balance_coef(0.1)
         .with_z_loss_coef(0.1);
-    let moe = MoeLayer::new(&rc, &ExpertConfig::new(3, 4), &device).unwrap();
+    let moe = MoeLayerConfig::new(rc.clone(), ExpertConfig::new(3, 4))
+        .init(&device)
+        .unwrap();
     let x = Rng(5).tensor(5, 3, &device);
     let c = Rng(6).tensor(5, 3, &device);
     let loss_of = |m: &MoeLayer| -> Tensor<1> {
@@ -346,7 +344,7 @@ fn jitter_applies_in_training_only() {
 #[test]
 fn capacity_dropping_matches_a_hand_worked_case() {
     use modula::SecondExpertPolicy;
-    use modula::moe::capacity::{apply_capacity, expert_capacity};
+    use modula::routers::capacity::{apply_capacity, expert_capacity};
     let device = Device::flex();
     // 5 tokens, 2 experts, top-2, capacity 3. First choices 0,0,1,0,0; second 1,1,0,1,1.
     // Firsts in token order: expert 0 accepts tokens 0,1,3 and is full, so token 4's first
@@ -412,7 +410,9 @@ fn capacity_mode_router_limits_every_expert_and_stays_exact() {
         let rc = TopKRouterConfig::new(8, 4)
             .with_k(2)
             .with_capacity_factor(Some(0.75));
-        let moe = MoeLayer::new(&rc, &ExpertConfig::new(8, 12), &device).unwrap();
+        let moe = MoeLayerConfig::new(rc.clone(), ExpertConfig::new(8, 12))
+            .init(&device)
+            .unwrap();
         let x = Rng(12).tensor(40, 8, &device);
         let (y, routing) = moe.forward(x.clone()).unwrap();
         let cap = (0.75f64 * 40.0 * 2.0 / 4.0).ceil() as usize; // 15
@@ -451,16 +451,15 @@ fn capacity_mode_router_limits_every_expert_and_stays_exact() {
 
 #[test]
 fn expert_choice_gives_each_expert_exactly_its_capacity() {
-    use modula::ExpertChoiceRouter;
     for device in devices() {
         device.seed(8);
-        let moe = MoeLayer::new(
-            &TopKRouterConfig::new(6, 3),
-            &ExpertConfig::new(6, 10),
-            &device,
-        )
-        .unwrap();
-        let router = ExpertChoiceRouter::new(6, 3, 1.5, &device).unwrap();
+        let moe = MoeLayerConfig::new(TopKRouterConfig::new(6, 3), ExpertConfig::new(6, 10))
+            .init(&device)
+            .unwrap();
+        let router = ExpertChoiceRouterConfig::new(6, 3)
+            .with_capacity_factor(1.5)
+            .init(&device)
+            .unwrap();
         let x = Rng(13).tensor(20, 6, &device);
         let routing = modula::Router::route(&router, &x).unwrap();
         let cap = router.capacity(20); // ceil(1.5 · 20 / 3) = 10
@@ -477,7 +476,10 @@ fn expert_choice_gives_each_expert_exactly_its_capacity() {
     }
     // A hand-set case: 4 tokens, 2 experts, capacity 2 (factor 1).
     let device = Device::flex();
-    let router = ExpertChoiceRouter::new(2, 2, 1.0, &device).unwrap();
+    let router = ExpertChoiceRouterConfig::new(2, 2)
+        .with_capacity_factor(1.0)
+        .init(&device)
+        .unwrap();
     let logits = t2(vec![3.0, 0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 4.0], 4, 2, &device);
     let r = router.route_logits(logits).unwrap();
     let idx: Vec<i64> = r.indices().into_data().iter::<i64>().collect();
@@ -492,14 +494,18 @@ fn expert_choice_gives_each_expert_exactly_its_capacity() {
     for (i, (got, want)) in got.iter().zip(want).enumerate() {
         close(*got, want, &format!("expert-choice weight {i}"));
     }
-    assert!(ExpertChoiceRouter::new(2, 2, 0.0, &device).is_err());
+    assert!(
+        ExpertChoiceRouterConfig::new(2, 2)
+            .with_capacity_factor(0.0)
+            .init(&device)
+            .is_err()
+    );
 }
 
 #[test]
 fn hash_routing_is_balanced_fixed_and_checks_ids() {
-    use modula::HashRouter;
     let device = Device::flex();
-    let h = HashRouter::new(100, 8, 42).unwrap();
+    let h = HashRouterConfig::new(100, 8).with_seed(42).init().unwrap();
     let ids: Vec<i64> = (0..100).collect();
     let r = h.route_ids(&ids, &device).unwrap();
     let counts = r.tokens_per_module();
@@ -507,9 +513,13 @@ fn hash_routing_is_balanced_fixed_and_checks_ids() {
     // The same id always goes to the same expert, and the seed decides the table.
     assert_eq!(
         h.expert_of(17),
-        HashRouter::new(100, 8, 42).unwrap().expert_of(17)
+        HashRouterConfig::new(100, 8)
+            .with_seed(42)
+            .init()
+            .unwrap()
+            .expert_of(17)
     );
-    let other = HashRouter::new(100, 8, 43).unwrap();
+    let other = HashRouterConfig::new(100, 8).with_seed(43).init().unwrap();
     assert!((0..100).any(|i| h.expert_of(i) != other.expert_of(i)));
     for bad in [-1i64, 100] {
         let err = h.route_ids(&[3, bad], &device).unwrap_err();
@@ -519,7 +529,7 @@ fn hash_routing_is_balanced_fixed_and_checks_ids() {
             "{err}"
         );
     }
-    assert!(HashRouter::new(0, 8, 1).is_err());
+    assert!(HashRouterConfig::new(0, 8).with_seed(1).init().is_err());
 }
 
 #[test]
@@ -558,12 +568,9 @@ fn noisy_top_k_losses_by_hand() {
         "load CV²",
     );
     // Sparse MoE with the noisy router equals the dense mixture under its routing.
-    let moe = MoeLayer::new(
-        &TopKRouterConfig::new(4, 3),
-        &ExpertConfig::new(4, 6),
-        &device,
-    )
-    .unwrap();
+    let moe = MoeLayerConfig::new(TopKRouterConfig::new(4, 3), ExpertConfig::new(4, 6))
+        .init(&device)
+        .unwrap();
     let noisy = NoisyTopKRouterConfig::new(4, 3)
         .with_k(2)
         .init(&device)
@@ -587,7 +594,7 @@ fn noisy_top_k_losses_by_hand() {
 
 #[test]
 fn mutual_information_loss_by_hand() {
-    use modula::moe::losses::mutual_information_loss;
+    use modula::routers::losses::mutual_information_loss;
     let device = Device::flex();
     // Confident and balanced: p = one-hot per token, both experts used: MI = ln 2, loss −ln 2.
     let p = t2(vec![1.0, 0.0, 0.0, 1.0], 2, 2, &device);
@@ -614,10 +621,11 @@ fn mutual_information_loss_by_hand() {
 
 #[test]
 fn soft_moe_matches_its_formula() {
-    use modula::SoftMoe;
     for device in devices() {
         device.seed(21);
-        let layer = SoftMoe::new(3, 2, &ExpertConfig::new(5, 7), &device).unwrap();
+        let layer = SoftMoeConfig::new(3, 2, ExpertConfig::new(5, 7))
+            .init(&device)
+            .unwrap();
         let x = Rng(22).tensor(11, 5, &device);
         let (dmat, cmat) = layer.weights(&x).unwrap();
         // D and C recomputed on the host from the logits X Φ: D is the softmax over tokens
@@ -694,5 +702,47 @@ fn swiglu_expert_computes_silu_gate_times_up() {
             .iter()
             .fold(1.0f32, |m, v| m.max(v.abs()));
         assert_close(got, want, 1e-5 * scale, "SwiGLU vs burn's silu");
+    }
+}
+
+#[test]
+fn moe_layer_takes_any_router_that_reads_rows() {
+    use modula::Router;
+    for device in devices() {
+        device.seed(13);
+        let (d, e, t) = (6, 4, 10);
+        let router = ExpertChoiceRouterConfig::new(d, e)
+            .with_capacity_factor(1.0)
+            .init(&device)
+            .unwrap();
+        let experts: Vec<_> = (0..e)
+            .map(|_| ExpertConfig::new(d, 12).init(&device).unwrap())
+            .collect();
+        let moe = MoeLayer::with_router(router, experts).unwrap();
+        let x = Tensor::<2>::random([t, d], Distribution::Default, &device);
+        let (y, routing) = moe.forward(x.clone()).unwrap();
+        // Expert choice: every expert processes exactly its capacity of tokens.
+        let cap = moe.router.capacity(t);
+        assert_eq!(routing.tokens_per_module(), vec![cap; e]);
+        assert_eq!(routing.num_modules(), moe.router.num_modules());
+        // The sparse layer equals every expert on every row, weighted densely.
+        assert_close(
+            y,
+            moe.forward_dense(x, &routing).unwrap(),
+            1e-5,
+            "MoeLayer<ExpertChoiceRouter>",
+        );
+        // A router over another number of experts is refused.
+        let three = ExpertChoiceRouterConfig::new(d, 3)
+            .with_capacity_factor(1.0)
+            .init(&device)
+            .unwrap();
+        let four: Vec<_> = (0..e)
+            .map(|_| ExpertConfig::new(d, 12).init(&device).unwrap())
+            .collect();
+        assert!(matches!(
+            MoeLayer::with_router(three, four),
+            Err(Error::Shape { .. })
+        ));
     }
 }

@@ -16,9 +16,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::continual::replay::ReplayBuffer;
 use crate::error::{Error, Result};
-use crate::library::XLoraRouter;
 use crate::rng::SplitMix64;
-use crate::routing::{Router, Routing};
+use crate::routers::{SimilarityRouter, XLoraRouter};
+use crate::routing::Router;
 use crate::tensor_util::float_tensor;
 
 /// Trains `router` (created on an autodiff device) to predict the task of each memory
@@ -75,13 +75,6 @@ pub fn train_task_router(
     Ok(router.valid())
 }
 
-/// Routes each input to the task whose memory mean is most cosine-similar (weight 1).
-#[derive(Clone, Debug)]
-pub struct SimilarityRouter {
-    /// Unit-norm task means, `[d, tasks]`.
-    means_t: Tensor<2>,
-}
-
 impl SimilarityRouter {
     /// Task means from a memory keyed by task id (tasks `0..=max id`; a task with no examples
     /// is never chosen).
@@ -101,38 +94,6 @@ impl SimilarityRouter {
                 *m += f64::from(v);
             }
         }
-        let mut t_major = vec![0f32; d * tasks];
-        for t in 0..tasks {
-            let row = &means[t * d..(t + 1) * d];
-            let n = row.iter().map(|v| v * v).sum::<f64>().sqrt();
-            for (j, v) in row.iter().enumerate() {
-                t_major[j * tasks + t] = if n > 0.0 { (v / n) as f32 } else { -1e3 };
-            }
-        }
-        Ok(Self {
-            means_t: float_tensor(t_major, [d, tasks], device),
-        })
-    }
-}
-
-impl Router for SimilarityRouter {
-    fn num_modules(&self) -> usize {
-        self.means_t.dims()[1]
-    }
-
-    fn route(&self, x: &Tensor<2>) -> Result<Routing> {
-        let [rows, d] = x.dims();
-        if d != self.means_t.dims()[0] {
-            return Err(Error::shape(
-                "SimilarityRouter input width",
-                self.means_t.dims()[0].to_string(),
-                d.to_string(),
-            ));
-        }
-        let norms = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
-        let sims = (x.clone() / norms).matmul(self.means_t.clone());
-        let idx = sims.argmax(1);
-        let w = Tensor::<2>::ones([rows, 1], &x.device());
-        Routing::new(idx, w, self.num_modules())
+        Ok(Self::from_task_sums(&means, tasks, d, device))
     }
 }

@@ -37,6 +37,7 @@ use burn::tensor::activation::{relu, softmax};
 use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::routing::{DispatchPlan, Router, RouterInput, Routing, WeightedSum};
 use crate::tensor_util::to_vec_f32;
 
 /// One LMC module: functional part and structural decoder.
@@ -102,8 +103,10 @@ impl RunningStats {
     }
 }
 
-/// Settings of an [`LmcLayer`].
-#[derive(Clone, Debug, PartialEq)]
+/// Settings of an [`LmcLayer`]. Serialisable; the fields left out of a JSON document take the
+/// defaults.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct LmcConfig {
     /// Routing temperature `T`.
     pub temperature: f64,
@@ -120,6 +123,18 @@ impl Default for LmcConfig {
             z_threshold: 3.0,
             batch_prior: false,
         }
+    }
+}
+
+/// LMC's local routing as a [`Router`]: the dense routing `softmax(−γ / (T·μ))` of the rows.
+impl Router for LmcLayer {
+    fn num_modules(&self) -> usize {
+        self.modules.len()
+    }
+
+    fn route_input(&self, input: RouterInput<'_>) -> Result<Routing> {
+        let x = input.into_rows("LmcLayer")?;
+        Routing::from_dense(self.weights_of(self.gammas(x)?))
     }
 }
 
@@ -163,7 +178,7 @@ impl LmcLayer {
                 "d_in and d_out must be at least 1",
             ));
         }
-        crate::library::check_temperature("LMC temperature", config.temperature)?;
+        crate::routers::check_temperature("LMC temperature", config.temperature)?;
         Ok(Self {
             modules: vec![LmcModule::new(d_in, d_out, device)],
             frozen: vec![false],
@@ -235,14 +250,15 @@ impl LmcLayer {
     /// Wrong width or an empty batch.
     pub fn forward(&self, x: Tensor<2>) -> Result<(Tensor<2>, LayerTrace)> {
         let gamma = self.gammas(&x)?;
-        Ok(self.mix(x, gamma))
+        self.mix(x, gamma)
     }
 
-    /// The routing and mixture for `x` given its already computed `γ` (`[rows, modules]`).
-    fn mix(&self, x: Tensor<2>, gamma: Tensor<2>) -> (Tensor<2>, LayerTrace) {
+    /// LMC's local routing weights from `γ` (`[rows, modules]`): each module's `γ` relative
+    /// to its own running mean (1 on the data it was trained on), so modules trained
+    /// separately (fusion) or on data of other scales compare fairly; softmax of `−γ / (T·μ)`,
+    /// averaged over the batch under the batch prior. No gradient flows into `γ`.
+    fn weights_of(&self, gamma: Tensor<2>) -> Tensor<2> {
         let [rows, m] = gamma.dims();
-        // Each module's γ relative to its own running mean (1 on the data it was trained on),
-        // so modules trained separately (fusion) or on data of other scales compare fairly.
         let scale: Vec<f32> = self
             .stats
             .iter()
@@ -255,38 +271,37 @@ impl LmcLayer {
                 (mu * self.config.temperature) as f32
             })
             .collect();
-        let scale = crate::tensor_util::float_tensor(scale, [1, m], &x.device());
-        let logits = gamma.clone().detach().neg() / scale;
-        let weights = if self.config.batch_prior {
+        let scale = crate::tensor_util::float_tensor(scale, [1, m], &gamma.device());
+        let logits = gamma.detach().neg() / scale;
+        if self.config.batch_prior {
             softmax(logits.mean_dim(0), 1).expand([rows, m])
         } else {
             softmax(logits, 1)
-        };
-        let outs = Tensor::stack::<3>(
-            self.modules
-                .iter()
-                .map(|md| relu(md.func.forward(x.clone())))
-                .collect(),
-            1,
-        ); // [rows, m, d_out]
-        let out = weights
-            .clone()
-            .unsqueeze_dim::<3>(1)
-            .matmul(outs)
-            .reshape([rows, self.d_out]);
+        }
+    }
+
+    /// The routing and mixture for `x` given its already computed `γ` (`[rows, modules]`):
+    /// a dense routing, and the weighted sum of every module's output through the dispatch.
+    fn mix(&self, x: Tensor<2>, gamma: Tensor<2>) -> Result<(Tensor<2>, LayerTrace)> {
+        let rows = gamma.dims()[0];
+        let weights = self.weights_of(gamma.clone());
+        let plan = DispatchPlan::new(&Routing::from_dense(weights.clone())?)?;
         let device = x.device();
+        let out = plan.apply(x, self.d_out, &WeightedSum, |m, xm| {
+            Ok(relu(self.modules[m].func.forward(xm)))
+        })?;
         let mut structural = Tensor::<1>::zeros([1], &device);
         for (i, _) in self.frozen.iter().enumerate().filter(|(_, f)| !**f) {
             structural = structural + gamma.clone().slice([0..rows, i..i + 1]).mean().reshape([1]);
         }
-        (
+        Ok((
             out,
             LayerTrace {
                 weights,
                 gamma,
                 structural_loss: structural,
             },
-        )
+        ))
     }
 
     /// Whether `x` (a batch of a new task) is an outlier for every frozen module: the
@@ -494,10 +509,13 @@ impl LmcModel {
     /// `−logsumexp(logits)`, and its argmax class. Returns `(classes, chosen heads)`.
     ///
     /// # Errors
-    /// [`Error::State`] with no heads; as [`features`](Self::features).
+    /// [`Error::NotReady`] with no heads; as [`features`](Self::features).
     pub fn predict(&self, x: Tensor<2>) -> Result<(Vec<usize>, Vec<usize>)> {
         if self.heads.is_empty() {
-            return Err(Error::State("the LMC model has no task heads yet".into()));
+            return Err(Error::NotReady {
+                what: "the LMC model".into(),
+                fix: "it has no task heads yet; call add_task first".into(),
+            });
         }
         let (h, _) = self.features(x)?;
         let rows = h.dims()[0];
@@ -538,7 +556,7 @@ impl LmcModel {
             // input under them.
             let gamma = layer.gammas(&h)?;
             layer.record_gamma(gamma.clone());
-            h = layer.mix(h, gamma).0.detach();
+            h = layer.mix(h, gamma)?.0.detach();
         }
         Ok(())
     }

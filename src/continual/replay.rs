@@ -195,7 +195,7 @@ impl NearestClassMean {
     /// The nearest class mean of each row.
     ///
     /// # Errors
-    /// [`Error::Shape`] for a feature width other than `dim`; [`Error::State`] before any fit.
+    /// [`Error::Shape`] for a feature width other than `dim`; [`Error::NotReady`] before any fit.
     pub fn predict(&self, features: &[f32]) -> Result<Vec<usize>> {
         if !features.len().is_multiple_of(self.dim.max(1)) {
             return Err(Error::shape(
@@ -205,9 +205,10 @@ impl NearestClassMean {
             ));
         }
         if self.sums.is_empty() {
-            return Err(Error::State(
-                "NearestClassMean has no classes; call fit first".into(),
-            ));
+            return Err(Error::NotReady {
+                what: "NearestClassMean".into(),
+                fix: "it has no classes; call fit first".into(),
+            });
         }
         let means: Vec<(usize, Vec<f64>)> = self
             .sums

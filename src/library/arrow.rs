@@ -28,17 +28,16 @@
 //! exactly in delta space (`ΔW − mean ΔW_g`, rank `r + Σ r_g`).
 
 use burn::nn::Linear;
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 
+use crate::aggregate::{LoraMix, lora_mixture};
 use crate::error::{Error, Result};
 use crate::library::factors::LoraFactors;
 use crate::library::merge::{MergeSpace, cat_form};
-use crate::library::mix::{LoraMix, lora_mixture};
 use crate::linalg::{Mat, lowrank_svd};
-use crate::modules::lora::LoraAdapter;
+use crate::modules::lora::LoraModule;
+use crate::routers::ArrowRouter;
 use crate::routing::{Router, Routing};
-use crate::tensor_util::{ensure_finite, float_tensor};
 
 /// The Arrow prototype of one LoRA: the sign-normalised top right singular vector of `B A`
 /// (length `d_in`), computed from the factors.
@@ -216,37 +215,8 @@ pub fn gen_know_sub(
     }
 }
 
-/// Arrow's router for one layer: `|x·v_e| / τ`, top-`k`, softmax over the kept logits.
-#[derive(Clone, Debug)]
-pub struct ArrowRouter {
-    /// Prototypes, `[experts, d_in]`, transposed to `[d_in, experts]` for the logits matmul.
-    prototypes_t: Tensor<2>,
-    top_k: usize,
-    temperature: f64,
-}
-
+/// Building an [`ArrowRouter`] from a library's experts.
 impl ArrowRouter {
-    /// A router from prototypes (`experts × d_in`, e.g. [`arrow_prototypes`]).
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] for `top_k` of 0 or above the number of experts, or a temperature
-    /// that is not positive and finite.
-    pub fn new(prototypes: &Mat, top_k: usize, temperature: f64, device: &Device) -> Result<Self> {
-        let e = prototypes.rows;
-        if top_k == 0 || top_k > e {
-            return Err(Error::invalid(
-                "Arrow top_k",
-                format!("{top_k} is outside 1..={e} (the number of experts)"),
-            ));
-        }
-        super::check_temperature("Arrow temperature", temperature)?;
-        Ok(Self {
-            prototypes_t: float_tensor(prototypes.t().to_f32(), [prototypes.cols, e], device),
-            top_k,
-            temperature,
-        })
-    }
-
     /// A router over `experts` (their prototypes computed here).
     ///
     /// # Errors
@@ -259,39 +229,6 @@ impl ArrowRouter {
     ) -> Result<Self> {
         Self::new(&arrow_prototypes(experts)?, top_k, temperature, device)
     }
-
-    /// Input width.
-    pub fn d_in(&self) -> usize {
-        self.prototypes_t.dims()[0]
-    }
-
-    /// `|x·v_e|` for every token and expert, `[rows, experts]`.
-    pub fn similarities(&self, x: &Tensor<2>) -> Result<Tensor<2>> {
-        let [_, d] = x.dims();
-        if d != self.d_in() {
-            return Err(Error::shape(
-                "ArrowRouter (input width)",
-                self.d_in().to_string(),
-                d.to_string(),
-            ));
-        }
-        let sims = x.clone().matmul(self.prototypes_t.clone()).abs();
-        ensure_finite(&sims, "Arrow logits")?;
-        Ok(sims)
-    }
-}
-
-impl Router for ArrowRouter {
-    fn num_modules(&self) -> usize {
-        self.prototypes_t.dims()[1]
-    }
-
-    fn route(&self, x: &Tensor<2>) -> Result<Routing> {
-        let sims = self.similarities(x)?;
-        let (vals, idx) = sims.topk_with_indices(self.top_k, 1);
-        let w = softmax(vals.div_scalar(self.temperature), 1);
-        Routing::new(idx, w, self.num_modules())
-    }
 }
 
 /// A Linear layer with a library of LoRA experts routed by Arrow.
@@ -300,7 +237,7 @@ pub struct ArrowLinear {
     /// The frozen host layer.
     pub base: Linear,
     /// The experts, in the router's order.
-    pub experts: Vec<LoraAdapter>,
+    pub experts: Vec<LoraModule>,
     /// The router.
     pub router: ArrowRouter,
     /// The aggregation.
@@ -314,7 +251,7 @@ impl ArrowLinear {
     /// [`Error::Shape`] if an expert does not fit `base`; as [`ArrowRouter::new`].
     pub fn new(
         base: Linear,
-        experts: Vec<LoraAdapter>,
+        experts: Vec<LoraModule>,
         top_k: usize,
         temperature: f64,
         mix: LoraMix,

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use burn::tensor::Device;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Scope};
 use crate::linalg::Mat;
-use crate::modules::lora::LoraAdapter;
+use crate::modules::lora::LoraModule;
 use crate::tensor_util::{float_tensor, to_vec_f32};
 
 /// One LoRA's factors on the host, in PEFT's layout: `a` is `lora_A` (`r × d_in`), `b` is
@@ -49,7 +49,7 @@ impl LoraFactors {
     }
 
     /// Copies an adapter's factors to the host (`a` is stored `[d_in, r]` on the device).
-    pub fn from_adapter(adapter: &LoraAdapter) -> Self {
+    pub fn from_adapter(adapter: &LoraModule) -> Self {
         let (r, d_in, d_out) = (adapter.rank(), adapter.d_in(), adapter.d_out());
         let a = Mat::from_f32(d_in, r, &to_vec_f32(adapter.a.val())).t();
         let b = Mat::from_f32(r, d_out, &to_vec_f32(adapter.b.val())).t();
@@ -64,11 +64,11 @@ impl LoraFactors {
     /// rs-) LoRA scaling, so `alpha/r` reproduces `scaling` exactly.
     ///
     /// # Errors
-    /// As [`LoraAdapter::from_factors`].
-    pub fn to_adapter(&self, device: &Device) -> Result<LoraAdapter> {
+    /// As [`LoraModule::from_factors`].
+    pub fn to_adapter(&self, device: &Device) -> Result<LoraModule> {
         let a = float_tensor(self.a.t().to_f32(), [self.d_in(), self.rank()], device);
         let b = float_tensor(self.b.t().to_f32(), [self.rank(), self.d_out()], device);
-        LoraAdapter::from_factors(a, b, self.scaling * self.rank() as f64, false, 0.0)
+        LoraModule::from_factors(a, b, self.scaling * self.rank() as f64, false, 0.0)
     }
 
     /// Rank `r`.
@@ -141,8 +141,8 @@ impl LoraExpert {
     pub fn layer(&self, path: &str) -> Result<&LoraFactors> {
         self.layers.get(path).ok_or_else(|| Error::UnknownAdapter {
             name: path.to_string(),
-            on: " among the expert's layers".into(),
-            known: self.layers.keys().cloned().collect::<Vec<_>>().join(", "),
+            scope: Scope::ExpertLayers,
+            known: self.layers.keys().cloned().collect(),
         })
     }
 }

@@ -24,8 +24,10 @@ use crate::linalg::{Mat, svd};
 use crate::rng::SplitMix64;
 use crate::tensor_util::{float_tensor, to_vec_f32};
 
-/// Settings of [`mbc_cluster`].
-#[derive(Clone, Debug, PartialEq)]
+/// Settings of [`mbc_cluster`]. Serialisable; the fields left out of a JSON document take
+/// [`MbcConfig::new`]'s defaults.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct MbcConfig {
     /// Number of clusters.
     pub k: usize,
@@ -40,6 +42,13 @@ pub struct MbcConfig {
     pub max_iter: usize,
     /// Seed of the k-means++ draws.
     pub seed: u64,
+}
+
+impl Default for MbcConfig {
+    /// [`MbcConfig::new`] with 10 clusters.
+    fn default() -> Self {
+        Self::new(10)
+    }
 }
 
 impl MbcConfig {

@@ -40,8 +40,9 @@ use crate::library::factors::{LoraExpert, LoraFactors};
 use crate::linalg::{Mat, lowrank_svd, truncated_svd};
 use crate::rng::SplitMix64;
 
-/// PEFT's `combination_type`s.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// PEFT's `combination_type`s (serialised under PEFT's names: `"ties_svd"`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Combination {
     /// `linear`: weighted sum.
     Linear,
@@ -165,7 +166,8 @@ impl std::str::FromStr for Combination {
 }
 
 /// Where the merge is computed; see the [module docs](self).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MergeSpace {
     /// Exact combination of the updates `ΔW_i` (the default).
     #[default]
@@ -189,7 +191,8 @@ impl std::str::FromStr for MergeSpace {
 }
 
 /// TIES sign election.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MajoritySign {
     /// Sign of the sum of the pruned inputs (PEFT's `"total"`, the default).
     #[default]
@@ -198,21 +201,27 @@ pub enum MajoritySign {
     Frequency,
 }
 
-/// Settings of a merge.
-#[derive(Clone, Debug, PartialEq)]
+/// Settings of a merge. Serialisable (JSON: `{"combination": "ties", "density": 0.5}`; the
+/// fields left out take [`MergeOptions::new`]'s values).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MergeOptions {
     /// The combination type.
     pub combination: Combination,
     /// Delta (exact, default) or factor (PEFT) space.
+    #[serde(default)]
     pub space: MergeSpace,
     /// Fraction of entries kept by TIES, DARE and magnitude pruning, in `(0, 1]`.
+    #[serde(default)]
     pub density: Option<f64>,
     /// TIES sign election.
+    #[serde(default)]
     pub majority_sign: MajoritySign,
     /// Rank of the result for SVD re-compression (default: the largest input rank; `linear`
     /// in delta space is only compressed when this is set).
+    #[serde(default)]
     pub svd_rank: Option<usize>,
     /// Seed of DARE's random drops.
+    #[serde(default)]
     pub seed: u64,
 }
 

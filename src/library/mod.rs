@@ -10,9 +10,8 @@
 //!   and IA3.
 //! - [`arrow`]: Arrow prototypes computed exactly from the thin factors, the Arrow router, and
 //!   an Arrow-routed Linear with output or factor mixing; GenKnowSub.
-//! - [`mix`]: the aggregators over LoRA experts (output or factor mixture).
-//! - [`routers`]: learned routers over a library: Polytropon, an X-LoRA-style per-token
-//!   classifier, AdapterFusion.
+//! - The routers over a library (Arrow, Polytropon, X-LoRA) are in [`crate::routers`]; the
+//!   LoRA mixtures and AdapterFusion in [`crate::aggregate`].
 //! - [`mbc`]: model-based clustering of a library (sparsify, exact Gram-based embedding, cosine
 //!   similarity, seeded k-means++).
 //!
@@ -32,29 +31,11 @@ pub mod arrow;
 pub mod factors;
 pub mod mbc;
 pub mod merge;
-/// Mixing LoRA experts under a routing (lives in [`modules::mix`](crate::modules::mix), the
-/// layer the library builds on).
-pub use crate::modules::mix;
-pub mod routers;
 
-pub use arrow::{ArrowLinear, ArrowRouter, arrow_prototype, arrow_prototypes, gen_know_sub};
+pub use arrow::{ArrowLinear, arrow_prototype, arrow_prototypes, gen_know_sub};
 pub use factors::{LoraExpert, LoraFactors};
 pub use mbc::{Clustering, MbcConfig, mbc_cluster};
 pub use merge::{
     Combination, MajoritySign, MergeOptions, MergeSpace, compress, merge, merge_experts,
     merge_experts_with_progress, slerp, slerp_experts, task_arithmetic,
 };
-pub use mix::{LoraMix, lora_mixture};
-pub use routers::{AdapterFusion, PolytroponRouter, XLoraRouter};
-
-/// Checks a softmax or relaxation temperature: positive and finite.
-pub(crate) fn check_temperature(what: &str, t: f64) -> crate::error::Result<()> {
-    if t > 0.0 && t.is_finite() {
-        Ok(())
-    } else {
-        Err(crate::error::Error::invalid(
-            what,
-            format!("{t} must be positive and finite"),
-        ))
-    }
-}

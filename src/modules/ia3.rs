@@ -103,10 +103,13 @@ impl Ia3Linear {
     /// Folds `l` into the base weight (and bias, output-side).
     ///
     /// # Errors
-    /// [`Error::State`] if already merged.
+    /// [`Error::AlreadyMerged`] if already merged.
     pub fn merge(&mut self) -> Result<()> {
         if self.merged {
-            return Err(Error::State("IA3 vector is already merged".into()));
+            return Err(Error::AlreadyMerged {
+                name: "ia3".into(),
+                operation: "merging it again",
+            });
         }
         self.fold(false);
         self.merged = true;
@@ -117,15 +120,18 @@ impl Ia3Linear {
     /// adds `1e-8` to the divisor, modula refuses entries with `|l| < 1e-8` instead).
     ///
     /// # Errors
-    /// [`Error::State`] if not merged, or if `l` has (near-)zero entries.
+    /// [`Error::NotMerged`] if not merged; [`Error::Invalid`] if `l` has (near-)zero entries.
     pub fn unmerge(&mut self) -> Result<()> {
         if !self.merged {
-            return Err(Error::State("IA3 vector is not merged".into()));
+            return Err(Error::NotMerged { name: "ia3".into() });
         }
         let min_abs = self.scale.val().abs().min().into_scalar::<f32>();
         if min_abs < 1e-8 {
-            return Err(Error::State(
-                "IA3 vector has entries near zero; the merge cannot be undone".into(),
+            return Err(Error::invalid(
+                "IA3 unmerge",
+                format!(
+                    "the vector has an entry of magnitude {min_abs:e} < 1e-8, so the merge cannot be undone; keep the unmerged layer instead"
+                ),
             ));
         }
         self.fold(true);

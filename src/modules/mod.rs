@@ -16,8 +16,6 @@
 pub mod adapter;
 pub mod ia3;
 pub mod lora;
-pub mod lora_adapter;
-pub mod mix;
 pub mod prefix;
 
 use burn::tensor::Tensor;
@@ -47,7 +45,7 @@ pub trait ComputeModule {
 ///
 /// # Errors
 /// [`Error::Shape`] if the modules disagree on widths, `x` has the wrong width or the routing
-/// refers to a different number of modules; [`Error::Routing`] for invalid routings.
+/// refers to a different number of modules; [`Error::ModuleIndex`] or [`Error::NonFinite`] for invalid routings.
 pub fn dispatch_modules<M, A>(
     modules: &[M],
     routing: &Routing,

@@ -1,16 +1,12 @@
-//! Mixture-of-experts: learned routers, their auxiliary losses, expert networks, and an MoE
-//! layer that runs through the crate's one sparse dispatch.
+//! Mixture-of-experts: expert networks and an MoE layer over any router, run through the
+//! crate's one sparse dispatch. The gates (top-k, noisy top-k, expert choice, hash) and their
+//! losses live in [`routers`](crate::routers).
 //!
 //! `y = Σ_{e ∈ topk(x)} w_e(x) · expert_e(x)`: only the selected experts compute, each on its
 //! own rows ([`DispatchPlan`]), so top-k of `E` experts costs
 //! about `k/E` of running every expert, plus routing.
 
-pub mod capacity;
-pub mod expert_choice;
 pub mod experts;
-pub mod losses;
-pub mod noisy;
-pub mod router;
 pub mod soft;
 
 use burn::module::Module;
@@ -18,25 +14,40 @@ use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::modules::{ComputeModule, check_last_dim};
+use crate::routers::{TopKRouter, TopKRouterConfig};
 use crate::routing::{DispatchPlan, Router, Routing, WeightedSum};
 use experts::{Expert, ExpertConfig};
-use router::{TopKRouter, TopKRouterConfig};
 
-/// A sparse MoE feed-forward layer: a [`TopKRouter`] over [`Expert`]s.
+/// A sparse MoE feed-forward layer: a router (by default the learned [`TopKRouter`]) over
+/// [`Expert`]s. Any router that reads rows and is a burn `Module` fits
+/// ([`NoisyTopKRouter`](crate::NoisyTopKRouter), [`ExpertChoiceRouter`](crate::ExpertChoiceRouter),
+/// [`XLoraRouter`](crate::XLoraRouter), ...); a router that reads token ids
+/// ([`HashRouter`](crate::HashRouter)) routes outside the layer and hands the routing to
+/// [`forward_routed`](Self::forward_routed).
 #[derive(Module, Debug)]
-pub struct MoeLayer {
+pub struct MoeLayer<R: Module = TopKRouter> {
     /// The gate.
-    pub router: TopKRouter,
+    pub router: R,
     /// The experts.
     pub experts: Vec<Expert>,
 }
 
-impl MoeLayer {
+/// Configuration of a [`MoeLayer`] with the learned top-k gate.
+#[derive(burn::config::Config, Debug)]
+pub struct MoeLayerConfig {
+    /// The gate (its `num_experts` experts are created).
+    pub router: TopKRouterConfig,
+    /// Each expert's configuration.
+    pub expert: ExpertConfig,
+}
+
+impl MoeLayerConfig {
     /// Creates `router.num_experts` experts from `expert` and the router.
     ///
     /// # Errors
     /// Configuration errors; [`Error::Shape`] if the widths disagree.
-    pub fn new(router: &TopKRouterConfig, expert: &ExpertConfig, device: &Device) -> Result<Self> {
+    pub fn init(&self, device: &Device) -> Result<MoeLayer> {
+        let (router, expert) = (&self.router, &self.expert);
         if router.d_model != expert.d_model {
             return Err(Error::shape(
                 "MoE router vs expert width",
@@ -44,12 +55,48 @@ impl MoeLayer {
                 expert.d_model.to_string(),
             ));
         }
-        Ok(Self {
+        Ok(MoeLayer {
             router: router.init(device)?,
             experts: (0..router.num_experts)
                 .map(|_| expert.init(device))
                 .collect::<Result<_>>()?,
         })
+    }
+}
+
+impl<R: Module + Router> MoeLayer<R> {
+    /// A layer from a router and its experts.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if the router chooses among another number of experts or the experts
+    /// disagree on their width; [`Error::Invalid`] for no experts.
+    pub fn with_router(router: R, experts: Vec<Expert>) -> Result<Self> {
+        let Some(first) = experts.first() else {
+            return Err(Error::invalid(
+                "MoE experts",
+                "a layer needs at least one expert",
+            ));
+        };
+        if router.num_modules() != experts.len() {
+            return Err(Error::shape(
+                "MoeLayer::with_router (router modules = experts)",
+                experts.len().to_string(),
+                router.num_modules().to_string(),
+            ));
+        }
+        let d = first.d_input();
+        if let Some((e, x)) = experts
+            .iter()
+            .enumerate()
+            .find(|(_, x)| x.d_input() != d || x.d_output() != d)
+        {
+            return Err(Error::shape(
+                format!("MoE expert {e} widths"),
+                format!("[{d} -> {d}]"),
+                format!("[{} -> {}]", x.d_input(), x.d_output()),
+            ));
+        }
+        Ok(Self { router, experts })
     }
 
     /// Model width.
@@ -61,7 +108,7 @@ impl MoeLayer {
     /// Returns the output `[T, d]` and the routing (with its auxiliary losses).
     ///
     /// # Errors
-    /// Shape errors; [`Error::Routing`] for NaN/inf router logits.
+    /// Shape errors; [`Error::NonFinite`] for NaN/inf router logits.
     pub fn forward(&self, x: Tensor<2>) -> Result<(Tensor<2>, Routing)> {
         check_last_dim(&x, self.d_model(), "MoE input")?;
         let routing = self.router.route(&x)?;
@@ -110,15 +157,5 @@ impl MoeLayer {
             y = y + expert.forward_rows(x.clone()) * w;
         }
         Ok(y)
-    }
-}
-
-impl Router for MoeLayer {
-    fn num_modules(&self) -> usize {
-        self.experts.len()
-    }
-
-    fn route(&self, x: &Tensor<2>) -> Result<Routing> {
-        self.router.route(x)
     }
 }

@@ -23,29 +23,27 @@ use super::experts::{Expert, ExpertConfig};
 use crate::error::{Error, Result};
 use crate::modules::{ComputeModule, check_last_dim};
 
-/// A Soft MoE layer.
-#[derive(Module, Debug)]
-pub struct SoftMoe {
-    /// Slot parameters `Φ: [d, E·p]`.
-    pub phi: Param<Tensor<2>>,
-    /// The experts.
-    pub experts: Vec<Expert>,
+/// Configuration of a [`SoftMoe`].
+#[derive(burn::config::Config, Debug)]
+pub struct SoftMoeConfig {
+    /// Number of experts `E`.
+    pub num_experts: usize,
     /// Slots per expert `p`.
     pub slots_per_expert: usize,
+    /// The experts' configuration (its `d_model` is the layer's width).
+    pub expert: ExpertConfig,
 }
 
-impl SoftMoe {
+impl SoftMoeConfig {
     /// Creates `num_experts` experts from `expert` with `slots_per_expert` slots each;
     /// `Φ ~ N(0, 1/d)`.
     ///
     /// # Errors
     /// [`Error::Invalid`] for zero experts or slots; expert configuration errors.
-    pub fn new(
-        num_experts: usize,
-        slots_per_expert: usize,
-        expert: &ExpertConfig,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn init(&self, device: &Device) -> Result<SoftMoe> {
+        let (num_experts, slots_per_expert, expert) =
+            (self.num_experts, self.slots_per_expert, &self.expert);
+
         if num_experts == 0 || slots_per_expert == 0 {
             return Err(Error::invalid(
                 "Soft MoE",
@@ -58,7 +56,7 @@ impl SoftMoe {
             Distribution::Normal(0.0, 1.0 / (d as f64).sqrt()),
             device,
         );
-        Ok(Self {
+        Ok(SoftMoe {
             phi: Param::from_tensor(phi),
             experts: (0..num_experts)
                 .map(|_| expert.init(device))
@@ -66,7 +64,20 @@ impl SoftMoe {
             slots_per_expert,
         })
     }
+}
 
+/// A Soft MoE layer.
+#[derive(Module, Debug)]
+pub struct SoftMoe {
+    /// Slot parameters `Φ: [d, E·p]`.
+    pub phi: Param<Tensor<2>>,
+    /// The experts.
+    pub experts: Vec<Expert>,
+    /// Slots per expert `p`.
+    pub slots_per_expert: usize,
+}
+
+impl SoftMoe {
     /// Dispatch weights `D` and combine weights `C` (both `[T, E·p]`) for `x: [T, d]`.
     ///
     /// # Errors

@@ -23,7 +23,7 @@ use super::capacity::{SecondExpertPolicy, apply_capacity, expert_capacity};
 use super::losses::{load_balancing_loss, router_entropy, z_loss};
 use crate::error::{Error, Result};
 use crate::modules::check_last_dim;
-use crate::routing::{Router, Routing};
+use crate::routing::{Router, RouterInput, Routing};
 use crate::tensor_util::ensure_finite;
 
 /// Configuration of a [`TopKRouter`].
@@ -152,7 +152,7 @@ impl TopKRouter {
     /// tests with hand-set logits).
     ///
     /// # Errors
-    /// [`Error::Routing`] if a logit is NaN or infinite.
+    /// [`Error::NonFinite`] if a logit is NaN or infinite.
     pub fn route_logits(&self, logits: Tensor<2>) -> Result<Routing> {
         ensure_finite(&logits, "router logits")?;
         let [_, e] = logits.dims();
@@ -189,7 +189,8 @@ impl Router for TopKRouter {
         self.gate.weight.shape().dims::<2>()[1]
     }
 
-    fn route(&self, x: &Tensor<2>) -> Result<Routing> {
+    fn route_input(&self, input: RouterInput<'_>) -> Result<Routing> {
+        let x = input.into_rows("TopKRouter")?;
         self.route_logits(self.logits(x)?)
     }
 }

@@ -1,4 +1,4 @@
-//! One LoRA adapter: its configuration, initialisation and factors (see [`super::lora`] for the
+//! One LoRA adapter: its configuration, initialisation and factors (see [`super`] for the
 //! math, the paper and the host layers). The adapter is also a [`ComputeModule`] on its own,
 //! the delta function a library of LoRA experts routes between.
 
@@ -7,8 +7,10 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Device, Distribution, Tensor};
 
-use super::ComputeModule;
 use crate::error::{Error, Result};
+use crate::modules::ComputeModule;
+use crate::routing::{DispatchPlan, WeightedSum};
+use crate::tensor_util::float_tensor;
 
 /// How the `A` factor of a new adapter is initialised (`B` always starts at zero).
 #[derive(Config, Debug, Copy, PartialEq)]
@@ -77,7 +79,7 @@ impl LoraConfig {
     /// # Errors
     /// [`Error::Invalid`] for rank 0, a non-finite alpha, dropout outside `[0, 1)` or a zero
     /// width.
-    pub fn init(&self, d_in: usize, d_out: usize, device: &Device) -> Result<LoraAdapter> {
+    pub fn init(&self, d_in: usize, d_out: usize, device: &Device) -> Result<LoraModule> {
         self.validate()?;
         if d_in == 0 || d_out == 0 {
             return Err(Error::invalid(
@@ -101,7 +103,7 @@ impl LoraConfig {
             ),
         };
         let b = Tensor::<2>::zeros([self.rank, d_out], device);
-        LoraAdapter::from_factors(a, b, self.alpha, self.use_rslora, self.dropout)
+        LoraModule::from_factors(a, b, self.alpha, self.use_rslora, self.dropout)
     }
 }
 
@@ -111,7 +113,7 @@ impl LoraConfig {
 /// LoRA experts routes between ([`ComputeModule`]); on a host layer it lives inside a
 /// [`LoraLinear`](super::lora::LoraLinear).
 #[derive(Module, Debug)]
-pub struct LoraAdapter {
+pub struct LoraModule {
     /// Down-projection `A: [d_in, r]` (PEFT's `lora_A.weight` transposed).
     pub a: Param<Tensor<2>>,
     /// Up-projection `B: [r, d_out]` (PEFT's `lora_B.weight` transposed).
@@ -124,7 +126,7 @@ pub struct LoraAdapter {
     pub dropout: Dropout,
 }
 
-impl LoraAdapter {
+impl LoraModule {
     /// Builds an adapter from existing factors `a: [d_in, r]`, `b: [r, d_out]`.
     ///
     /// # Errors
@@ -204,7 +206,7 @@ impl LoraAdapter {
     }
 }
 
-impl ComputeModule for LoraAdapter {
+impl ComputeModule for LoraModule {
     fn d_input(&self) -> usize {
         self.d_in()
     }
@@ -216,4 +218,67 @@ impl ComputeModule for LoraAdapter {
     fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
         self.delta_forward(x)
     }
+}
+
+/// `Σ_j w_j · s_{m_j} (x A_{m_j}) B_{m_j}` for every row of `x: [rows, d_in]` under `plan`
+/// (module `m` is `modules[m]`), `[rows, d_out]`: the LoRA output mixture, one copy for
+/// mixed-adapter layers and for library mixtures.
+///
+/// Under the rows and dense strategies each module runs on its own rows. Under the
+/// sequences strategy with one slot per sequence and one rank, the factors are gathered per
+/// sequence instead (`[units, d_in, r]`, `[units, r, d_out]`) and the delta is two batched
+/// matmuls, which moves no activations (the "BGMV" layout of Punica/S-LoRA).
+///
+/// # Errors
+/// [`Error::Shape`] if the plan routes another number of modules or `x` another number of
+/// rows.
+pub(crate) fn output_mixture(
+    x: Tensor<2>,
+    plan: &DispatchPlan,
+    modules: &[LoraModule],
+) -> Result<Tensor<2>> {
+    if plan.num_modules() != modules.len() {
+        return Err(Error::shape(
+            "LoRA mixture (routing modules = adapters)",
+            modules.len().to_string(),
+            plan.num_modules().to_string(),
+        ));
+    }
+    let d_out = modules.first().map_or(0, LoraModule::d_out);
+    let unit = plan.rows_per_unit();
+    let one_rank = modules
+        .first()
+        .is_some_and(|a0| modules.iter().all(|a| a.rank() == a0.rank()));
+    if let (true, true, Some((ids, weights))) = (unit > 1, one_rank, plan.unit_modules()) {
+        let [rows, d_in] = x.dims();
+        if rows != plan.rows() {
+            return Err(Error::shape(
+                "LoRA mixture (rows of x vs routing)",
+                plan.rows().to_string(),
+                rows.to_string(),
+            ));
+        }
+        let units = plan.units();
+        let device = x.device();
+        if ids.iter().all(|&i| i < 0) {
+            return Ok(Tensor::zeros([rows, d_out], &device));
+        }
+        let pick = |i: i64| &modules[i.max(0) as usize];
+        let a = Tensor::stack::<3>(ids.iter().map(|&i| pick(i).a.val()).collect(), 0);
+        let b = Tensor::stack::<3>(ids.iter().map(|&i| pick(i).b.val()).collect(), 0);
+        let scales: Vec<f32> = ids
+            .iter()
+            .map(|&i| if i < 0 { 0.0 } else { pick(i).scaling() as f32 })
+            .collect();
+        let s = float_tensor(scales, [units, 1, 1], &device) * weights.reshape([units, 1, 1]);
+        let x3 = x.reshape([units, unit, d_in]);
+        return Ok(x3.matmul(a).mul(s).matmul(b).reshape([rows, d_out]));
+    }
+    plan.apply(x, d_out, &WeightedSum, |m, xm| {
+        let a = &modules[m];
+        Ok(xm
+            .matmul(a.a.val())
+            .mul_scalar(a.scaling())
+            .matmul(a.b.val()))
+    })
 }

@@ -1,28 +1,51 @@
-//! Aggregating LoRA experts under a routing (the aggregator role for libraries of LoRAs).
+//! Aggregating LoRA modules under a routing (the aggregator role for libraries of LoRAs).
 //!
 //! - [`LoraMix::Output`]: the output mixture `Σ_e w_e s_e B_e A_e x`, each expert computed on
-//!   the rows routed to it only (the core's sparse dispatch).
+//!   the rows routed to it only (the core's sparse dispatch; per sequence, the factors are
+//!   gathered instead: see [`DispatchPlan::per_sequence`]).
 //! - [`LoraMix::Factor`]: the parameter (factor) mixture `(Σ_e w_e s_e B_e)(Σ_e w_e A_e) x` of
-//!   mttl and Polytropon, computed as two dispatch passes through an `r`-wide intermediate
-//!   (`u = Σ_e w_e x A_e`, then `Σ_e w_e s_e u B_e`) without forming any mixed factor; all
-//!   experts must share one rank.
+//!   mttl and Polytropon. The modules compute `x A_e` (`r` wide) and the [`LoraFactorMix`]
+//!   aggregator sums them, `u = Σ_e w_e x A_e`, then applies the mixed up-projection
+//!   `Σ_e w_e s_e u B_e` through a second pass of the same plan, so no mixed factor is ever
+//!   formed; all experts must share one rank.
 //!
 //! Gradients flow to the routing weights and to the factors in both modes.
 
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
-use crate::modules::lora_adapter::LoraAdapter;
-use crate::routing::{DispatchPlan, Routing, WeightedSum};
+use crate::modules::lora::LoraModule;
+use crate::modules::lora::module::output_mixture;
+use crate::routing::{Aggregator, DispatchPlan, Routing, WeightedSum};
 
 /// How a routing combines LoRA experts (see the [module docs](self)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum LoraMix {
     /// `Σ w_e s_e B_e A_e x` (PEFT's Arrow, X-LoRA).
     #[default]
     Output,
     /// `(Σ w_e s_e B_e)(Σ w_e A_e) x` (mttl's Arrow, Polytropon).
     Factor,
+}
+
+/// The factor-mixing aggregator: the modules' outputs are the down-projections `x A_e`
+/// (`[rows_e, r]`); it combines them into `(Σ_e w_e s_e B_e)(Σ_e w_e A_e) x` (see the
+/// [module docs](self)).
+#[derive(Clone, Copy, Debug)]
+pub struct LoraFactorMix<'a> {
+    /// The modules, in the routing's order; they share one rank.
+    pub modules: &'a [LoraModule],
+}
+
+impl Aggregator for LoraFactorMix<'_> {
+    fn combine(&self, plan: &DispatchPlan, _x: &Tensor<2>, y: Tensor<2>) -> Result<Tensor<2>> {
+        let d_out = self.modules.first().map_or(0, LoraModule::d_out);
+        let u = plan.combine(y);
+        plan.apply(u, d_out, &WeightedSum, |m, um| {
+            let a = &self.modules[m];
+            Ok(um.matmul(a.b.val()).mul_scalar(a.scaling()))
+        })
+    }
 }
 
 /// The experts' combined contribution for `x: [rows, d_in]` under `routing` (module `e` is
@@ -35,7 +58,7 @@ pub enum LoraMix {
 pub fn lora_mixture(
     x: Tensor<2>,
     routing: &Routing,
-    adapters: &[LoraAdapter],
+    adapters: &[LoraModule],
     mode: LoraMix,
 ) -> Result<Tensor<2>> {
     lora_mixture_planned(x, &DispatchPlan::new(routing)?, adapters, mode)
@@ -48,19 +71,12 @@ pub fn lora_mixture(
 pub fn lora_mixture_planned(
     x: Tensor<2>,
     plan: &DispatchPlan,
-    adapters: &[LoraAdapter],
+    adapters: &[LoraModule],
     mode: LoraMix,
 ) -> Result<Tensor<2>> {
     let Some(first) = adapters.first() else {
         return Err(Error::invalid("LoRA mixture", "there are no adapters"));
     };
-    if plan.num_modules() != adapters.len() {
-        return Err(Error::shape(
-            "LoRA mixture (routing modules = adapters)",
-            adapters.len().to_string(),
-            plan.num_modules().to_string(),
-        ));
-    }
     if let Some(a) = adapters
         .iter()
         .find(|a| (a.d_in(), a.d_out()) != (first.d_in(), first.d_out()))
@@ -71,16 +87,16 @@ pub fn lora_mixture_planned(
             format!("[{}, {}]", a.d_in(), a.d_out()),
         ));
     }
-    let d_out = first.d_out();
     match mode {
-        LoraMix::Output => plan.apply(x, d_out, &WeightedSum, |m, xm| {
-            let a = &adapters[m];
-            Ok(xm
-                .matmul(a.a.val())
-                .mul_scalar(a.scaling())
-                .matmul(a.b.val()))
-        }),
+        LoraMix::Output => output_mixture(x, plan, adapters),
         LoraMix::Factor => {
+            if plan.num_modules() != adapters.len() {
+                return Err(Error::shape(
+                    "LoRA mixture (routing modules = adapters)",
+                    adapters.len().to_string(),
+                    plan.num_modules().to_string(),
+                ));
+            }
             let r = first.rank();
             if adapters.iter().any(|a| a.rank() != r) {
                 return Err(Error::invalid(
@@ -88,11 +104,8 @@ pub fn lora_mixture_planned(
                     "factor mixing needs adapters of one rank; use LoraMix::Output",
                 ));
             }
-            let u = plan.combine(plan.run(x, r, |m, xm| Ok(xm.matmul(adapters[m].a.val())))?);
-            plan.apply(u, d_out, &WeightedSum, |m, um| {
-                let a = &adapters[m];
-                Ok(um.matmul(a.b.val()).mul_scalar(a.scaling()))
-            })
+            let mix = LoraFactorMix { modules: adapters };
+            plan.apply(x, r, &mix, |m, xm| Ok(xm.matmul(adapters[m].a.val())))
         }
     }
 }

@@ -22,10 +22,10 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{Distribution, Tensor, activation};
 
 use super::losses::{cv_squared, router_entropy};
-use super::router::validate_gate;
+use super::topk::validate_gate;
 use crate::error::{Error, Result};
 use crate::modules::check_last_dim;
-use crate::routing::{Router, Routing};
+use crate::routing::{Router, RouterInput, Routing};
 use crate::tensor_util::ensure_finite;
 
 /// Configuration of a [`NoisyTopKRouter`].
@@ -99,7 +99,7 @@ impl NoisyTopKRouter {
     /// training and uses zeros otherwise.
     ///
     /// # Errors
-    /// [`Error::Shape`] if the parts differ in shape; [`Error::Routing`] for NaN/inf.
+    /// [`Error::Shape`] if the parts differ in shape; [`Error::NonFinite`] for NaN/inf.
     pub fn route_parts(
         &self,
         clean: Tensor<2>,
@@ -162,7 +162,8 @@ impl Router for NoisyTopKRouter {
         self.w_gate.weight.shape().dims::<2>()[1]
     }
 
-    fn route(&self, x: &Tensor<2>) -> Result<Routing> {
+    fn route_input(&self, input: RouterInput<'_>) -> Result<Routing> {
+        let x = input.into_rows("NoisyTopKRouter")?;
         check_last_dim(x, self.w_gate.weight.shape().dims::<2>()[0], "router input")?;
         let clean = self.w_gate.forward(x.clone());
         let std = activation::softplus(self.w_noise.forward(x.clone()), 1.0);

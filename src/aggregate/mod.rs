@@ -1,0 +1,19 @@
+//! Aggregators with parameters or structure of their own, beside the plain mixtures
+//! ([`WeightedSum`](crate::WeightedSum), [`WeightedMean`](crate::WeightedMean)) that live with
+//! the [`Aggregator`](crate::Aggregator) trait in [`routing`](crate::routing).
+//!
+//! | aggregator | combines | paper |
+//! |---|---|---|
+//! | [`WeightedSum`](crate::WeightedSum) | `Σ_j w_j y_j` (MoE, Arrow, mixed batches; under a dense routing, the LMC mixture) | |
+//! | [`WeightedMean`](crate::WeightedMean) | `Σ_j w_j y_j / Σ_j w_j` | |
+//! | [`AdapterFusion`] | attention over the outputs, query from the input rows | Pfeiffer et al. 2021 |
+//! | [`LoraFactorMix`] | LoRA factors: `(Σ w s B)(Σ w A) x` | Polytropon, mttl's Arrow |
+//!
+//! [`lora_mixture`] applies a library of LoRA modules under a routing with either mixture
+//! ([`LoraMix`]).
+
+pub mod fusion;
+pub mod lora_mix;
+
+pub use fusion::{AdapterFusion, AdapterFusionConfig};
+pub use lora_mix::{LoraFactorMix, LoraMix, lora_mixture, lora_mixture_planned};
