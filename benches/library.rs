@@ -2,14 +2,13 @@
 //! factors), PEFT-parity TIES and exact delta-space merging, MBC clustering, and a
 //! mixed-adapter batch against a single adapter (Flex, f32).
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
 use modula::LoraLinear;
 use modula::library::{
     Combination, LoraExpert, LoraFactors, MbcConfig, MergeOptions, MergeSpace, arrow_prototypes,
     mbc_cluster, merge_experts,
 };
-use modula::linalg::Mat;
 
 fn factors(r: usize, d_in: usize, d_out: usize, seed: u64) -> LoraFactors {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -19,11 +18,14 @@ fn factors(r: usize, d_in: usize, d_out: usize, seed: u64) -> LoraFactors {
         s ^= s << 17;
         (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
     };
-    let mut a = Mat::zeros(r, d_in);
-    a.data.iter_mut().for_each(|v| *v = next());
-    let mut b = Mat::zeros(d_out, r);
-    b.data.iter_mut().for_each(|v| *v = next());
-    LoraFactors::new(a, b, 2.0).unwrap()
+    let a: Vec<f64> = (0..r * d_in).map(|_| next()).collect();
+    let b: Vec<f64> = (0..d_out * r).map(|_| next()).collect();
+    LoraFactors::new(
+        &TensorData::new(a, [r, d_in]),
+        &TensorData::new(b, [d_out, r]),
+        2.0,
+    )
+    .unwrap()
 }
 
 fn expert(layers: usize, r: usize, d: usize, seed: u64) -> LoraExpert {

@@ -23,12 +23,11 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use modula::MoeLayerConfig;
 use modula::library::{
     Combination, LoraExpert, LoraFactors, MergeOptions, MergeSpace, arrow_prototypes, merge_experts,
 };
-use modula::linalg::Mat;
 use modula::prelude::*;
 use modula::{ExpertConfig, LoraLinear, TopKRouterConfig};
 
@@ -449,11 +448,14 @@ fn random_factors(r: usize, d_in: usize, d_out: usize, seed: u64) -> LoraFactors
         state ^= state << 17;
         (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
     };
-    let mut a = Mat::zeros(r, d_in);
-    a.data.iter_mut().for_each(|v| *v = next());
-    let mut b = Mat::zeros(d_out, r);
-    b.data.iter_mut().for_each(|v| *v = next());
-    LoraFactors::new(a, b, 2.0).expect("consistent shapes")
+    let a: Vec<f64> = (0..r * d_in).map(|_| next()).collect();
+    let b: Vec<f64> = (0..d_out * r).map(|_| next()).collect();
+    LoraFactors::new(
+        &TensorData::new(a, [r, d_in]),
+        &TensorData::new(b, [d_out, r]),
+        2.0,
+    )
+    .expect("consistent shapes")
 }
 
 /// Library metrics: mixed-adapter batches, Arrow prototypes, TIES merging (shapes of the

@@ -75,7 +75,8 @@
 //!   folder with atomic writes ([`store`]).
 //! - Mixed-adapter batches: [`LoraLinear::forward_mixed`], [`LoraLinear::forward_mixed_seqs`],
 //!   [`LoraLinear::forward_routed`] serve many adapters on one base in one gathered pass.
-//! - [`linalg`]: the exact host linear algebra these use (QR, Jacobi SVD, low-rank SVD).
+//! - The host linear algebra these use (QR, Jacobi SVD, low-rank SVD) is exact `f64` and
+//!   internal; factors come in and go out as burn `TensorData`.
 //! - The `modula` command-line tool (feature `cli`): `inspect`, `merge`, `cluster`, `arrow`,
 //!   `bake`.
 //!
@@ -97,13 +98,13 @@
 
 #![warn(missing_docs)]
 
-// The layers, each importing only those above it (see docs/architecture.md).
+// The layers and the one-way rule between them are in docs/architecture.md.
 pub mod aggregate;
 pub mod continual;
 pub mod error;
 pub mod io;
 pub mod library;
-pub mod linalg;
+pub(crate) mod linalg;
 pub mod modules;
 pub mod moe;
 pub mod peft;
@@ -111,7 +112,7 @@ pub(crate) mod rng;
 pub mod routers;
 pub mod routing;
 pub mod store;
-pub mod tensor_util;
+pub(crate) mod tensor_util;
 
 pub use aggregate::{AdapterFusion, AdapterFusionConfig, LoraFactorMix, LoraMix, lora_mixture};
 pub use error::{Error, Result, Scope};

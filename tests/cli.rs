@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::tensor::{Device, Tensor};
-use common::{assert_close, data, golden, mat, mat_diff};
-use modula::library::{LoraExpert, LoraFactors};
+use common::{HostFactors, assert_close, data, factors, golden, mat, mat_diff};
+use modula::library::LoraExpert;
 use modula::{PeftLora, TensorFile};
 
 fn modula(args: &[&str]) -> (bool, String, String) {
@@ -28,12 +28,11 @@ fn golden_folders(file: &str, prefix: &str, n: usize, root: &Path) -> Vec<PathBu
     let device = Device::flex();
     (0..n)
         .map(|i| {
-            let f = LoraFactors::new(
-                mat(&g, &format!("{prefix}{i}.lora_A")),
-                mat(&g, &format!("{prefix}{i}.lora_B")),
+            let f = factors(
+                &mat(&g, &format!("{prefix}{i}.lora_A")),
+                &mat(&g, &format!("{prefix}{i}.lora_B")),
                 2.0,
-            )
-            .unwrap();
+            );
             let mut peft = PeftLora::new(4, 8.0, false);
             let a = f.to_adapter(&device).unwrap();
             // Keep PEFT's own alpha (8 for r = 4): the same factors, scaling 2.
@@ -76,7 +75,7 @@ fn merge_writes_a_peft_folder_with_peft_numbers() {
         assert_eq!(cfg["r"], cfg["lora_alpha"], "{method}: scaling 1");
         let peft = PeftLora::load(&out, &device).unwrap();
         let merged = LoraExpert::from_peft(&peft).unwrap();
-        let delta = merged.layers["fc1"].delta();
+        let delta = merged.layers["fc1"].delta_mat();
         let expected = mat(&g, &format!("{method}.delta_weight"));
         assert!(
             mat_diff(&delta, &expected) < 1e-5,
@@ -133,15 +132,18 @@ fn arrow_cluster_inspect_and_bake() {
             let src = &dirs[i % 2];
             let peft = PeftLora::load(src, &Device::flex()).unwrap();
             let f = LoraExpert::from_peft(&peft).unwrap().layers["fc1"].clone();
-            let jitter = |m: &modula::linalg::Mat, rng: &mut common::Rng| {
+            let jitter = |m: &common::Mat, rng: &mut common::Rng| {
                 let mut m = m.clone();
                 m.data
                     .iter_mut()
                     .for_each(|v| *v += 0.05 * (2.0 * rng.uniform() as f64 - 1.0));
                 m
             };
-            let noisy =
-                LoraFactors::new(jitter(&f.a, &mut rng), jitter(&f.b, &mut rng), 2.0).unwrap();
+            let noisy = factors(
+                &jitter(&f.a_mat(), &mut rng),
+                &jitter(&f.b_mat(), &mut rng),
+                2.0,
+            );
             let mut out = PeftLora::new(4, 8.0, false);
             let a = noisy.to_adapter(&Device::flex()).unwrap();
             let a =

@@ -130,6 +130,19 @@ fn missing_and_malformed_config_keys() {
     assert!(peft_err(no_r.path()).contains("missing key `r`"));
     let bad_r = edited_lora_folder(|v| v["r"] = serde_json::json!("four"));
     assert!(peft_err(bad_r.path()).contains("`r` must be a positive integer"));
+    // A mistyped key is named, with what was found and what was expected.
+    let bad_flag = edited_lora_folder(|v| v["fan_in_fan_out"] = serde_json::json!("yes"));
+    let msg = peft_err(bad_flag.path());
+    assert!(
+        msg.contains("fan_in_fan_out") && msg.contains("\"yes\"") && msg.contains("boolean"),
+        "{msg}"
+    );
+    let bad_pattern = edited_lora_folder(|v| v["rank_pattern"] = serde_json::json!({"fc1": 0}));
+    let msg = peft_err(bad_pattern.path());
+    assert!(
+        msg.contains("rank_pattern.fc1") && msg.contains("positive integer"),
+        "{msg}"
+    );
     let no_type = edited_lora_folder(|v| {
         v.as_object_mut().unwrap().remove("peft_type");
     });

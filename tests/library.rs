@@ -4,13 +4,14 @@
 mod common;
 
 use burn::tensor::{Device, Tensor};
-use common::{Rng, assert_close, devices, golden, mat, mat_diff};
+use common::{
+    HostFactors, Mat, Rng, assert_close, devices, factors, golden, mat, mat_diff, qr_q, svd,
+};
 use modula::library::arith::{ia3_add, ia3_negate, lora_add, lora_negate, lora_scale};
 use modula::library::{
     ArrowLinear, Combination, LoraFactors, MajoritySign, MergeOptions, MergeSpace, arrow_prototype,
     arrow_prototypes, compress, gen_know_sub, merge, slerp,
 };
-use modula::linalg::{Mat, svd};
 use modula::{AdapterFusionConfig, PolytroponRouterConfig, XLoraRouterConfig};
 use modula::{ArrowRouter, LoraMix};
 use modula::{Router, TensorFile};
@@ -18,12 +19,11 @@ use modula::{Router, TensorFile};
 fn golden_adapters(f: &TensorFile, prefix: &str, n: usize) -> Vec<LoraFactors> {
     (0..n)
         .map(|i| {
-            LoraFactors::new(
-                mat(f, &format!("{prefix}{i}.lora_A")),
-                mat(f, &format!("{prefix}{i}.lora_B")),
+            factors(
+                &mat(f, &format!("{prefix}{i}.lora_A")),
+                &mat(f, &format!("{prefix}{i}.lora_B")),
                 2.0,
             )
-            .unwrap()
         })
         .collect()
 }
@@ -46,7 +46,7 @@ fn every_deterministic_peft_combination_matches() {
     let refs: Vec<&LoraFactors> = adapters.iter().collect();
     // Each input's own delta first: our s·B·A is PEFT's get_delta_weight.
     for (i, a) in adapters.iter().enumerate() {
-        assert!(mat_diff(&a.delta(), &mat(&g, &format!("a{i}.delta_weight"))) < 1e-5);
+        assert!(mat_diff(&a.delta_mat(), &mat(&g, &format!("a{i}.delta_weight"))) < 1e-5);
     }
     let cases: &[Case] = &[
         (
@@ -147,16 +147,16 @@ fn every_deterministic_peft_combination_matches() {
         opts.density = density;
         opts.svd_rank = rank;
         let m = merge(&refs, w, &opts).unwrap();
-        assert_eq!(m.scaling, 1.0, "{name}: merged adapters have scaling 1");
+        assert_eq!(m.scaling(), 1.0, "{name}: merged adapters have scaling 1");
         let expected_delta = mat(&g, &format!("{name}.delta_weight"));
-        let d = mat_diff(&m.delta(), &expected_delta);
+        let d = mat_diff(&m.delta_mat(), &expected_delta);
         assert!(d < 1e-5, "{name}: delta differs by {d:e}");
         let expected_a = mat(&g, &format!("{name}.lora_A"));
         assert_eq!(m.rank(), expected_a.rows, "{name}: rank");
         if factors_comparable {
-            assert!(mat_diff(&m.a, &expected_a) < 1e-5, "{name}: lora_A");
+            assert!(mat_diff(&m.a_mat(), &expected_a) < 1e-5, "{name}: lora_A");
             assert!(
-                mat_diff(&m.b, &mat(&g, &format!("{name}.lora_B"))) < 1e-5,
+                mat_diff(&m.b_mat(), &mat(&g, &format!("{name}.lora_B"))) < 1e-5,
                 "{name}: lora_B"
             );
         }
@@ -176,7 +176,7 @@ fn svd_merge_singular_values_match_peft() {
     )
     .unwrap();
     let expected = g.get("svd.singular_values_of_merged_delta").unwrap();
-    let ours = svd(&exact.delta()).s;
+    let ours = svd(&exact.delta_mat()).s;
     assert_eq!(ours.len(), expected.data.len(), "number of singular values");
     for (i, (a, b)) in ours.iter().zip(&expected.data).enumerate() {
         assert!((a - f64::from(*b)).abs() < 1e-4, "σ_{i}: {a} vs {b}");
@@ -184,11 +184,11 @@ fn svd_merge_singular_values_match_peft() {
     // The delta-space linear merge is exact: Σ w_i ΔW_i.
     let mut sum = Mat::zeros(12, 16);
     for (a, w) in adapters.iter().zip([0.5, 0.3, 0.2]) {
-        for (s, v) in sum.data.iter_mut().zip(a.delta().data) {
+        for (s, v) in sum.data.iter_mut().zip(a.delta_mat().data) {
             *s += w * v;
         }
     }
-    assert!(mat_diff(&exact.delta(), &sum) < 1e-12);
+    assert!(mat_diff(&exact.delta_mat(), &sum) < 1e-12);
     assert_eq!(exact.rank(), 12);
 }
 
@@ -247,9 +247,9 @@ fn dare_samples(refs: &[&LoraFactors], c: Combination, density: f64, trials: u64
             .with_density(density)
             .with_seed(1000 + t);
         let m = merge(refs, &[0.5, 0.3, 0.2], &opts).unwrap();
-        d.push(m.delta().data);
-        a.push(m.a.data);
-        b.push(m.b.data);
+        d.push(m.delta_mat().data);
+        a.push(m.a_mat().data);
+        b.push(m.b_mat().data);
     }
     (a, b, d)
 }
@@ -347,14 +347,14 @@ fn dare_statistics_match_peft() {
             let se = |sd: &[f64]| -> Vec<f64> { sd.iter().map(|s| s / n.sqrt()).collect() };
             within(
                 &mean_a,
-                &linear.a.data,
+                &linear.a_mat().data,
                 &se(&sd_a),
                 FAMILY_Z,
                 "E[A] vs linear",
             );
             within(
                 &mean_b,
-                &linear.b.data,
+                &linear.b_mat().data,
                 &se(&sd_b),
                 FAMILY_Z,
                 "E[B] vs linear",
@@ -401,21 +401,23 @@ fn dare_at_density_0_3_matches_its_expectation_by_hand() {
                 })
                 .collect()
         };
-        let a_in: Vec<&Mat> = adapters.iter().map(|f| &f.a).collect();
-        let b_in: Vec<&Mat> = adapters.iter().map(|f| &f.b).collect();
+        let a_own: Vec<Mat> = adapters.iter().map(|f| f.a_mat()).collect();
+        let b_own: Vec<Mat> = adapters.iter().map(|f| f.b_mat()).collect();
+        let a_in: Vec<&Mat> = a_own.iter().collect();
+        let b_in: Vec<&Mat> = b_own.iter().collect();
         let (mean_a, sd_a) = entry_stats(&sa);
         let (mean_b, _) = entry_stats(&sb);
         let (mean_d, sd_d) = entry_stats(&sdw);
         within(
             &mean_a,
-            &linear.a.data,
+            &linear.a_mat().data,
             &hand_sd(&a_in),
             FAMILY_Z,
             "E[A] at d = 0.3",
         );
         within(
             &mean_b,
-            &linear.b.data,
+            &linear.b_mat().data,
             &hand_sd(&b_in),
             FAMILY_Z,
             "E[B] at d = 0.3",
@@ -423,7 +425,7 @@ fn dare_at_density_0_3_matches_its_expectation_by_hand() {
         let se_d: Vec<f64> = sd_d.iter().map(|s| s / n.sqrt()).collect();
         within(
             &mean_d,
-            &linear.delta().data,
+            &linear.delta_mat().data,
             &se_d,
             FAMILY_Z,
             "E[ΔW] at d = 0.3",
@@ -455,12 +457,11 @@ fn dare_is_deterministic_for_a_seed() {
 fn random_factors(rng: &mut Rng, r: usize, d_in: usize, d_out: usize, scaling: f64) -> LoraFactors {
     let a: Vec<f32> = (0..r * d_in).map(|_| 2.0 * rng.uniform() - 1.0).collect();
     let b: Vec<f32> = (0..d_out * r).map(|_| 2.0 * rng.uniform() - 1.0).collect();
-    LoraFactors::new(
-        Mat::from_f32(r, d_in, &a),
-        Mat::from_f32(d_out, r, &b),
+    factors(
+        &Mat::from_f32(r, d_in, &a),
+        &Mat::from_f32(d_out, r, &b),
         scaling,
     )
-    .unwrap()
 }
 
 #[test]
@@ -472,13 +473,13 @@ fn compression_is_the_best_low_rank_approximation() {
     let refs: Vec<&LoraFactors> = fs.iter().collect();
     let w = [0.4, -0.2, 0.3, 0.5];
     let exact = merge(&refs, &w, &MergeOptions::new(Combination::Linear)).unwrap();
-    let dense = svd(&exact.delta());
+    let dense = svd(&exact.delta_mat());
     for k in [1, 3, 6, 10] {
         let c = compress(&exact, k);
         assert_eq!(c.rank(), k);
         // Eckart–Young: the error's Frobenius norm is the root of the dropped σ².
-        let mut err = exact.delta();
-        for (e, v) in err.data.iter_mut().zip(c.delta().data) {
+        let mut err = exact.delta_mat();
+        for (e, v) in err.data.iter_mut().zip(c.delta_mat().data) {
             *e -= v;
         }
         let expected: f64 = dense.s[k..].iter().map(|s| s * s).sum::<f64>().sqrt();
@@ -487,7 +488,7 @@ fn compression_is_the_best_low_rank_approximation() {
     // svd_rank on the delta-space linear merge is the same compression.
     let opts = MergeOptions::new(Combination::Linear).with_svd_rank(5);
     let m = merge(&refs, &w, &opts).unwrap();
-    assert!(mat_diff(&m.delta(), &compress(&exact, 5).delta()) < 1e-10);
+    assert!(mat_diff(&m.delta_mat(), &compress(&exact, 5).delta_mat()) < 1e-10);
 }
 
 #[test]
@@ -506,7 +507,7 @@ fn large_delta_space_merge_is_the_best_low_rank_fit_of_the_pruned_sum() {
     let density = 0.5;
     let mut pruned_sum = Mat::zeros(d_out, d_in);
     for (f, wi) in fs.iter().zip(w) {
-        let delta = f.delta();
+        let delta = f.delta_mat();
         let mut mags: Vec<f64> = delta.data.iter().map(|v| v.abs()).collect();
         mags.sort_by(|x, y| y.total_cmp(x));
         let keep = (density * mags.len() as f64) as usize;
@@ -529,13 +530,13 @@ fn large_delta_space_merge_is_the_best_low_rank_fit_of_the_pruned_sum() {
     let scale = dense.s[0];
     // The subspace iteration stops on the singular values (1e-12 relative change), so its
     // vectors are accurate to about the square root of that: 1e-6 of σ₁ (measured: 1.3e-8).
-    let diff = mat_diff(&merged.delta(), &best);
+    let diff = mat_diff(&merged.delta_mat(), &best);
     assert!(
         diff < 1e-6 * scale,
         "rank-{k} fit differs by {diff:e} (σ₁ = {scale})"
     );
     let mut err = pruned_sum.clone();
-    for (e, v) in err.data.iter_mut().zip(merged.delta().data) {
+    for (e, v) in err.data.iter_mut().zip(merged.delta_mat().data) {
         *e -= v;
     }
     let expected: f64 = dense.s[k..].iter().map(|s| s * s).sum::<f64>().sqrt();
@@ -553,12 +554,12 @@ fn rslora_merges_are_not_over_scaled() {
     let mut rng = Rng(5);
     let f = random_factors(&mut rng, 16, 20, 10, 8.0 / 4.0);
     let merged = merge(&[&f], &[1.0], &MergeOptions::new(Combination::Svd)).unwrap();
-    assert!(mat_diff(&merged.delta(), &f.delta()) < 1e-10);
+    assert!(mat_diff(&merged.delta_mat(), &f.delta_mat()) < 1e-10);
     let device = Device::flex();
     let adapter = merged.to_adapter(&device).unwrap();
     assert!((adapter.scaling() - 1.0).abs() < 1e-12);
     let back = LoraFactors::from_adapter(&adapter);
-    assert!(mat_diff(&back.delta(), &f.delta()) < 1e-5);
+    assert!(mat_diff(&back.delta_mat(), &f.delta_mat()) < 1e-5);
 }
 
 #[test]
@@ -592,8 +593,8 @@ fn rslora_golden_merges_and_saves_with_its_own_update() {
                 *x -= y;
             }
             let got = back.layer(layer).unwrap();
-            assert!((got.scaling - 1.0).abs() < 1e-12);
-            let diff = mat_diff(&got.delta(), &want);
+            assert!((got.scaling() - 1.0).abs() < 1e-12);
+            let diff = mat_diff(&got.delta_mat(), &want);
             assert!(diff < 1e-5, "{c:?} {layer}: |ΔW − PEFT's| = {diff:e}");
         }
     }
@@ -604,9 +605,9 @@ fn slerp_interpolates_on_the_sphere() {
     let mut rng = Rng(9);
     let a = random_factors(&mut rng, 4, 12, 8, 1.0);
     let b = random_factors(&mut rng, 4, 12, 8, 1.0);
-    let (da, db) = (a.delta(), b.delta());
-    assert!(mat_diff(&slerp(&a, &b, 0.0).unwrap().delta(), &da) < 1e-10);
-    assert!(mat_diff(&slerp(&a, &b, 1.0).unwrap().delta(), &db) < 1e-10);
+    let (da, db) = (a.delta_mat(), b.delta_mat());
+    assert!(mat_diff(&slerp(&a, &b, 0.0).unwrap().delta_mat(), &da) < 1e-10);
+    assert!(mat_diff(&slerp(&a, &b, 1.0).unwrap().delta_mat(), &db) < 1e-10);
     // Unit-norm inputs stay unit-norm along the path, and the angle splits evenly.
     let na = compress_scale(&a, 1.0 / a.delta_norm());
     let nb = compress_scale(&b, 1.0 / b.delta_norm());
@@ -633,9 +634,9 @@ fn slerp_interpolates_on_the_sphere() {
     let tiny = lora_scale(&b, 1e-3 * a.delta_norm() / b.delta_norm());
     let near = lora_add(&[&twice, &tiny], &[1.0, 1.0], MergeSpace::Delta).unwrap();
     for other in [&twice, &near] {
-        let got = slerp(&a, other, 0.25).unwrap().delta();
+        let got = slerp(&a, other, 0.25).unwrap().delta_mat();
         let mut want = da.clone();
-        for (w, o) in want.data.iter_mut().zip(other.delta().data) {
+        for (w, o) in want.data.iter_mut().zip(other.delta_mat().data) {
             *w = 0.75 * *w + 0.25 * o;
         }
         assert!(got.data.iter().all(|v| v.is_finite()));
@@ -654,27 +655,33 @@ fn pem_arithmetic() {
     let a = random_factors(&mut rng, 4, 12, 8, 2.0);
     let b = random_factors(&mut rng, 4, 12, 8, 2.0);
     let neg = lora_negate(&a);
-    let mut sum = a.delta();
-    for (s, v) in sum.data.iter_mut().zip(neg.delta().data) {
+    let mut sum = a.delta_mat();
+    for (s, v) in sum.data.iter_mut().zip(neg.delta_mat().data) {
         *s += v;
     }
     assert!(sum.frobenius() < 1e-12, "a + (−a) = 0");
     let exact = lora_add(&[&a, &b], &[0.3, 0.7], MergeSpace::Delta).unwrap();
-    let mut expected = a.delta();
+    let mut expected = a.delta_mat();
     for (e, (x, y)) in expected
         .data
         .iter_mut()
-        .zip(a.delta().data.iter().zip(b.delta().data))
+        .zip(a.delta_mat().data.iter().zip(b.delta_mat().data))
     {
         *e = 0.3 * x + 0.7 * y;
     }
-    assert!(mat_diff(&exact.delta(), &expected) < 1e-12);
+    assert!(mat_diff(&exact.delta_mat(), &expected) < 1e-12);
     // PEM's factor-space addition: A = Σ w s A, B = Σ w B.
     let factor = lora_add(&[&a, &b], &[0.3, 0.7], MergeSpace::Factor).unwrap();
     assert!(
-        (factor.a.at(0, 0) - (0.3 * 2.0 * a.a.at(0, 0) + 0.7 * 2.0 * b.a.at(0, 0))).abs() < 1e-12
+        (factor.a_mat().at(0, 0)
+            - (0.3 * 2.0 * a.a_mat().at(0, 0) + 0.7 * 2.0 * b.a_mat().at(0, 0)))
+        .abs()
+            < 1e-12
     );
-    assert!((factor.b.at(1, 2) - (0.3 * a.b.at(1, 2) + 0.7 * b.b.at(1, 2))).abs() < 1e-12);
+    assert!(
+        (factor.b_mat().at(1, 2) - (0.3 * a.b_mat().at(1, 2) + 0.7 * b.b_mat().at(1, 2))).abs()
+            < 1e-12
+    );
 
     let device = Device::flex();
     let l = Tensor::<1>::from_floats([1.0, 0.5, 2.0], &device);
@@ -723,11 +730,11 @@ fn merge_rejects_bad_input() {
     assert!(err.contains("one rank"), "{err}");
     // Delta space takes any ranks, and the result is the hand sum of the updates.
     let mixed = merge(&[&a, &b], &[1.0, 1.0], &lin).expect("delta space takes any ranks");
-    let mut hand = a.delta();
-    for (h, v) in hand.data.iter_mut().zip(b.delta().data) {
+    let mut hand = a.delta_mat();
+    for (h, v) in hand.data.iter_mut().zip(b.delta_mat().data) {
         *h += v;
     }
-    assert!(mat_diff(&mixed.delta(), &hand) < 1e-12);
+    assert!(mat_diff(&mixed.delta_mat(), &hand) < 1e-12);
     let err = merge(&[&a], &[1.0], &MergeOptions::new(Combination::Ties))
         .unwrap_err()
         .to_string();
@@ -755,7 +762,7 @@ fn arrow_matches_peft_golden() {
     let protos = arrow_prototypes(&refs).unwrap();
     let expected = mat(&g, "prototypes");
     assert!(
-        mat_diff(&protos, &expected) < 1e-5,
+        mat_diff(&Mat::from(protos.clone()), &expected) < 1e-5,
         "prototypes (same sign convention)"
     );
     for device in devices() {
@@ -818,28 +825,26 @@ fn arrow_prototypes_are_exact_where_power_iteration_is_not() {
     // B A with top two singular values 1 and 0.999: 15 power iterations cannot separate them.
     let mut rng = Rng(21);
     let (d_in, d_out, r) = (64, 48, 4);
-    let qa = modula::linalg::qr_thin(&Mat::from_f32(
+    let qa = qr_q(&Mat::from_f32(
         d_in,
         r,
         &(0..d_in * r)
             .map(|_| rng.uniform() - 0.5)
             .collect::<Vec<_>>(),
-    ))
-    .0;
-    let qb = modula::linalg::qr_thin(&Mat::from_f32(
+    ));
+    let qb = qr_q(&Mat::from_f32(
         d_out,
         r,
         &(0..d_out * r)
             .map(|_| rng.uniform() - 0.5)
             .collect::<Vec<_>>(),
-    ))
-    .0;
+    ));
     let sigma = [1.0, 0.999, 0.5, 0.1];
     let mut b = qb.clone();
     b.scale_cols(&sigma);
-    let f = LoraFactors::new(qa.t(), b, 1.0).unwrap();
+    let f = factors(&qa.t(), &b, 1.0);
     let v = arrow_prototype(&f);
-    let dense = svd(&f.delta());
+    let dense = svd(&f.delta_mat());
     let cos: f64 = v
         .iter()
         .enumerate()
@@ -854,7 +859,7 @@ fn arrow_prototypes_are_exact_where_power_iteration_is_not() {
         let mut rng = Rng(100 + seed);
         let f = random_factors(&mut rng, 8, 50, 30, 1.0);
         let v = arrow_prototype(&f);
-        let dense = svd(&f.delta());
+        let dense = svd(&f.delta_mat());
         let cos: f64 = v
             .iter()
             .enumerate()
@@ -912,18 +917,20 @@ fn gen_know_sub_both_spaces() {
     let g1 = random_factors(&mut rng, 4, 10, 6, 2.0);
     let g2 = random_factors(&mut rng, 4, 10, 6, 2.0);
     let exact = gen_know_sub(&task, &[&g1, &g2], MergeSpace::Delta).unwrap();
-    let mut expected = task.delta();
+    let mut expected = task.delta_mat();
     for (e, (a, b)) in expected
         .data
         .iter_mut()
-        .zip(g1.delta().data.iter().zip(g2.delta().data))
+        .zip(g1.delta_mat().data.iter().zip(g2.delta_mat().data))
     {
         *e -= 0.5 * (a + b);
     }
-    assert!(mat_diff(&exact.delta(), &expected) < 1e-12);
+    assert!(mat_diff(&exact.delta_mat(), &expected) < 1e-12);
     let factor = gen_know_sub(&task, &[&g1, &g2], MergeSpace::Factor).unwrap();
     assert!(
-        (factor.a.at(2, 3) - (task.a.at(2, 3) - 0.5 * (g1.a.at(2, 3) + g2.a.at(2, 3)))).abs()
+        (factor.a_mat().at(2, 3)
+            - (task.a_mat().at(2, 3) - 0.5 * (g1.a_mat().at(2, 3) + g2.a_mat().at(2, 3))))
+        .abs()
             < 1e-12
     );
     assert!(gen_know_sub(&task, &[], MergeSpace::Delta).is_err());
@@ -996,7 +1003,10 @@ fn library_store_round_trip_and_errors() {
     assert_eq!(lib2.meta("t0").unwrap().layers["fc1"], [12, 16]);
     let back = lib2.factors("t0").unwrap();
     for (p, f) in &e1.layers {
-        assert!(mat_diff(&back.layers[p].delta(), &f.delta()) < 1e-5, "{p}");
+        assert!(
+            mat_diff(&back.layers[p].delta_mat(), &f.delta_mat()) < 1e-5,
+            "{p}"
+        );
     }
     // Each expert is a PEFT folder PEFT's loader (ours) reads back.
     let exported = dir.path().join("out");
@@ -1068,9 +1078,11 @@ fn mbc_recovers_planted_clusters_deterministically() {
             truth.push(fam);
             let mut e = centres[fam].clone();
             for f in e.layers.values_mut() {
-                for v in f.a.data.iter_mut().chain(f.b.data.iter_mut()) {
+                let (mut a, mut b) = (f.a_mat(), f.b_mat());
+                for v in a.data.iter_mut().chain(b.data.iter_mut()) {
                     *v += 0.6 * (2.0 * f64::from(rng.uniform()) - 1.0);
                 }
+                *f = factors(&a, &b, f.scaling());
             }
             e
         })
@@ -1188,12 +1200,14 @@ fn mixed_batch_equals_each_row_alone() {
 fn arrow_prototype_handles_rank_deficient_factors() {
     // A zero row in A makes A Aᵀ singular: the QR route must take over and stay exact.
     let mut rng = Rng(55);
-    let mut f = random_factors(&mut rng, 4, 20, 10, 1.0);
+    let f = random_factors(&mut rng, 4, 20, 10, 1.0);
+    let mut a = f.a_mat();
     for j in 0..20 {
-        *f.a.at_mut(1, j) = 0.0;
+        *a.at_mut(1, j) = 0.0;
     }
+    let f = factors(&a, &f.b_mat(), f.scaling());
     let v = arrow_prototype(&f);
-    let dense = svd(&f.delta());
+    let dense = svd(&f.delta_mat());
     let cos: f64 = v
         .iter()
         .enumerate()
@@ -1382,4 +1396,37 @@ fn peft_folders_load_straight_to_host_factors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("IA3"), "{err}");
+}
+
+#[test]
+fn merge_and_cluster_settings_round_trip_through_json() {
+    use modula::continual::LmcConfig;
+    use modula::library::MbcConfig;
+    // PEFT's combination names; fields left out take their defaults.
+    let opts: MergeOptions =
+        serde_json::from_str(r#"{"combination": "dare_ties_svd", "density": 0.3, "seed": 7}"#)
+            .unwrap();
+    assert_eq!(
+        opts,
+        MergeOptions::new(Combination::DareTiesSvd)
+            .with_density(0.3)
+            .with_seed(7)
+    );
+    let text = serde_json::to_string(&opts).unwrap();
+    assert!(text.contains(r#""combination":"dare_ties_svd""#), "{text}");
+    assert!(text.contains(r#""space":"delta""#), "{text}");
+    assert_eq!(serde_json::from_str::<MergeOptions>(&text).unwrap(), opts);
+    assert!(serde_json::from_str::<MergeOptions>(r#"{"combination": "tie"}"#).is_err());
+    let mbc: MbcConfig = serde_json::from_str(r#"{"k": 5}"#).unwrap();
+    assert_eq!(mbc, MbcConfig::new(5));
+    let lmc = LmcConfig {
+        temperature: 0.5,
+        ..LmcConfig::default()
+    };
+    let back: LmcConfig = serde_json::from_str(&serde_json::to_string(&lmc).unwrap()).unwrap();
+    assert_eq!(back, lmc);
+    assert_eq!(
+        serde_json::from_str::<LmcConfig>("{}").unwrap(),
+        LmcConfig::default()
+    );
 }

@@ -177,7 +177,7 @@ fn inspect(dir: &Path) -> Result<serde_json::Value> {
                 p.clone(),
                 serde_json::json!({
                     "d_in": f.d_in(), "d_out": f.d_out(), "rank": f.rank(),
-                    "scaling": f.scaling, "delta_frobenius_norm": f.delta_norm(),
+                    "scaling": f.scaling(), "delta_frobenius_norm": f.delta_norm(),
                 }),
             )
         })
@@ -274,8 +274,8 @@ fn run_arrow(out: &Path, adapters: &[PathBuf]) -> Result<()> {
         tensors.insert(
             path.clone(),
             HostTensor {
-                shape: vec![p.rows, p.cols],
-                data: p.to_f32(),
+                shape: p.shape().to_vec(),
+                data: p.iter::<f32>().collect(),
             },
         );
         pb.inc(1);
@@ -332,7 +332,9 @@ fn run_bake(base: &Path, out: &Path, adapter: &Path) -> Result<()> {
             path: base.to_path_buf(),
             why: format!("tensor `{key}` vanished"),
         })?;
-        let delta = f.delta(); // [d_out, d_in], PyTorch Linear layout
+        // [d_out, d_in], PyTorch Linear layout, row-major f64.
+        let delta: Vec<f64> = f.delta().iter::<f64>().collect();
+        let d_in = f.d_in();
         let want = if peft.config.fan_in_fan_out {
             vec![f.d_in(), f.d_out()]
         } else {
@@ -351,9 +353,9 @@ fn run_bake(base: &Path, out: &Path, adapter: &Path) -> Result<()> {
         for (idx, v) in w.data.iter_mut().enumerate() {
             let (i, j) = (idx / cols, idx % cols);
             let d = if peft.config.fan_in_fan_out {
-                delta.at(j, i)
+                delta[j * d_in + i]
             } else {
-                delta.at(i, j)
+                delta[i * d_in + j]
             };
             *v = (f64::from(*v) + d) as f32;
         }

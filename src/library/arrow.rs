@@ -28,7 +28,7 @@
 //! exactly in delta space (`ΔW − mean ΔW_g`, rank `r + Σ r_g`).
 
 use burn::nn::Linear;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::aggregate::{LoraMix, lora_mixture};
 use crate::error::{Error, Result};
@@ -134,12 +134,18 @@ fn gram_top_right_vector(f: &LoraFactors) -> Option<Vec<f64>> {
     Some(v)
 }
 
-/// The prototypes of several LoRAs of one layer as an `experts × d_in` matrix, rows in input
-/// order.
+/// The prototypes of several LoRAs of one layer as an `[experts, d_in]` matrix (`f64`), rows
+/// in input order: what [`ArrowRouter::new`] takes.
 ///
 /// # Errors
 /// [`Error::Invalid`] for no experts; [`Error::Shape`] for experts of different layer shapes.
-pub fn arrow_prototypes(experts: &[&LoraFactors]) -> Result<Mat> {
+pub fn arrow_prototypes(experts: &[&LoraFactors]) -> Result<TensorData> {
+    let p = prototype_rows(experts)?;
+    Ok(TensorData::new(p.data, [p.rows, p.cols]))
+}
+
+/// [`arrow_prototypes`] as a host matrix.
+fn prototype_rows(experts: &[&LoraFactors]) -> Result<Mat> {
     let Some(first) = experts.first() else {
         return Err(Error::invalid("Arrow prototypes", "there are no experts"));
     };

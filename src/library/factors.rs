@@ -3,32 +3,71 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, TensorData};
 
 use crate::error::{Error, Result, Scope};
 use crate::linalg::Mat;
 use crate::modules::lora::LoraModule;
 use crate::tensor_util::{float_tensor, to_vec_f32};
 
-/// One LoRA's factors on the host, in PEFT's layout: `a` is `lora_A` (`r × d_in`), `b` is
+/// One LoRA's factors on the host, in PEFT's layout: `A` is `lora_A` (`r × d_in`), `B` is
 /// `lora_B` (`d_out × r`), and the update is `ΔW = scaling · B A` (`d_out × d_in`).
+///
+/// The factors are kept in `f64`; they come in and go out as burn [`TensorData`] (any float
+/// dtype in, `f64` out).
+///
+/// # Shapes
+/// - [`a`](Self::a): `[r, d_in]`, [`b`](Self::b): `[d_out, r]`, [`delta`](Self::delta):
+///   `[d_out, d_in]`
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraFactors {
     /// `lora_A`, `r × d_in`.
-    pub a: Mat,
+    pub(crate) a: Mat,
     /// `lora_B`, `d_out × r`.
-    pub b: Mat,
+    pub(crate) b: Mat,
     /// The scaling `s` (`alpha/r`, or `alpha/√r` for rsLoRA).
-    pub scaling: f64,
+    pub(crate) scaling: f64,
+}
+
+/// A 2-D host matrix from `data` (any float dtype); `what` names it in errors.
+fn mat_of(data: &TensorData, what: &str) -> Result<Mat> {
+    let dims = data.shape().to_vec();
+    let &[rows, cols] = dims.as_slice() else {
+        return Err(Error::shape(
+            format!("{what} (a 2-D matrix)"),
+            "2 dimensions",
+            format!("{dims:?}"),
+        ));
+    };
+    let values: Vec<f64> = data.iter::<f64>().collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(Error::non_finite(what));
+    }
+    Ok(Mat {
+        rows,
+        cols,
+        data: values,
+    })
+}
+
+/// A host matrix as `f64` [`TensorData`].
+fn data_of(m: &Mat) -> TensorData {
+    TensorData::new(m.data.clone(), [m.rows, m.cols])
 }
 
 impl LoraFactors {
-    /// Factors from `a` (`r × d_in`) and `b` (`d_out × r`).
+    /// Factors from `a` (`lora_A`, `[r, d_in]`) and `b` (`lora_B`, `[d_out, r]`), in any float
+    /// dtype.
     ///
     /// # Errors
-    /// [`Error::Shape`] if the ranks differ, [`Error::Invalid`] for rank 0 or a non-finite
-    /// scaling.
-    pub fn new(a: Mat, b: Mat, scaling: f64) -> Result<Self> {
+    /// [`Error::Shape`] if either is not 2-D or the ranks differ; [`Error::NonFinite`] for
+    /// NaN or infinite entries; [`Error::Invalid`] for rank 0 or a non-finite scaling.
+    pub fn new(a: &TensorData, b: &TensorData, scaling: f64) -> Result<Self> {
+        Self::from_mats(mat_of(a, "lora_A")?, mat_of(b, "lora_B")?, scaling)
+    }
+
+    /// [`new`](Self::new) from host matrices.
+    pub(crate) fn from_mats(a: Mat, b: Mat, scaling: f64) -> Result<Self> {
         if a.rows != b.cols {
             return Err(Error::shape(
                 "LoRA factors (lora_A: [r, d_in], lora_B: [d_out, r])",
@@ -71,6 +110,21 @@ impl LoraFactors {
         LoraModule::from_factors(a, b, self.scaling * self.rank() as f64, false, 0.0)
     }
 
+    /// `lora_A`, `[r, d_in]`, as `f64`.
+    pub fn a(&self) -> TensorData {
+        data_of(&self.a)
+    }
+
+    /// `lora_B`, `[d_out, r]`, as `f64`.
+    pub fn b(&self) -> TensorData {
+        data_of(&self.b)
+    }
+
+    /// The scaling `s` (`alpha/r`, or `alpha/√r` for rsLoRA).
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
     /// Rank `r`.
     pub fn rank(&self) -> usize {
         self.a.rows
@@ -86,9 +140,14 @@ impl LoraFactors {
         self.b.rows
     }
 
-    /// The dense update `scaling · B A` (`d_out × d_in`). Only the dense merges and tests
-    /// need it; everything else works on the factors.
-    pub fn delta(&self) -> Mat {
+    /// The dense update `scaling · B A`, `[d_out, d_in]` as `f64`. Only the dense merges,
+    /// baking and tests need it; everything else works on the factors.
+    pub fn delta(&self) -> TensorData {
+        data_of(&self.delta_mat())
+    }
+
+    /// [`delta`](Self::delta) as a host matrix.
+    pub(crate) fn delta_mat(&self) -> Mat {
         let mut b = self.b.clone();
         b.data.iter_mut().for_each(|v| *v *= self.scaling);
         b.matmul(&self.a)

@@ -16,8 +16,8 @@
 //!   similarity, seeded k-means++).
 //!
 //! The library's math never touches files: a library folder on disk (JSON index + one PEFT
-//! folder per expert, atomic writes, PEFT import/export) is [`crate::store`], and the PEFT
-//! conversions of [`LoraExpert`] live in [`crate::peft`].
+//! folder per expert, atomic writes, PEFT import/export) is [`store`](super::store), and the PEFT
+//! conversions of [`LoraExpert`] live in [`peft`](super::peft).
 //!
 //! Mixed-adapter batches (each row or sequence its own adapter) are methods of
 //! [`LoraLinear`](crate::LoraLinear): `forward_mixed`, `forward_mixed_seqs`, `forward_routed`.

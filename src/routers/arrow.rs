@@ -5,10 +5,9 @@
 //! [`library::arrow`](crate::library::arrow).
 
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::error::{Error, Result};
-use crate::linalg::Mat;
 use crate::routing::{Router, RouterInput, Routing};
 use crate::tensor_util::{ensure_finite, float_tensor};
 
@@ -22,13 +21,38 @@ pub struct ArrowRouter {
 }
 
 impl ArrowRouter {
-    /// A router from prototypes (`experts × d_in`, e.g. [`arrow_prototypes`]).
+    /// A router from prototypes, `[experts, d_in]` in any float dtype (e.g.
+    /// [`arrow_prototypes`](crate::library::arrow_prototypes)).
     ///
     /// # Errors
-    /// [`Error::Invalid`] for `top_k` of 0 or above the number of experts, or a temperature
-    /// that is not positive and finite.
-    pub fn new(prototypes: &Mat, top_k: usize, temperature: f64, device: &Device) -> Result<Self> {
-        let e = prototypes.rows;
+    /// [`Error::Shape`] if the prototypes are not a 2-D matrix; [`Error::NonFinite`] for NaN
+    /// or infinite entries; [`Error::Invalid`] for `top_k` of 0 or above the number of
+    /// experts, or a temperature that is not positive and finite.
+    pub fn new(
+        prototypes: &TensorData,
+        top_k: usize,
+        temperature: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let dims = prototypes.shape().to_vec();
+        let &[e, d_in] = dims.as_slice() else {
+            return Err(Error::shape(
+                "Arrow prototypes ([experts, d_in])",
+                "2 dimensions",
+                format!("{dims:?}"),
+            ));
+        };
+        let rows: Vec<f32> = prototypes.iter::<f32>().collect();
+        if rows.iter().any(|v| !v.is_finite()) {
+            return Err(Error::non_finite("Arrow prototypes"));
+        }
+        // Stored `[d_in, experts]` for the logits matmul.
+        let mut t_major = vec![0f32; e * d_in];
+        for (i, row) in rows.chunks_exact(d_in.max(1)).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                t_major[j * e + i] = v;
+            }
+        }
         if top_k == 0 || top_k > e {
             return Err(Error::invalid(
                 "Arrow top_k",
@@ -37,7 +61,7 @@ impl ArrowRouter {
         }
         super::check_temperature("Arrow temperature", temperature)?;
         Ok(Self {
-            prototypes_t: float_tensor(prototypes.t().to_f32(), [prototypes.cols, e], device),
+            prototypes_t: float_tensor(t_major, [d_in, e], device),
             top_k,
             temperature,
         })

@@ -1,0 +1,102 @@
+//! Reading and writing a PEFT folder: `adapter_config.json` and `adapter_model.safetensors`
+//! (atomic writes).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{Map, Value, json};
+
+use super::config::PeftConfig;
+use super::{CONFIG_FILE, PEFT_VERSION, WEIGHTS_FILE};
+use crate::error::{Error, Result};
+use crate::io::{HostTensor, TensorFile, atomic_write, write_safetensors};
+
+/// Reads a folder's config and opens its weights.
+pub(super) fn read_folder(dir: &Path) -> Result<(PeftConfig, TensorFile)> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::peft(
+                &cfg_path,
+                "missing; a PEFT adapter folder needs adapter_config.json",
+            )
+        } else {
+            Error::io(&cfg_path, e)
+        }
+    })?;
+    let config = PeftConfig::from_json(&text, &cfg_path)?;
+    let w_path = dir.join(WEIGHTS_FILE);
+    if !w_path.exists() {
+        return Err(Error::peft(
+            &w_path,
+            "missing; modula reads adapter_model.safetensors (convert .bin files with PEFT first)",
+        ));
+    }
+    Ok((config, TensorFile::open(&w_path)?))
+}
+
+/// A number as Python's `json` writes it: integral values without a fraction (`8`, not `8.0`),
+/// so a re-saved config is identical to the one PEFT wrote.
+pub(super) fn py_number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
+}
+
+/// The keys PEFT 0.21 writes for a LoRA, with its defaults.
+pub(super) fn lora_config_template() -> Map<String, Value> {
+    let mut m = Map::new();
+    for (k, v) in [
+        ("alora_invocation_tokens", Value::Null),
+        ("alpha_pattern", json!({})),
+        ("arrow_config", Value::Null),
+        ("auto_mapping", Value::Null),
+        ("base_model_name_or_path", Value::Null),
+        ("bias", json!("none")),
+        ("corda_config", Value::Null),
+        ("ensure_weight_tying", json!(false)),
+        ("eva_config", Value::Null),
+        ("exclude_modules", Value::Null),
+        ("fan_in_fan_out", json!(false)),
+        ("inference_mode", json!(true)),
+        ("init_lora_weights", json!(true)),
+        ("layer_replication", Value::Null),
+        ("layers_pattern", Value::Null),
+        ("layers_to_transform", Value::Null),
+        ("loftq_config", json!({})),
+        ("lora_bias", json!(false)),
+        ("lora_dropout", json!(0.0)),
+        ("megatron_config", Value::Null),
+        ("megatron_core", json!("megatron.core")),
+        ("modules_to_save", Value::Null),
+        ("peft_version", json!(PEFT_VERSION)),
+        ("rank_pattern", json!({})),
+        ("revision", Value::Null),
+        ("target_parameters", Value::Null),
+        ("task_type", Value::Null),
+        ("trainable_token_indices", Value::Null),
+        ("use_dora", json!(false)),
+        ("use_qalora", json!(false)),
+    ] {
+        m.insert(k.into(), v);
+    }
+    m
+}
+
+/// Writes a config document and its tensors into `dir`.
+pub(super) fn write_folder(
+    dir: &Path,
+    doc: Map<String, Value>,
+    tensors: &BTreeMap<String, HostTensor>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_safetensors(dir.join(WEIGHTS_FILE), tensors, None)?;
+    let cfg_path = dir.join(CONFIG_FILE);
+    let text = serde_json::to_string_pretty(&Value::Object(doc)).map_err(|e| Error::Json {
+        path: cfg_path.clone(),
+        source: e,
+    })?;
+    atomic_write(&cfg_path, text.as_bytes())
+}

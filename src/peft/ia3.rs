@@ -1,0 +1,152 @@
+//! PEFT IA3 folders.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor};
+use serde_json::{Map, Value, json};
+
+use super::PEFT_VERSION;
+use super::config::{PeftConfig, PeftType};
+use super::folder::{read_folder, write_folder};
+use super::keys::{KEY_PREFIX, split_key};
+use crate::error::{Error, Result, Scope};
+use crate::io::HostTensor;
+use crate::modules::ia3::Ia3Linear;
+
+/// An IA3 adapter read from (or to be written as) a PEFT folder.
+#[derive(Debug)]
+pub struct PeftIa3 {
+    /// The config.
+    pub config: PeftConfig,
+    /// Per module path: the vector `l` (`[n]`) and whether it is input-side.
+    pub modules: BTreeMap<String, (Tensor<1>, bool)>,
+}
+
+impl PeftIa3 {
+    /// Loads a PEFT IA3 folder onto `device`.
+    ///
+    /// # Errors
+    /// [`Error::Peft`] for a non-IA3 adapter, unknown keys, or a vector whose shape does not
+    /// match its placement (`[out, 1]` output-side, `[1, in]` for `feedforward_modules`).
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let (config, file) = read_folder(dir)?;
+        let w_path = file.path().to_path_buf();
+        if config.peft_type != PeftType::Ia3 {
+            return Err(Error::peft(
+                dir,
+                "this is a LoRA adapter; load it with PeftLora::load",
+            ));
+        }
+        let mut modules = BTreeMap::new();
+        for (key, t) in file.tensors() {
+            let Some((path, _)) = split_key(key, &["ia3_l"]) else {
+                return Err(Error::peft(
+                    &w_path,
+                    format!("unexpected tensor `{key}`; expected `<module>.ia3_l`"),
+                ));
+            };
+            let ff = config.is_feedforward(path);
+            let ok = t.shape.len() == 2 && if ff { t.shape[0] == 1 } else { t.shape[1] == 1 };
+            if !ok {
+                return Err(Error::peft(
+                    &w_path,
+                    format!(
+                        "module `{path}`: ia3_l has shape {:?}, expected {} ({} module)",
+                        t.shape,
+                        if ff { "[1, in]" } else { "[out, 1]" },
+                        if ff {
+                            "a feedforward"
+                        } else {
+                            "an output-side"
+                        }
+                    ),
+                ));
+            }
+            let n = t.data.len();
+            let v = HostTensor {
+                shape: vec![n],
+                data: t.data.clone(),
+            }
+            .to_tensor::<1>(device)?;
+            modules.insert(path.to_string(), (v, ff));
+        }
+        if modules.is_empty() {
+            return Err(Error::peft(&w_path, "contains no ia3_l tensors"));
+        }
+        Ok(Self { config, modules })
+    }
+
+    /// Wraps `base` (the frozen layer at module `path`) with this adapter's vector.
+    ///
+    /// # Errors
+    /// Unknown path, or a vector length that does not fit the layer.
+    pub fn apply(&self, path: &str, base: burn::nn::Linear) -> Result<Ia3Linear> {
+        let (v, ff) = self
+            .modules
+            .get(path)
+            .ok_or_else(|| Error::UnknownAdapter {
+                name: path.to_string(),
+                scope: Scope::PeftIa3,
+                known: self.modules.keys().cloned().collect(),
+            })?;
+        Ia3Linear::with_scale(base, v.clone(), *ff)
+    }
+
+    /// Builds a PEFT IA3 adapter from layers by module path.
+    pub fn from_layers<'a>(layers: impl IntoIterator<Item = (&'a str, &'a Ia3Linear)>) -> Self {
+        let mut modules = BTreeMap::new();
+        let mut ff = Vec::new();
+        for (path, l) in layers {
+            if l.feedforward {
+                ff.push(path.to_string());
+            }
+            modules.insert(path.to_string(), (l.scale.val(), l.feedforward));
+        }
+        let text = json!({"peft_type": "IA3", "feedforward_modules": ff}).to_string();
+        let config = PeftConfig::from_json(&text, "<new>").unwrap_or_else(|_| unreachable!());
+        Self { config, modules }
+    }
+
+    /// Writes the adapter as a PEFT IA3 folder.
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let mut tensors = BTreeMap::new();
+        let mut ff = Vec::new();
+        for (path, (v, is_ff)) in &self.modules {
+            let mut h = HostTensor::from_tensor(v.clone());
+            let n = h.data.len();
+            h.shape = if *is_ff { vec![1, n] } else { vec![n, 1] };
+            if *is_ff {
+                ff.push(path.clone());
+            }
+            tensors.insert(format!("{KEY_PREFIX}{path}.ia3_l"), h);
+        }
+        let mut doc = Map::new();
+        for (k, v) in [
+            ("auto_mapping", Value::Null),
+            ("base_model_name_or_path", Value::Null),
+            ("exclude_modules", Value::Null),
+            ("fan_in_fan_out", json!(false)),
+            ("inference_mode", json!(true)),
+            ("init_ia3_weights", json!(true)),
+            ("modules_to_save", Value::Null),
+            ("revision", Value::Null),
+            ("task_type", Value::Null),
+        ] {
+            doc.insert(k.into(), v);
+        }
+        for (k, v) in &self.config.raw {
+            doc.insert(k.clone(), v.clone());
+        }
+        let targets: Vec<&String> = self.modules.keys().collect();
+        doc.insert("peft_type".into(), json!("IA3"));
+        doc.insert("peft_version".into(), json!(PEFT_VERSION));
+        doc.insert("target_modules".into(), json!(targets));
+        doc.insert("feedforward_modules".into(), json!(ff));
+        write_folder(dir.as_ref(), doc, &tensors)
+    }
+}

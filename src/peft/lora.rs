@@ -1,0 +1,266 @@
+//! PEFT LoRA folders: load by module path, attach to layers, save for PEFT.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use serde_json::{Map, Value, json};
+
+use super::config::{PeftConfig, PeftType};
+use super::folder::{lora_config_template, py_number, read_folder, write_folder};
+use super::keys::{KEY_PREFIX, split_key};
+use crate::error::{Error, Result, Scope};
+use crate::io::HostTensor;
+use crate::modules::lora::{LoraEmbedding, LoraLinear, LoraModule};
+
+/// A LoRA adapter read from (or to be written as) a PEFT folder: one [`LoraModule`] per
+/// module path.
+#[derive(Debug)]
+pub struct PeftLora {
+    /// The config (defaults for saving, patterns for per-module rank/alpha).
+    pub config: PeftConfig,
+    /// The adapters by module path (`fc1`, `model.layers.0.self_attn.q_proj`, ...).
+    pub modules: BTreeMap<String, LoraModule>,
+    /// The module paths that adapt an embedding table (PEFT's `lora_embedding_A/B` keys).
+    pub embeddings: BTreeSet<String>,
+    /// Where it was loaded from, if anywhere.
+    pub source: Option<PathBuf>,
+}
+
+/// Reads and validates a PEFT LoRA folder and calls `f(config, path, lora_A, lora_B)` for each
+/// adapted module, with A `[r, in]` and B `[out, r]` already checked 2-D and of the config's
+/// rank (PyTorch layout). Returns the config and the paths that adapt embedding tables. The one
+/// parser behind [`PeftLora::load`] (device tensors) and [`LoraExpert::load_peft`] (host
+/// factors, no device).
+pub(super) fn read_lora_folder<F>(dir: &Path, mut f: F) -> Result<(PeftConfig, BTreeSet<String>)>
+where
+    F: FnMut(&PeftConfig, &str, &HostTensor, &HostTensor) -> Result<()>,
+{
+    let (config, file) = read_folder(dir)?;
+    let w_path = file.path().to_path_buf();
+    if config.peft_type != PeftType::Lora {
+        return Err(Error::peft(
+            dir,
+            "this is an IA3 adapter; load it with PeftIa3::load",
+        ));
+    }
+    let mut halves: BTreeMap<String, (Option<&HostTensor>, Option<&HostTensor>)> = BTreeMap::new();
+    let mut embeddings = BTreeSet::new();
+    let parts = [
+        "lora_A.weight",
+        "lora_B.weight",
+        "lora_embedding_A",
+        "lora_embedding_B",
+    ];
+    for (key, t) in file.tensors() {
+        let Some((path, part)) = split_key(key, &parts) else {
+            let why = if key.contains("lora_magnitude_vector") {
+                format!("tensor `{key}` belongs to DoRA, which modula does not support")
+            } else {
+                format!(
+                    "unexpected tensor `{key}`; expected `<module>.lora_A.weight` / `.lora_B.weight` (or `.lora_embedding_A` / `.lora_embedding_B`)"
+                )
+            };
+            return Err(Error::peft(&w_path, why));
+        };
+        if part.starts_with("lora_embedding") {
+            embeddings.insert(path.to_string());
+        }
+        let entry = halves.entry(path.to_string()).or_default();
+        if part == "lora_A.weight" || part == "lora_embedding_A" {
+            entry.0 = Some(t);
+        } else {
+            entry.1 = Some(t);
+        }
+    }
+    if halves.is_empty() {
+        return Err(Error::peft(&w_path, "contains no LoRA tensors"));
+    }
+    for (path, (a, b)) in halves {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(Error::peft(
+                &w_path,
+                format!("module `{path}` has only one of lora_A / lora_B; the file is incomplete"),
+            ));
+        };
+        let r = config.rank_for(&path);
+        let ok = a.shape.len() == 2 && b.shape.len() == 2 && a.shape[0] == r && b.shape[1] == r;
+        if !ok {
+            return Err(Error::peft(
+                &w_path,
+                format!(
+                    "module `{path}`: lora_A {:?} and lora_B {:?} disagree with the config's rank {r} (expected [{r}, in] and [out, {r}]); check r / rank_pattern",
+                    a.shape, b.shape
+                ),
+            ));
+        }
+        f(&config, &path, a, b)?;
+    }
+    Ok((config, embeddings))
+}
+
+impl PeftLora {
+    /// Loads a PEFT LoRA folder onto `device`.
+    ///
+    /// # Errors
+    /// [`Error::Peft`] for a missing or invalid config, a non-LoRA adapter, unknown tensor
+    /// keys, a missing `lora_A`/`lora_B` half, or factor shapes that disagree with the config's
+    /// rank; [`Error::SafeTensors`] for a truncated weights file.
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let mut modules = BTreeMap::new();
+        let (config, embeddings) = read_lora_folder(dir, |config, path, a, b| {
+            let adapter = LoraModule::from_factors(
+                a.to_tensor::<2>(device)?.transpose(),
+                b.to_tensor::<2>(device)?.transpose(),
+                config.alpha_for(path),
+                config.use_rslora,
+                config.lora_dropout,
+            )?;
+            modules.insert(path.to_string(), adapter);
+            Ok(())
+        })?;
+        Ok(Self {
+            config,
+            modules,
+            embeddings,
+            source: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// A new, empty PEFT LoRA with the given defaults (modules added with
+    /// [`insert`](Self::insert)).
+    pub fn new(r: usize, lora_alpha: f64, use_rslora: bool) -> Self {
+        let text = json!({"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora})
+            .to_string();
+        let config = PeftConfig::from_json(&text, "<new>").unwrap_or_else(|_| unreachable!());
+        Self {
+            config,
+            modules: BTreeMap::new(),
+            embeddings: BTreeSet::new(),
+            source: None,
+        }
+    }
+
+    /// Adds (or replaces) the adapter of the linear module `path`.
+    pub fn insert(&mut self, path: &str, adapter: LoraModule) {
+        self.embeddings.remove(path);
+        self.modules.insert(path.to_string(), adapter);
+    }
+
+    /// Adds (or replaces) the adapter of the embedding module `path`.
+    pub fn insert_embedding(&mut self, path: &str, adapter: LoraModule) {
+        self.embeddings.insert(path.to_string());
+        self.modules.insert(path.to_string(), adapter);
+    }
+
+    /// The module paths.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.modules.keys().map(String::as_str)
+    }
+
+    /// The adapter for module `path`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] naming the paths the folder has.
+    pub fn get(&self, path: &str) -> Result<&LoraModule> {
+        self.modules.get(path).ok_or_else(|| Error::UnknownAdapter {
+            name: path.to_string(),
+            scope: Scope::PeftLora,
+            known: self.modules.keys().cloned().collect(),
+        })
+    }
+
+    /// Inserts a copy of module `path`'s adapter into `layer` under `name`.
+    ///
+    /// # Errors
+    /// Unknown path, duplicate name, or widths that differ from the layer's.
+    pub fn attach(&self, path: &str, layer: &mut LoraLinear, name: &str) -> Result<()> {
+        layer.insert_adapter(name, self.get(path)?.clone())
+    }
+
+    /// Inserts a copy of embedding module `path`'s adapter into `layer` under `name`.
+    ///
+    /// # Errors
+    /// Unknown path, a path that is not an embedding, duplicate name, or wrong widths.
+    pub fn attach_embedding(
+        &self,
+        path: &str,
+        layer: &mut LoraEmbedding,
+        name: &str,
+    ) -> Result<()> {
+        let adapter = self.get(path)?;
+        if !self.embeddings.contains(path) {
+            return Err(Error::invalid(
+                "PEFT module kind",
+                format!("`{path}` adapts a Linear layer; attach it to a LoraLinear"),
+            ));
+        }
+        layer.insert_adapter(name, adapter.clone())
+    }
+
+    /// Writes the adapter as a PEFT folder (created if needed) that PEFT 0.21 loads with
+    /// identical outputs. Per-module ranks and alphas that differ from the defaults go to
+    /// `rank_pattern` / `alpha_pattern` as exact paths.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] if the adapters disagree on rsLoRA; [`Error::Io`].
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        if self.modules.is_empty() {
+            return Err(Error::invalid(
+                "PEFT LoRA save",
+                "there are no modules to save",
+            ));
+        }
+        let use_rslora = self.config.use_rslora;
+        let mut tensors = BTreeMap::new();
+        let mut rank_pattern = Map::new();
+        let mut alpha_pattern = Map::new();
+        let (r0, a0) = (self.config.r, self.config.lora_alpha);
+        for (path, ad) in &self.modules {
+            if ad.use_rslora != use_rslora {
+                return Err(Error::invalid(
+                    "PEFT LoRA save",
+                    format!(
+                        "module `{path}` has use_rslora={} but the config says {use_rslora}; PEFT has one setting per adapter",
+                        ad.use_rslora
+                    ),
+                ));
+            }
+            if ad.rank() != r0 {
+                rank_pattern.insert(format!("^{}$", regex::escape(path)), json!(ad.rank()));
+            }
+            if ad.alpha != a0 {
+                alpha_pattern.insert(format!("^{}$", regex::escape(path)), py_number(ad.alpha));
+            }
+            let (ka, kb) = if self.embeddings.contains(path) {
+                ("lora_embedding_A", "lora_embedding_B")
+            } else {
+                ("lora_A.weight", "lora_B.weight")
+            };
+            tensors.insert(
+                format!("{KEY_PREFIX}{path}.{ka}"),
+                HostTensor::from_tensor(ad.a.val().transpose()),
+            );
+            tensors.insert(
+                format!("{KEY_PREFIX}{path}.{kb}"),
+                HostTensor::from_tensor(ad.b.val().transpose()),
+            );
+        }
+        let mut doc = lora_config_template();
+        for (k, v) in &self.config.raw {
+            doc.insert(k.clone(), v.clone());
+        }
+        let targets: Vec<&str> = self.paths().collect();
+        doc.insert("peft_type".into(), json!("LORA"));
+        doc.insert("r".into(), json!(r0));
+        doc.insert("lora_alpha".into(), py_number(a0));
+        doc.insert("use_rslora".into(), json!(use_rslora));
+        doc.insert("rank_pattern".into(), Value::Object(rank_pattern));
+        doc.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
+        doc.insert("target_modules".into(), json!(targets));
+        doc.insert("inference_mode".into(), json!(true));
+        write_folder(dir, doc, &tensors)
+    }
+}

@@ -1,0 +1,115 @@
+//! Hugging Face PEFT adapter folders, in and out.
+//!
+//! A PEFT folder holds `adapter_config.json` and `adapter_model.safetensors`. Tensor keys are
+//! `base_model.model.<module path>.<part>` with PyTorch layouts:
+//!
+//! | method | key | shape | modula |
+//! |---|---|---|---|
+//! | LoRA | `<path>.lora_A.weight` | `[r, in]` | [`LoraModule::a`] = transpose, `[in, r]` |
+//! | LoRA | `<path>.lora_B.weight` | `[out, r]` | [`LoraModule::b`] = transpose, `[r, out]` |
+//! | LoRA (embedding) | `<path>.lora_embedding_A` | `[r, n]` | [`LoraModule::a`] = transpose, `[n, r]` |
+//! | LoRA (embedding) | `<path>.lora_embedding_B` | `[d, r]` | [`LoraModule::b`] = transpose, `[r, d]` |
+//! | IA3 | `<path>.ia3_l` | `[out, 1]`, or `[1, in]` for `feedforward_modules` | [`Ia3Linear::scale`], `[n]` |
+//!
+//! The scaling of each LoRA module is `alpha/r` (or `alpha/sqrt(r)` with `use_rslora`), where
+//! `r` and `alpha` come from `rank_pattern` / `alpha_pattern` when a pattern matches the module
+//! path (PEFT's rule: the pattern matches the whole path or a `.`-separated suffix, as a regular
+//! expression), and from `r` / `lora_alpha` otherwise. `fan_in_fan_out` only concerns the
+//! *host* weight's layout (GPT-2's `Conv1D`); the factors are stored the same way either way.
+//!
+//! Settings that would change the model in ways modula does not implement (DoRA, LoRA bias
+//! terms, `bias != "none"`, `modules_to_save`, aLoRA, QA-LoRA, layer replication, trainable
+//! tokens, target parameters) are rejected with [`Error::Peft`] rather than silently ignored.
+
+//!
+//! # Files
+//! `config.rs` (`adapter_config.json`, read with serde), `keys.rs` (tensor keys), `folder.rs`
+//! (reading and writing a folder), `lora.rs` ([`PeftLora`]), `ia3.rs` ([`PeftIa3`]),
+//! `expert.rs` (`LoraExpert::{load_peft, from_peft, to_peft}`), and this file
+//! ([`PeftAdapter`]).
+
+mod config;
+mod expert;
+mod folder;
+mod ia3;
+mod keys;
+mod lora;
+
+pub use config::{PeftConfig, PeftType};
+pub use ia3::PeftIa3;
+pub use lora::PeftLora;
+
+use std::path::Path;
+
+use burn::tensor::Device;
+
+use crate::error::{Error, Result};
+
+/// File name of a PEFT adapter config.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// File name of a PEFT adapter's weights.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The PEFT version whose format modula writes.
+const PEFT_VERSION: &str = "0.21.2";
+
+/// Either kind of adapter, as found in a folder.
+#[derive(Debug)]
+pub enum PeftAdapter {
+    /// A LoRA adapter.
+    Lora(PeftLora),
+    /// An IA3 adapter.
+    Ia3(PeftIa3),
+}
+
+impl PeftAdapter {
+    /// Loads whatever adapter `dir` holds.
+    ///
+    /// # Errors
+    /// As [`PeftLora::load`] / [`PeftIa3::load`].
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let cfg_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        match PeftConfig::from_json(&text, &cfg_path)?.peft_type {
+            PeftType::Lora => PeftLora::load(dir, device).map(Self::Lora),
+            PeftType::Ia3 => PeftIa3::load(dir, device).map(Self::Ia3),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config::pattern_matches;
+    use super::keys::split_key;
+    use super::*;
+
+    #[test]
+    fn patterns_match_whole_paths_or_dotted_suffixes() {
+        assert!(pattern_matches("fc1", "fc1"));
+        assert!(pattern_matches("q_proj", "model.layers.0.self_attn.q_proj"));
+        assert!(!pattern_matches("proj", "model.layers.0.self_attn.q_proj"));
+        assert!(pattern_matches(r"layers\.[01]\.mlp", "model.layers.1.mlp"));
+        assert!(!pattern_matches(r"layers\.[01]\.mlp", "model.layers.2.mlp"));
+        assert!(!pattern_matches("(unclosed", "x.(unclosed2"));
+    }
+
+    #[test]
+    fn keys_split_into_module_path_and_part() {
+        let parts = ["lora_A.weight", "lora_B.weight"];
+        assert_eq!(
+            split_key("base_model.model.enc.fc1.lora_A.weight", &parts),
+            Some(("enc.fc1", "lora_A.weight"))
+        );
+        assert_eq!(split_key("base_model.model.fc1.bias", &parts), None);
+    }
+
+    #[test]
+    fn rank_and_alpha_patterns_override_defaults() {
+        let text = r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": true,
+            "rank_pattern": {"v_proj": 4}, "alpha_pattern": {"v_proj": 2}}"#;
+        let c = PeftConfig::from_json(text, "cfg").unwrap();
+        assert_eq!((c.rank_for("a.q_proj"), c.alpha_for("a.q_proj")), (8, 16.0));
+        assert_eq!((c.rank_for("a.v_proj"), c.alpha_for("a.v_proj")), (4, 2.0));
+        assert_eq!(c.scaling_for("a.v_proj"), 1.0); // rsLoRA: 2 / sqrt(4)
+    }
+}
