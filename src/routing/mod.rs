@@ -30,43 +30,20 @@
 //! - [`Routing`] (value.rs): the routing value.
 //! - [`Router`], [`RouterInput`], [`FixedRouter`] (router.rs): the router role. The learned
 //!   routers live in [`routers`](crate::routers).
-//! - [`DispatchPlan`] (plan.rs): the plan and its three strategies.
+//! - [`DispatchPlan`] (plan.rs): the plan and its three strategies; its one entry point
+//!   [`DispatchPlan::apply`] and [`route_and_dispatch`] (dispatch.rs), where the plan meets
+//!   the aggregator.
 //! - [`Aggregator`], [`WeightedSum`], [`WeightedMean`] (aggregate.rs): the aggregator role;
 //!   parameterised aggregators live in [`aggregate`](crate::aggregate).
 
 mod aggregate;
+mod dispatch;
 mod plan;
 mod router;
 mod value;
 
 pub use aggregate::{Aggregator, WeightedMean, WeightedSum};
+pub use dispatch::route_and_dispatch;
 pub use plan::DispatchPlan;
 pub use router::{FixedRouter, Router, RouterInput};
 pub use value::Routing;
-
-use burn::tensor::Tensor;
-
-use crate::error::Result;
-
-/// Routes the rows of `x` with `router`, plans, runs the selected modules and aggregates: the
-/// whole modular pipeline in one call. `f(m, x_m)` computes module `m` on its rows.
-///
-/// # Errors
-/// Whatever the router, the plan, `f` or the aggregator returns.
-pub fn route_and_dispatch<R, A, F>(
-    router: &R,
-    agg: &A,
-    x: Tensor<2>,
-    d_out: usize,
-    f: F,
-) -> Result<(Tensor<2>, Routing)>
-where
-    R: Router + ?Sized,
-    A: Aggregator + ?Sized,
-    F: FnMut(usize, Tensor<2>) -> Result<Tensor<2>>,
-{
-    let routing = router.route(&x)?;
-    let plan = DispatchPlan::new(&routing)?;
-    let y = plan.apply(x, d_out, agg, f)?;
-    Ok((y, routing))
-}

@@ -16,12 +16,11 @@
 //!   per token, and with `k = 1` a layer may instead gather its factors per sequence
 //!   ([`DispatchPlan::unit_modules`]; the "BGMV" layout of Punica/S-LoRA).
 //!
-//! Whatever the strategy, [`DispatchPlan::apply`] is the one entry point and
-//! [`DispatchPlan::each_segment`] the one per-segment loop.
+//! Whatever the strategy, [`DispatchPlan::apply`] (in `dispatch.rs`) is the one entry point
+//! and `DispatchPlan::each_segment` the one per-segment loop.
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
-use super::aggregate::Aggregator;
 use super::value::{Routing, check_index};
 use crate::error::{Error, Result};
 use crate::tensor_util::{ensure_finite, int_tensor, to_vec_i64};
@@ -284,7 +283,7 @@ impl DispatchPlan {
     /// The one per-segment loop: runs `f(m, x_m)` on each module's rows (gathered once in plan
     /// order; the whole batch under the dense strategy), checks its shape and hands
     /// `(m, y_m)` to `sink`.
-    fn each_segment<F, S>(
+    pub(super) fn each_segment<F, S>(
         &self,
         x: Tensor<2>,
         d_out: usize,
@@ -326,7 +325,7 @@ impl DispatchPlan {
 
     /// Adds module `m`'s weighted outputs `y_m` (its segment, plan order) into `out: [rows,
     /// d_out]`.
-    fn add_weighted(&self, out: Tensor<2>, m: usize, ym: Tensor<2>) -> Tensor<2> {
+    pub(super) fn add_weighted(&self, out: Tensor<2>, m: usize, ym: Tensor<2>) -> Tensor<2> {
         let d_out = ym.dims()[1];
         let seg = self.offsets[m]..self.offsets[m + 1];
         let (index, w) = match &self.order {
@@ -430,38 +429,6 @@ impl DispatchPlan {
             .reshape([units, k, unit, d_out])
             .swap_dims(1, 2)
             .reshape([units * unit, k, d_out])
-    }
-
-    /// The one entry point: runs each selected module on its rows (`f(m, x_m)`), then
-    /// aggregates with `agg`. A plan built once serves every layer that shares its routing.
-    ///
-    /// For aggregators that are linear in the outputs ([`Aggregator::is_weighted_sum`]) each
-    /// module's output is weighted and added into the result as soon as it is computed, so the
-    /// outputs are never concatenated.
-    ///
-    /// # Errors
-    /// [`Error::Shape`] if `x` has other rows than the routing or a module returns the wrong
-    /// shape; whatever `f` or the aggregator returns.
-    pub fn apply<F, A>(&self, x: Tensor<2>, d_out: usize, agg: &A, f: F) -> Result<Tensor<2>>
-    where
-        F: FnMut(usize, Tensor<2>) -> Result<Tensor<2>>,
-        A: Aggregator + ?Sized,
-    {
-        if !agg.is_weighted_sum() {
-            let y = self.run(x.clone(), d_out, f)?;
-            return agg.combine(self, &x, y);
-        }
-        let (rows, device) = (x.dims()[0], x.device());
-        // Moved in and out of the option so each scatter-add can update the buffer in place.
-        let mut out = Some(Tensor::<2>::zeros([rows, d_out], &device));
-        self.each_segment(
-            x,
-            d_out,
-            f,
-            |m, ym| out = out.take().map(|o| self.add_weighted(o, m, ym)),
-            "DispatchPlan::apply",
-        )?;
-        Ok(out.unwrap_or_else(|| Tensor::zeros([rows, d_out], &device)))
     }
 }
 
