@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
 use modula::MoeLayerConfig;
-use modula::{ExpertConfig, MoeLayer, TopKRouterConfig};
+use modula::{ExpertConfig, TopKRouterConfig};
 
 fn bench_moe(c: &mut Criterion) {
     let device = Device::flex();

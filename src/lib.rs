@@ -8,15 +8,17 @@
 //!
 //! | role | trait | what exists today |
 //! |---|---|---|
-//! | module (computation function) | [`ComputeModule`] | [`LoraModule`], [`LoraLinear`], [`LoraEmbedding`], [`Ia3Linear`], [`BottleneckAdapter`]; prefix tuning ([`PrefixEncoder`], [`PrefixAttention`]) |
-//! | router | [`Router`] | [`FixedRouter`] (task id / one module per row), [`TopKRouter`] (softmax / top-k gate with load-balance and z-losses), [`NoisyTopKRouter`], [`ExpertChoiceRouter`], [`HashRouter`], [`ArrowRouter`](library::ArrowRouter) (zero-shot routing over a LoRA library) |
-//! | aggregator | [`Aggregator`] | [`WeightedSum`], [`WeightedMean`]; offline parameter merging in [`library::merge`](mod@library::merge) |
+//! | module (computation function) | [`ComputeModule`] | [`LoraModule`], [`LoraLinear`], [`LoraEmbedding`], [`Ia3Linear`], [`BottleneckAdapter`]; prefix tuning ([`PrefixEncoder`], [`PrefixAttention`]); MoE [`Expert`]s |
+//! | router | [`Router`] (reads rows, token ids or task ids: [`RouterInput`]) | [`FixedRouter`], [`TopKRouter`], [`NoisyTopKRouter`], [`ExpertChoiceRouter`], [`HashRouter`], [`ArrowRouter`], [`PolytroponRouter`], [`XLoraRouter`], [`SimilarityRouter`], LMC's local routing ([`continual::lmc::LmcLayer`]); all in [`routers`] |
+//! | aggregator | [`Aggregator`] (sees the plan and the input rows) | [`WeightedSum`], [`WeightedMean`], [`AdapterFusion`], [`LoraFactorMix`]; offline parameter merging in [`library::merge`](mod@library::merge) |
 //!
-//! They meet in one sparse dispatch, [`DispatchPlan`]: a [`Routing`] (per row, `k` module
-//! indices and weights) is planned once, the rows each module must see are gathered, every
-//! module computes on its own rows only, and the outputs are weighted and scattered back. Every
-//! router in the crate goes through it, so "top-2 of 8 experts" costs about a quarter of "all
-//! 8", and a batch where each row uses a different adapter costs one gathered pass.
+//! They meet in one pipeline, route → plan → compute → combine ([`routing`]): a [`Routing`]
+//! (per row, `k` module indices and weights) is planned once ([`DispatchPlan`]) and the plan
+//! serves every layer that shares the routing; every module computes on its own rows only and
+//! the aggregator combines. A plan gathers rows by module (top-k routings), runs every module
+//! on the whole batch with no data movement (dense routings), or routes whole sequences (a
+//! batch where each request names its adapter). So "top-2 of 8 experts" costs about a quarter
+//! of "all 8", and a batch where each row uses a different adapter costs one gathered pass.
 //!
 //! Code is written once against burn's `Tensor<D>`; the [`Device`](burn::tensor::Device) the
 //! caller picks decides the backend: Flex (pure-Rust CPU, feature `flex`, the default), wgpu
@@ -59,13 +61,13 @@
 //!   GPT-2-style attention that consumes the prefix as PEFT does.
 //!
 //! ## Mixture-of-experts
-//! - [`moe`]: [`Expert`] networks (MLP, SwiGLU), the [`TopKRouter`] gate and its losses
-//!   ([`moe::losses`]), and [`MoeLayer`], which runs only the selected experts through the
-//!   dispatch, dropless or with a capacity factor ([`moe::capacity`], Switch/GShard token
-//!   dropping). [`ExpertChoiceRouter`] and [`HashRouter`] route through the same
-//!   layer ([`MoeLayer::forward_routed`]). [`NoisyTopKRouter`] adds Shazeer's noisy
-//!   gating with importance and load losses. [`SoftMoe`] mixes tokens into expert slots
-//!   (Puigcerver et al. 2023).
+//! - [`moe`]: [`Expert`] networks (MLP, SwiGLU) and [`MoeLayer`] over any router (the
+//!   [`TopKRouter`] gate by default), which runs only the selected experts through the
+//!   dispatch, dropless or with a capacity factor ([`routers::capacity`], Switch/GShard token
+//!   dropping); the gates' losses are in [`routers::losses`]. [`ExpertChoiceRouter`],
+//!   [`NoisyTopKRouter`] (Shazeer's noisy gating with importance and load losses) and
+//!   [`HashRouter`] (token ids, through [`MoeLayer::forward_routed`]) route the same layer.
+//!   [`SoftMoe`] mixes tokens into expert slots (Puigcerver et al. 2023).
 //!
 //! ## Libraries of LoRA experts
 //! - [`library`]: experts as host factors ([`library::LoraExpert`]); every PEFT

@@ -578,6 +578,16 @@ fn rslora_golden_merges_and_saves_with_its_own_update() {
         let merged = merge_experts(&[&expert], &[1.0], &MergeOptions::new(c)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         merged.to_peft(&device).unwrap().save(dir.path()).unwrap();
+        // Written from the host factors, the folder is the same, byte for byte.
+        let host_dir = tempfile::tempdir().unwrap();
+        merged.save_peft(host_dir.path()).unwrap();
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            assert_eq!(
+                std::fs::read(dir.path().join(file)).unwrap(),
+                std::fs::read(host_dir.path().join(file)).unwrap(),
+                "{c:?}: {file} written without a device"
+            );
+        }
         let cfg: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
         )
@@ -1429,4 +1439,42 @@ fn merge_and_cluster_settings_round_trip_through_json() {
         serde_json::from_str::<LmcConfig>("{}").unwrap(),
         LmcConfig::default()
     );
+}
+
+#[test]
+fn an_expert_of_mixed_ranks_saves_from_the_host_as_through_a_device() {
+    use modula::library::LoraExpert;
+    let mut rng = Rng(77);
+    let mut expert = LoraExpert::default();
+    for (path, r, s) in [
+        ("a.q", 2, 0.5),
+        ("a.v", 3, 2.0),
+        ("b.q", 2, 0.5),
+        ("b.v", 4, 1.25),
+    ] {
+        expert
+            .layers
+            .insert(path.into(), random_factors(&mut rng, r, 6, 5, s));
+    }
+    let (host, via) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    expert.save_peft(host.path()).unwrap();
+    let device = Device::flex();
+    expert.to_peft(&device).unwrap().save(via.path()).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert_eq!(
+            std::fs::read(host.path().join(file)).unwrap(),
+            std::fs::read(via.path().join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // And it reads back with every layer's update (rank_pattern / alpha_pattern at work).
+    let back = LoraExpert::load_peft(host.path()).unwrap();
+    for (path, f) in &expert.layers {
+        assert_eq!(back.layers[path].rank(), f.rank(), "{path}");
+        assert!(
+            mat_diff(&back.layers[path].delta_mat(), &f.delta_mat()) < 1e-5,
+            "{path}"
+        );
+    }
+    assert!(LoraExpert::default().save_peft(host.path()).is_err());
 }

@@ -205,7 +205,6 @@ fn run_merge(
     out: &Path,
     adapters: &[PathBuf],
 ) -> Result<()> {
-    let device = Device::flex();
     let mut opts = MergeOptions::new(Combination::parse(method)?)
         .with_space(space.parse::<MergeSpace>()?)
         .with_seed(seed)
@@ -229,7 +228,7 @@ fn run_merge(
     let pb = bar(experts[0].layers.len(), "merging");
     let merged = merge_experts_with_progress(&refs, &weights, &opts, |_| pb.inc(1))?;
     pb.finish_and_clear();
-    merged.to_peft(&device)?.save(out)?;
+    merged.save_peft(out)?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! module per task is trained in isolation and frozen; a small memory keeps a few examples per
 //! task; a router trained on that memory composes the frozen modules for any input, without
 //! task ids, either as an output mixture or a parameter merge
-//! ([`lora_mixture`](crate::library::lora_mixture) with [`LoraMix`](crate::library::LoraMix)).
+//! ([`lora_mixture`](crate::aggregate::lora_mixture) with [`LoraMix`](crate::aggregate::LoraMix)).
 //!
 //! - [`train_task_router`]: trains an [`XLoraRouter`] classifier on the memory (a
 //!   [`ReplayBuffer`] keyed by task id) with cross-entropy on the task ids.

@@ -46,7 +46,7 @@ use crate::routing::{Router, Routing};
 /// are `Aᵀ L⁻ᵀ w` for the eigenvectors `w` of the symmetric `r×r` matrix `Lᵀ G_B L`, and they
 /// come out unit-norm. That is two `r×r` Gram matrices (`r²(d_in+d_out)` multiply-adds), an
 /// `r×r` Jacobi eigen-solve and one `Aᵀ z`. If `A` is rank-deficient (Cholesky fails) the QR
-/// route ([`lowrank_svd`]) is used instead.
+/// route (the SVD of `B Aᵀ` from QR of both factors) is used instead.
 pub fn arrow_prototype(f: &LoraFactors) -> Vec<f64> {
     let mut v = gram_top_right_vector(f).unwrap_or_else(|| {
         let svd = lowrank_svd(&f.b, &f.a.t());

@@ -23,7 +23,7 @@
 //! [`LoraLinear`](crate::LoraLinear): `forward_mixed`, `forward_mixed_seqs`, `forward_routed`.
 //!
 //! Offline operations (merging, prototypes) run on the host in `f64`: the factors are small
-//! (`r × d`), and exact linear algebra there ([`crate::linalg`]) is faster than round trips to
+//! (`r × d`), and exact linear algebra there (the crate-private `linalg`) is faster than round trips to
 //! a device.
 
 pub mod arith;

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use burn::tensor::Device;
 
-use super::lora::{PeftLora, read_lora_folder};
+use super::lora::{LoraEntry, PeftLora, read_lora_folder, write_lora_folder};
 use crate::error::{Error, Result};
+use crate::io::HostTensor;
 use crate::library::factors::{LoraExpert, LoraFactors};
 use crate::linalg::Mat;
 
@@ -71,6 +72,47 @@ impl LoraExpert {
     /// # Errors
     /// [`Error::Invalid`] for an expert with no layers.
     pub fn to_peft(&self, device: &Device) -> Result<PeftLora> {
+        let (r0, alpha0) = self.default_rank_alpha()?;
+        let mut peft = PeftLora::new(r0, alpha0, false);
+        for (path, f) in &self.layers {
+            peft.insert(path, f.to_adapter(device)?);
+        }
+        Ok(peft)
+    }
+
+    /// Writes the expert as a PEFT LoRA folder straight from its host factors (no device):
+    /// the same folder `self.to_peft(device)?.save(dir)` writes.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for an expert with no layers; [`Error::Io`] on write failures (the
+    /// folder's files are written atomically).
+    pub fn save_peft(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let (r0, alpha0) = self.default_rank_alpha()?;
+        let config = PeftLora::new(r0, alpha0, false).config;
+        let entries = self
+            .layers
+            .iter()
+            .map(|(path, f)| LoraEntry {
+                path,
+                rank: f.rank(),
+                alpha: f.scaling * f.rank() as f64,
+                embedding: false,
+                a: HostTensor {
+                    shape: vec![f.a.rows, f.a.cols],
+                    data: f.a.to_f32(),
+                },
+                b: HostTensor {
+                    shape: vec![f.b.rows, f.b.cols],
+                    data: f.b.to_f32(),
+                },
+            })
+            .collect();
+        write_lora_folder(dir.as_ref(), &config, false, entries)
+    }
+
+    /// The config defaults of the PEFT form: the most common rank (the smaller on ties) and
+    /// an alpha that gives a layer of that rank its scaling.
+    fn default_rank_alpha(&self) -> Result<(usize, f64)> {
         let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
         for f in self.layers.values() {
             *counts.entry(f.rank()).or_default() += 1;
@@ -86,10 +128,6 @@ impl LoraExpert {
             .values()
             .find(|f| f.rank() == r0)
             .map_or(1.0, |f| f.scaling);
-        let mut peft = PeftLora::new(r0, s0 * r0 as f64, false);
-        for (path, f) in &self.layers {
-            peft.insert(path, f.to_adapter(device)?);
-        }
-        Ok(peft)
+        Ok((r0, s0 * r0 as f64))
     }
 }

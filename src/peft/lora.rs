@@ -214,10 +214,7 @@ impl PeftLora {
             ));
         }
         let use_rslora = self.config.use_rslora;
-        let mut tensors = BTreeMap::new();
-        let mut rank_pattern = Map::new();
-        let mut alpha_pattern = Map::new();
-        let (r0, a0) = (self.config.r, self.config.lora_alpha);
+        let mut entries = Vec::with_capacity(self.modules.len());
         for (path, ad) in &self.modules {
             if ad.use_rslora != use_rslora {
                 return Err(Error::invalid(
@@ -228,39 +225,71 @@ impl PeftLora {
                     ),
                 ));
             }
-            if ad.rank() != r0 {
-                rank_pattern.insert(format!("^{}$", regex::escape(path)), json!(ad.rank()));
-            }
-            if ad.alpha != a0 {
-                alpha_pattern.insert(format!("^{}$", regex::escape(path)), py_number(ad.alpha));
-            }
-            let (ka, kb) = if self.embeddings.contains(path) {
-                ("lora_embedding_A", "lora_embedding_B")
-            } else {
-                ("lora_A.weight", "lora_B.weight")
-            };
-            tensors.insert(
-                format!("{KEY_PREFIX}{path}.{ka}"),
-                HostTensor::from_tensor(ad.a.val().transpose()),
-            );
-            tensors.insert(
-                format!("{KEY_PREFIX}{path}.{kb}"),
-                HostTensor::from_tensor(ad.b.val().transpose()),
-            );
+            entries.push(LoraEntry {
+                path,
+                rank: ad.rank(),
+                alpha: ad.alpha,
+                embedding: self.embeddings.contains(path),
+                a: HostTensor::from_tensor(ad.a.val().transpose()),
+                b: HostTensor::from_tensor(ad.b.val().transpose()),
+            });
         }
-        let mut doc = lora_config_template();
-        for (k, v) in &self.config.raw {
-            doc.insert(k.clone(), v.clone());
-        }
-        let targets: Vec<&str> = self.paths().collect();
-        doc.insert("peft_type".into(), json!("LORA"));
-        doc.insert("r".into(), json!(r0));
-        doc.insert("lora_alpha".into(), py_number(a0));
-        doc.insert("use_rslora".into(), json!(use_rslora));
-        doc.insert("rank_pattern".into(), Value::Object(rank_pattern));
-        doc.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
-        doc.insert("target_modules".into(), json!(targets));
-        doc.insert("inference_mode".into(), json!(true));
-        write_folder(dir, doc, &tensors)
+        write_lora_folder(dir, &self.config, use_rslora, entries)
     }
+}
+
+/// One module of a LoRA folder to write, in PEFT's layout (`a`: `[r, in]`, `b`: `[out, r]`).
+pub(super) struct LoraEntry<'a> {
+    pub(super) path: &'a str,
+    pub(super) rank: usize,
+    pub(super) alpha: f64,
+    pub(super) embedding: bool,
+    pub(super) a: HostTensor,
+    pub(super) b: HostTensor,
+}
+
+/// Writes a PEFT LoRA folder: `config`'s defaults (`r`, `lora_alpha`) and the keys it keeps,
+/// `rank_pattern` / `alpha_pattern` for the modules that differ, and the tensors. The one
+/// writer behind [`PeftLora::save`] (device adapters) and
+/// [`LoraExpert::save_peft`](crate::library::LoraExpert::save_peft) (host factors).
+pub(super) fn write_lora_folder(
+    dir: &Path,
+    config: &PeftConfig,
+    use_rslora: bool,
+    entries: Vec<LoraEntry<'_>>,
+) -> Result<()> {
+    let mut tensors = BTreeMap::new();
+    let mut rank_pattern = Map::new();
+    let mut alpha_pattern = Map::new();
+    let (r0, a0) = (config.r, config.lora_alpha);
+    let mut targets = Vec::with_capacity(entries.len());
+    for e in entries {
+        if e.rank != r0 {
+            rank_pattern.insert(format!("^{}$", regex::escape(e.path)), json!(e.rank));
+        }
+        if e.alpha != a0 {
+            alpha_pattern.insert(format!("^{}$", regex::escape(e.path)), py_number(e.alpha));
+        }
+        let (ka, kb) = if e.embedding {
+            ("lora_embedding_A", "lora_embedding_B")
+        } else {
+            ("lora_A.weight", "lora_B.weight")
+        };
+        tensors.insert(format!("{KEY_PREFIX}{}.{ka}", e.path), e.a);
+        tensors.insert(format!("{KEY_PREFIX}{}.{kb}", e.path), e.b);
+        targets.push(e.path);
+    }
+    let mut doc = lora_config_template();
+    for (k, v) in &config.raw {
+        doc.insert(k.clone(), v.clone());
+    }
+    doc.insert("peft_type".into(), json!("LORA"));
+    doc.insert("r".into(), json!(r0));
+    doc.insert("lora_alpha".into(), py_number(a0));
+    doc.insert("use_rslora".into(), json!(use_rslora));
+    doc.insert("rank_pattern".into(), Value::Object(rank_pattern));
+    doc.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
+    doc.insert("target_modules".into(), json!(targets));
+    doc.insert("inference_mode".into(), json!(true));
+    write_folder(dir, doc, &tensors)
 }

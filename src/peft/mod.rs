@@ -5,11 +5,11 @@
 //!
 //! | method | key | shape | modula |
 //! |---|---|---|---|
-//! | LoRA | `<path>.lora_A.weight` | `[r, in]` | [`LoraModule::a`] = transpose, `[in, r]` |
-//! | LoRA | `<path>.lora_B.weight` | `[out, r]` | [`LoraModule::b`] = transpose, `[r, out]` |
-//! | LoRA (embedding) | `<path>.lora_embedding_A` | `[r, n]` | [`LoraModule::a`] = transpose, `[n, r]` |
-//! | LoRA (embedding) | `<path>.lora_embedding_B` | `[d, r]` | [`LoraModule::b`] = transpose, `[r, d]` |
-//! | IA3 | `<path>.ia3_l` | `[out, 1]`, or `[1, in]` for `feedforward_modules` | [`Ia3Linear::scale`], `[n]` |
+//! | LoRA | `<path>.lora_A.weight` | `[r, in]` | [`LoraModule::a`](crate::LoraModule::a) = transpose, `[in, r]` |
+//! | LoRA | `<path>.lora_B.weight` | `[out, r]` | [`LoraModule::b`](crate::LoraModule::b) = transpose, `[r, out]` |
+//! | LoRA (embedding) | `<path>.lora_embedding_A` | `[r, n]` | [`LoraModule::a`](crate::LoraModule::a) = transpose, `[n, r]` |
+//! | LoRA (embedding) | `<path>.lora_embedding_B` | `[d, r]` | [`LoraModule::b`](crate::LoraModule::b) = transpose, `[r, d]` |
+//! | IA3 | `<path>.ia3_l` | `[out, 1]`, or `[1, in]` for `feedforward_modules` | [`Ia3Linear::scale`](crate::Ia3Linear::scale), `[n]` |
 //!
 //! The scaling of each LoRA module is `alpha/r` (or `alpha/sqrt(r)` with `use_rslora`), where
 //! `r` and `alpha` come from `rank_pattern` / `alpha_pattern` when a pattern matches the module

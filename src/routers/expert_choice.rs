@@ -35,7 +35,7 @@ impl ExpertChoiceRouterConfig {
     /// Creates the router.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for zero sizes or a capacity factor that is not positive.
+    /// [`Error::Invalid`](crate::Error::Invalid) for zero sizes or a capacity factor that is not positive.
     pub fn init(&self, device: &Device) -> Result<ExpertChoiceRouter> {
         let (d_model, num_experts, capacity_factor) =
             (self.d_model, self.num_experts, self.capacity_factor);
@@ -70,7 +70,7 @@ impl ExpertChoiceRouter {
     /// Routes from precomputed `logits: [T, E]`.
     ///
     /// # Errors
-    /// [`Error::NonFinite`] for NaN/inf logits.
+    /// [`Error::NonFinite`](crate::Error::NonFinite) for NaN/inf logits.
     pub fn route_logits(&self, logits: Tensor<2>) -> Result<Routing> {
         ensure_finite(&logits, "router logits")?;
         let [t, e] = logits.dims();

@@ -18,7 +18,7 @@ impl DispatchPlan {
     /// outputs are never concatenated.
     ///
     /// # Errors
-    /// [`Error::Shape`] if `x` has other rows than the routing or a module returns the wrong
+    /// [`Error::Shape`](crate::Error::Shape) if `x` has other rows than the routing or a module returns the wrong
     /// shape; whatever `f` or the aggregator returns.
     pub fn apply<F, A>(&self, x: Tensor<2>, d_out: usize, agg: &A, f: F) -> Result<Tensor<2>>
     where

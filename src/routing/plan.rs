@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::tensor_util::{ensure_finite, int_tensor, to_vec_i64};
 
 /// A host-side plan of who computes what, built once from a [`Routing`] and reusable across
-/// every layer that shares the routing (see the [module docs](self) for its strategies).
+/// every layer that shares the routing (see the [module docs](crate::routing) for its strategies).
 ///
 /// # Shapes
 /// - the routing: `[units, k]`; a *unit* is one input row, or one sequence of
@@ -51,16 +51,20 @@ enum Order {
     /// Every unit goes to every module, slot `j` being module `j`.
     Dense,
     /// Slots counting-sorted by module.
-    Sorted {
-        /// For each sorted entry, its flat slot `unit * k + j`.
-        slots: Vec<i64>,
-        /// For each sorted entry, its unit (`[n]`).
-        unit_index: Tensor<1, Int>,
-        /// For each sorted entry, its weight (`[n, 1]`).
-        weights: Tensor<2>,
-        /// With `k = 1`: the module of each unit (`-1`: dropped).
-        unit_modules: Option<Vec<i64>>,
-    },
+    Sorted(Box<Sorted>),
+}
+
+/// The rows and sequences strategies' host plan.
+#[derive(Clone, Debug)]
+struct Sorted {
+    /// For each sorted entry, its flat slot `unit * k + j`.
+    slots: Vec<i64>,
+    /// For each sorted entry, its unit (`[n]`).
+    unit_index: Tensor<1, Int>,
+    /// For each sorted entry, its weight (`[n, 1]`).
+    weights: Tensor<2>,
+    /// With `k = 1`: the module of each unit (`-1`: dropped).
+    unit_modules: Option<Vec<i64>>,
 }
 
 impl DispatchPlan {
@@ -145,12 +149,12 @@ impl DispatchPlan {
             k,
             num_modules: m,
             offsets,
-            order: Order::Sorted {
+            order: Order::Sorted(Box::new(Sorted {
                 slots,
                 unit_index: int_tensor(&units_of, &device),
                 weights,
                 unit_modules: (k == 1).then_some(flat),
-            },
+            })),
             slot_weights: routing.weights.clone(),
         })
     }
@@ -185,11 +189,11 @@ impl DispatchPlan {
     /// factors per sequence instead of gathering activations.
     pub fn unit_modules(&self) -> Option<(&[i64], Tensor<2>)> {
         match &self.order {
-            Order::Sorted {
-                unit_modules: Some(ids),
-                ..
-            } => Some((ids, self.slot_weights.clone())),
-            _ => None,
+            Order::Sorted(s) => s
+                .unit_modules
+                .as_deref()
+                .map(|ids| (ids, self.slot_weights.clone())),
+            Order::Dense => None,
         }
     }
 
@@ -241,7 +245,7 @@ impl DispatchPlan {
     pub fn gather(&self, x: Tensor<2>) -> Tensor<2> {
         match &self.order {
             Order::Dense => Tensor::cat(vec![x; self.num_modules], 0),
-            Order::Sorted { unit_index, .. } => self.gather_units(x, unit_index.clone()),
+            Order::Sorted(s) => self.gather_units(x, s.unit_index.clone()),
         }
     }
 
@@ -303,7 +307,7 @@ impl DispatchPlan {
         }
         let gathered = match &self.order {
             Order::Dense => x,
-            Order::Sorted { unit_index, .. } => self.gather_units(x, unit_index.clone()),
+            Order::Sorted(s) => self.gather_units(x, s.unit_index.clone()),
         };
         for m in 0..self.num_modules {
             let seg = self.segment(m);
@@ -313,8 +317,8 @@ impl DispatchPlan {
             let len = seg.len();
             let xm = match self.order {
                 Order::Dense => gathered.clone(),
-                Order::Sorted { .. } if len == n => gathered.clone(),
-                Order::Sorted { .. } => gathered.clone().slice([seg.clone(), 0..d]),
+                Order::Sorted(_) if len == n => gathered.clone(),
+                Order::Sorted(_) => gathered.clone().slice([seg.clone(), 0..d]),
             };
             let ym = f(m, xm)?;
             check_output(m, &ym, len, d_out)?;
@@ -338,13 +342,9 @@ impl DispatchPlan {
                     + (ym.reshape([self.units, self.unit * d_out]) * w)
                         .reshape([self.rows(), d_out]);
             }
-            Order::Sorted {
-                unit_index,
-                weights,
-                ..
-            } => (
-                unit_index.clone().narrow(0, seg.start, seg.len()),
-                weights.clone().slice([seg.clone(), 0..1]),
+            Order::Sorted(s) => (
+                s.unit_index.clone().narrow(0, seg.start, seg.len()),
+                s.weights.clone().slice([seg.clone(), 0..1]),
             ),
         };
         self.scatter_add(out, index, ym, w)
@@ -379,11 +379,7 @@ impl DispatchPlan {
             return out;
         }
         match &self.order {
-            Order::Sorted {
-                unit_index,
-                weights,
-                ..
-            } => self.scatter_add(out, unit_index.clone(), y, weights.clone()),
+            Order::Sorted(s) => self.scatter_add(out, s.unit_index.clone(), y, s.weights.clone()),
             Order::Dense => (0..self.num_modules).fold(out, |acc, m| {
                 let seg = self.segment(m);
                 self.add_weighted(acc, m, y.clone().slice([seg, 0..d_out]))
@@ -406,7 +402,8 @@ impl DispatchPlan {
                     y.reshape([k, units, unit * d_out]).swap_dims(0, 1)
                 }
             }
-            Order::Sorted { slots, .. } => {
+            Order::Sorted(s) => {
+                let slots = &s.slots;
                 let out = Tensor::<2>::zeros([units * k, unit * d_out], &device);
                 let out = if self.num_entries() == 0 {
                     out
@@ -464,12 +461,12 @@ mod tests {
         assert_eq!(plan.rows_per_module(), [2, 0, 3]);
         assert_eq!(plan.num_entries(), 5);
         assert_eq!(plan.segment(2), 2..5);
-        let Order::Sorted { slots, weights, .. } = &plan.order else {
+        let Order::Sorted(sorted) = &plan.order else {
             panic!("a top-k routing is planned by rows");
         };
         // Module 0 owns slots (0,1) and (1,0); module 2 owns (0,0), (2,0), (2,1).
-        assert_eq!(slots, &[1, 2, 0, 4, 5]);
-        let w: Vec<f32> = weights.clone().into_data().iter::<f32>().collect();
+        assert_eq!(sorted.slots, [1, 2, 0, 4, 5]);
+        let w: Vec<f32> = sorted.weights.clone().into_data().iter::<f32>().collect();
         assert_eq!(w, [2.0, 3.0, 1.0, 5.0, 6.0]);
     }
 

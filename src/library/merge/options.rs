@@ -127,7 +127,7 @@ impl std::str::FromStr for Combination {
     }
 }
 
-/// Where the merge is computed; see the [module docs](self).
+/// Where the merge is computed; see the [module docs](super).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MergeSpace {

@@ -111,7 +111,7 @@ impl LoraConfig {
 ///
 /// On its own it is the *delta* function `x ↦ s·(dropout(x) A) B`, which is what a library of
 /// LoRA experts routes between ([`ComputeModule`]); on a host layer it lives inside a
-/// [`LoraLinear`](super::lora::LoraLinear).
+/// [`LoraLinear`](super::LoraLinear).
 #[derive(Module, Debug)]
 pub struct LoraModule {
     /// Down-projection `A: [d_in, r]` (PEFT's `lora_A.weight` transposed).

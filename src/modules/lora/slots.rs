@@ -8,7 +8,7 @@ use super::LoraModule;
 use crate::error::{Error, Result, Scope};
 
 /// Names, activity and merge state of the adapters on one host layer (shared by
-/// [`LoraLinear`] and [`LoraEmbedding`]). Index `i` describes the layer's `adapters[i]`.
+/// [`LoraLinear`](super::LoraLinear) and [`LoraEmbedding`](super::LoraEmbedding)). Index `i` describes the layer's `adapters[i]`.
 #[derive(Clone, Debug, Default)]
 pub struct AdapterSlots {
     pub(super) names: Vec<String>,
