@@ -73,29 +73,7 @@ where
     M: ComputeModule,
     A: Aggregator + ?Sized,
 {
-    let Some(first) = modules.first() else {
-        return Err(Error::invalid(
-            "modules",
-            "dispatch needs at least one module",
-        ));
-    };
-    if plan.num_modules() != modules.len() {
-        return Err(Error::shape(
-            "dispatch_modules (routing modules vs modules given)",
-            modules.len().to_string(),
-            plan.num_modules().to_string(),
-        ));
-    }
-    let (d_in, d_out) = (first.d_input(), first.d_output());
-    for (i, m) in modules.iter().enumerate() {
-        if m.d_input() != d_in || m.d_output() != d_out {
-            return Err(Error::shape(
-                format!("module {i} widths"),
-                format!("[{d_in} -> {d_out}]"),
-                format!("[{} -> {}]", m.d_input(), m.d_output()),
-            ));
-        }
-    }
+    let (d_in, d_out) = check_modules(modules, plan.num_modules(), "dispatch_modules")?;
     if x.dims()[1] != d_in {
         return Err(Error::shape(
             "dispatch_modules input width",
@@ -104,6 +82,36 @@ where
         ));
     }
     plan.apply(x, d_out, agg, |m, xm| Ok(modules[m].forward_rows(xm)))
+}
+
+/// Checks that there is at least one module, that a routing over `num_modules` modules fits
+/// `modules`, and that every module has the first one's widths; returns `(d_in, d_out)`.
+pub(crate) fn check_modules<M: ComputeModule>(
+    modules: &[M],
+    num_modules: usize,
+    context: &str,
+) -> Result<(usize, usize)> {
+    let Some(first) = modules.first() else {
+        return Err(Error::invalid(context, "there must be at least one module"));
+    };
+    if num_modules != modules.len() {
+        return Err(Error::shape(
+            format!("{context} (routing modules vs modules given)"),
+            modules.len().to_string(),
+            num_modules.to_string(),
+        ));
+    }
+    let (d_in, d_out) = (first.d_input(), first.d_output());
+    for (i, m) in modules.iter().enumerate() {
+        if m.d_input() != d_in || m.d_output() != d_out {
+            return Err(Error::shape(
+                format!("{context}: module {i} widths"),
+                format!("[{d_in} -> {d_out}]"),
+                format!("[{} -> {}]", m.d_input(), m.d_output()),
+            ));
+        }
+    }
+    Ok((d_in, d_out))
 }
 
 /// Checks that the last axis of a `D`-dimensional input has width `expected`.

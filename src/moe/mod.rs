@@ -13,7 +13,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::modules::{ComputeModule, check_last_dim};
+use crate::modules::{ComputeModule, check_last_dim, check_modules};
 use crate::routers::{TopKRouter, TopKRouterConfig};
 use crate::routing::{DispatchPlan, Router, Routing, WeightedSum};
 use experts::{Expert, ExpertConfig};
@@ -71,29 +71,12 @@ impl<R: Module + Router> MoeLayer<R> {
     /// [`Error::Shape`] if the router chooses among another number of experts or the experts
     /// disagree on their width; [`Error::Invalid`] for no experts.
     pub fn with_router(router: R, experts: Vec<Expert>) -> Result<Self> {
-        let Some(first) = experts.first() else {
-            return Err(Error::invalid(
-                "MoE experts",
-                "a layer needs at least one expert",
-            ));
-        };
-        if router.num_modules() != experts.len() {
+        let (d_in, d_out) = check_modules(&experts, router.num_modules(), "MoeLayer::with_router")?;
+        if d_in != d_out {
             return Err(Error::shape(
-                "MoeLayer::with_router (router modules = experts)",
-                experts.len().to_string(),
-                router.num_modules().to_string(),
-            ));
-        }
-        let d = first.d_input();
-        if let Some((e, x)) = experts
-            .iter()
-            .enumerate()
-            .find(|(_, x)| x.d_input() != d || x.d_output() != d)
-        {
-            return Err(Error::shape(
-                format!("MoE expert {e} widths"),
-                format!("[{d} -> {d}]"),
-                format!("[{} -> {}]", x.d_input(), x.d_output()),
+                "MoeLayer::with_router (experts map the model width to itself)",
+                format!("[{d_in} -> {d_in}]"),
+                format!("[{d_in} -> {d_out}]"),
             ));
         }
         Ok(Self { router, experts })
