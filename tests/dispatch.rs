@@ -388,10 +388,22 @@ fn sequence_plan_equals_the_row_plan_of_its_expanded_routing() {
                 .unwrap();
                 layer.insert_adapter(&format!("a{i}"), m).unwrap();
             }
+            // One slot per sequence with weights other than 1: the factor-gathering path must
+            // weight each sequence's delta as the row plan does.
             let ids: Vec<i64> = vec![1, -1, 0, 2, 1];
-            let one = Routing::one_per_row(&ids, e, &device).unwrap();
-            let rows_ids: Vec<i64> = ids.iter().flat_map(|&i| [i; 3]).collect();
-            let one_rows = Routing::one_per_row(&rows_ids, e, &device).unwrap();
+            let ws: Vec<f32> = vec![0.3, 1.0, 2.0, -0.5, 0.7];
+            let idx: Vec<Vec<i64>> = ids.iter().map(|&i| vec![i]).collect();
+            let wts: Vec<Vec<f32>> = ws.iter().map(|&w| vec![w]).collect();
+            let one = Routing::from_rows(&idx, &wts, e, &device).unwrap();
+            let rows_idx: Vec<Vec<i64>> = idx
+                .iter()
+                .flat_map(|r| std::iter::repeat_n(r.clone(), len))
+                .collect();
+            let rows_w: Vec<Vec<f32>> = wts
+                .iter()
+                .flat_map(|r| std::iter::repeat_n(r.clone(), len))
+                .collect();
+            let one_rows = Routing::from_rows(&rows_idx, &rows_w, e, &device).unwrap();
             assert_close(
                 layer
                     .forward_planned(x.clone(), &DispatchPlan::per_sequence(&one, len).unwrap())
