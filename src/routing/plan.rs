@@ -211,7 +211,8 @@ impl DispatchPlan {
             .reshape([units * unit, k])
     }
 
-    fn check_rows(&self, rows: usize, context: &str) -> Result<()> {
+    /// Checks that `x` has the plan's number of rows; `context` names the caller.
+    pub(crate) fn check_rows(&self, rows: usize, context: &str) -> Result<()> {
         if rows == self.rows() {
             Ok(())
         } else {

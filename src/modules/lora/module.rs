@@ -251,13 +251,7 @@ pub(crate) fn output_mixture(
         .is_some_and(|a0| modules.iter().all(|a| a.rank() == a0.rank()));
     if let (true, true, Some((ids, weights))) = (unit > 1, one_rank, plan.unit_modules()) {
         let [rows, d_in] = x.dims();
-        if rows != plan.rows() {
-            return Err(Error::shape(
-                "LoRA mixture (rows of x vs routing)",
-                plan.rows().to_string(),
-                rows.to_string(),
-            ));
-        }
+        plan.check_rows(rows, "LoRA mixture")?;
         let units = plan.units();
         let device = x.device();
         if ids.iter().all(|&i| i < 0) {
