@@ -1,10 +1,11 @@
 //! Criterion benchmarks of the MoE layer: top-2 of 8 SwiGLU experts through the sparse
-//! dispatch against every expert on every row (Flex, f32).
+//! dispatch (one grouped op for all experts) against the same dispatch with one burn op chain
+//! per expert, and against every expert on every row (Flex, f32).
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
-use modula::MoeLayerConfig;
+use modula::{ComputeModule, DispatchPlan, MoeLayerConfig, WeightedSum};
 use modula::{ExpertConfig, TopKRouterConfig};
 
 fn bench_moe(c: &mut Criterion) {
@@ -25,6 +26,25 @@ fn bench_moe(c: &mut Criterion) {
     g.bench_function("sparse_top2", |b| {
         b.iter(|| {
             let y = moe.forward(x.clone()).unwrap();
+            device.sync().unwrap();
+            y
+        })
+    });
+    let plan = DispatchPlan::new(&routing).unwrap();
+    g.bench_function("sparse_top2_grouped_routed", |b| {
+        b.iter(|| {
+            let y = moe.forward_planned(x.clone(), &plan).unwrap();
+            device.sync().unwrap();
+            y
+        })
+    });
+    g.bench_function("sparse_top2_per_expert_ops_routed", |b| {
+        b.iter(|| {
+            let y = plan
+                .apply(x.clone(), d, &WeightedSum, |m, xm| {
+                    Ok(moe.experts[m].forward_rows(xm))
+                })
+                .unwrap();
             device.sync().unwrap();
             y
         })

@@ -104,6 +104,7 @@
 pub mod aggregate;
 pub mod continual;
 pub mod error;
+pub mod grouped;
 pub mod io;
 pub mod library;
 pub(crate) mod linalg;

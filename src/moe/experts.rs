@@ -11,6 +11,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::grouped::swiglu_gate;
 use crate::modules::ComputeModule;
 use crate::modules::adapter::AdapterActivation;
 
@@ -111,16 +112,7 @@ impl ComputeModule for Expert {
         let h = self.w_in.forward(x);
         let h = match self.kind {
             ExpertKind::Mlp => self.activation.apply(h),
-            ExpertKind::SwiGlu => {
-                let [n, two_ff] = h.dims();
-                let ff = two_ff / 2;
-                let gate = h.clone().slice([0..n, 0..ff]);
-                let up = h.slice([0..n, ff..two_ff]);
-                // silu(g) = g / (1 + exp(-g)), written out: on Flex this is about 40 % faster
-                // than `activation::silu` (which composes a separate sigmoid and product), and
-                // it is exact at the extremes (exp(-g) = inf gives -0, silu's limit).
-                gate.clone() / (gate.neg().exp() + 1.0) * up
-            }
+            ExpertKind::SwiGlu => swiglu_gate(h),
         };
         self.w_out.forward(h)
     }

@@ -10,13 +10,15 @@ pub mod experts;
 pub mod soft;
 
 use burn::module::Module;
+use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::grouped::{grouped_linear, grouped_swiglu, swiglu_gate};
 use crate::modules::{ComputeModule, check_last_dim, check_modules};
 use crate::routers::{TopKRouter, TopKRouterConfig};
 use crate::routing::{DispatchPlan, Router, Routing, WeightedSum};
-use experts::{Expert, ExpertConfig};
+use experts::{Expert, ExpertConfig, ExpertKind};
 
 /// A sparse MoE feed-forward layer: a router (by default the learned [`TopKRouter`]) over
 /// [`Expert`]s. Any router that reads rows and is a burn `Module` fits
@@ -120,8 +122,42 @@ impl<R: Module + Router> MoeLayer<R> {
                 plan.num_modules().to_string(),
             ));
         }
-        plan.apply(x, self.d_model(), &WeightedSum, |m, xm| {
-            Ok(self.experts[m].forward_rows(xm))
+        let Some(first) = self.experts.first() else {
+            return Ok(Tensor::zeros([x.dims()[0], 0], &x.device()));
+        };
+        let (kind, activation) = (first.kind, first.activation);
+        let biased = first.w_in.bias.is_some();
+        let uniform = self.experts.iter().all(|e| {
+            e.kind == kind
+                && (kind == ExpertKind::SwiGlu || e.activation == activation)
+                && e.w_in.bias.is_some() == biased
+                && e.w_out.bias.is_some() == biased
+        });
+        if !uniform {
+            // Experts of different shapes: each runs on its own rows.
+            return plan.apply(x, self.d_model(), &WeightedSum, |m, xm| {
+                Ok(self.experts[m].forward_rows(xm))
+            });
+        }
+        let w_in: Vec<Tensor<2>> = self.experts.iter().map(|e| e.w_in.weight.val()).collect();
+        let w_out: Vec<Tensor<2>> = self.experts.iter().map(|e| e.w_out.weight.val()).collect();
+        plan.apply_grouped(x, self.d_model(), |xp, sizes, w| {
+            if !biased && kind == ExpertKind::SwiGlu {
+                return grouped_swiglu(xp, sizes, &w_in, &w_out, Some(w));
+            }
+            let biases = |f: fn(&Expert) -> &Linear| -> Option<Vec<Tensor<1>>> {
+                self.experts
+                    .iter()
+                    .map(|e| f(e).bias.as_ref().map(|b| b.val()))
+                    .collect()
+            };
+            let (b_in, b_out) = (biases(|e| &e.w_in), biases(|e| &e.w_out));
+            let h = grouped_linear(xp, sizes, &w_in, b_in.as_deref())?;
+            let h = match kind {
+                ExpertKind::Mlp => activation.apply(h),
+                ExpertKind::SwiGlu => swiglu_gate(h),
+            };
+            Ok(grouped_linear(h, sizes, &w_out, b_out.as_deref())? * w)
         })
     }
 

@@ -7,7 +7,7 @@ use super::aggregate::Aggregator;
 use super::plan::DispatchPlan;
 use super::router::Router;
 use super::value::Routing;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 impl DispatchPlan {
     /// The one entry point: runs each selected module on its rows (`f(m, x_m)`), then
@@ -40,6 +40,43 @@ impl DispatchPlan {
             "DispatchPlan::apply",
         )?;
         Ok(out.unwrap_or_else(|| Tensor::zeros([rows, d_out], &device)))
+    }
+}
+
+impl DispatchPlan {
+    /// The grouped form of [`apply`](Self::apply) for the weighted sum, when every module is
+    /// computed by one operation: `g(x_plan, sizes, weights)` receives the rows gathered once
+    /// in plan order (`[num_entries, d]`, module `m` owning `sizes[m]` consecutive rows) and
+    /// each entry's routing weight (`[num_entries, 1]`), and returns the modules' outputs in
+    /// plan order, *already weighted* (`[num_entries, d_out]`); the plan adds them back to
+    /// their rows. The ops of [`grouped`](crate::grouped) are such a `g`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`](crate::Error::Shape) if `x` has other rows than the routing or `g`
+    /// returns the wrong shape; whatever `g` returns.
+    pub fn apply_grouped<G>(&self, x: Tensor<2>, d_out: usize, g: G) -> Result<Tensor<2>>
+    where
+        G: FnOnce(Tensor<2>, &[usize], Tensor<2>) -> Result<Tensor<2>>,
+    {
+        let rows = x.dims()[0];
+        self.check_rows(rows, "DispatchPlan::apply_grouped")?;
+        let n = self.num_entries();
+        if n == 0 {
+            return Ok(Tensor::zeros([rows, d_out], &x.device()));
+        }
+        let y = g(
+            self.gather(x),
+            &self.rows_per_module(),
+            self.entry_weights(),
+        )?;
+        if y.dims() != [n, d_out] {
+            return Err(Error::shape(
+                "DispatchPlan::apply_grouped (output of the grouped modules)",
+                format!("[{n}, {d_out}]"),
+                format!("{:?}", y.dims()),
+            ));
+        }
+        Ok(self.add_rows(y))
     }
 }
 

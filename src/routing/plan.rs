@@ -348,26 +348,68 @@ impl DispatchPlan {
                 s.weights.clone().slice([seg.clone(), 0..1]),
             ),
         };
-        self.scatter_add(out, index, ym, w)
+        self.scatter_add(out, index, ym, Some(w))
     }
 
-    /// `out[index[i]] += w[i] · y[i]`, units of `rows_per_unit` rows at a time.
+    /// `out[index[i]] += w[i] · y[i]` (`w[i] = 1` for `None`), units of `rows_per_unit` rows
+    /// at a time.
     fn scatter_add(
         &self,
         out: Tensor<2>,
         index: Tensor<1, Int>,
         y: Tensor<2>,
-        w: Tensor<2>,
+        w: Option<Tensor<2>>,
     ) -> Tensor<2> {
+        let weigh = |y: Tensor<2>| match &w {
+            Some(w) => y * w.clone(),
+            None => y,
+        };
         if self.unit == 1 {
-            return out.select_assign(0, index, y * w, IndexingUpdateOp::Add);
+            return out.select_assign(0, index, weigh(y), IndexingUpdateOp::Add);
         }
         let d_out = y.dims()[1];
         let n = index.dims()[0];
         let span = self.unit * d_out;
         out.reshape([self.units, span])
-            .select_assign(0, index, y.reshape([n, span]) * w, IndexingUpdateOp::Add)
+            .select_assign(0, index, weigh(y.reshape([n, span])), IndexingUpdateOp::Add)
             .reshape([self.rows(), d_out])
+    }
+
+    /// Each entry's routing weight, one per plan-ordered row: `[num_entries, 1]`.
+    pub fn entry_weights(&self) -> Tensor<2> {
+        let (units, unit) = (self.units, self.unit);
+        let (w, entries) = match &self.order {
+            // Plan order is module-major: column m of the slot weights, then the next.
+            Order::Dense => (
+                self.slot_weights
+                    .clone()
+                    .swap_dims(0, 1)
+                    .reshape([units * self.k, 1]),
+                units * self.k,
+            ),
+            Order::Sorted(s) => (s.weights.clone(), s.slots.len()),
+        };
+        if unit == 1 {
+            return w;
+        }
+        w.expand([entries, unit]).reshape([entries * unit, 1])
+    }
+
+    /// Adds plan-ordered rows `y: [num_entries, d_out]`, already weighted, back to their input
+    /// rows: `[rows, d_out]`.
+    pub(super) fn add_rows(&self, y: Tensor<2>) -> Tensor<2> {
+        let d_out = y.dims()[1];
+        let rows = self.rows();
+        match &self.order {
+            Order::Dense => y
+                .reshape([self.num_modules, rows * d_out])
+                .sum_dim(0)
+                .reshape([rows, d_out]),
+            Order::Sorted(s) => {
+                let out = Tensor::<2>::zeros([rows, d_out], &y.device());
+                self.scatter_add(out, s.unit_index.clone(), y, None)
+            }
+        }
     }
 
     /// Weights plan-ordered outputs `y: [num_entries, d_out]` by their routing weights and
@@ -380,7 +422,9 @@ impl DispatchPlan {
             return out;
         }
         match &self.order {
-            Order::Sorted(s) => self.scatter_add(out, s.unit_index.clone(), y, s.weights.clone()),
+            Order::Sorted(s) => {
+                self.scatter_add(out, s.unit_index.clone(), y, Some(s.weights.clone()))
+            }
             Order::Dense => (0..self.num_modules).fold(out, |acc, m| {
                 let seg = self.segment(m);
                 self.add_weighted(acc, m, y.clone().slice([seg, 0..d_out]))

@@ -8,8 +8,9 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::error::{Error, Result};
+use crate::grouped::{LowRank, grouped_low_rank};
 use crate::modules::ComputeModule;
-use crate::routing::{DispatchPlan, WeightedSum};
+use crate::routing::DispatchPlan;
 use crate::tensor_util::float_tensor;
 
 /// How the `A` factor of a new adapter is initialised (`B` always starts at zero).
@@ -268,11 +269,15 @@ pub(crate) fn output_mixture(
         let x3 = x.reshape([units, unit, d_in]);
         return Ok(x3.matmul(a).mul(s).matmul(b).reshape([rows, d_out]));
     }
-    plan.apply(x, d_out, &WeightedSum, |m, xm| {
-        let a = &modules[m];
-        Ok(xm
-            .matmul(a.a.val())
-            .mul_scalar(a.scaling())
-            .matmul(a.b.val()))
+    let factors: Vec<LowRank> = modules
+        .iter()
+        .map(|m| LowRank {
+            a: m.a.val(),
+            b: m.b.val(),
+            scale: m.scaling(),
+        })
+        .collect();
+    plan.apply_grouped(x, d_out, |xp, sizes, w| {
+        grouped_low_rank(xp, sizes, &factors, Some(w))
     })
 }
