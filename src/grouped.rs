@@ -22,7 +22,8 @@
 //! On Flex, for `f32` tensors that do not track gradients, each op runs on the host buffers:
 //! one output allocation, one `gemm` call per non-empty group writing straight into its rows
 //! (strided, so transposed weights are read in place), and SwiGLU's element-wise step fused in
-//! place into a hidden buffer reused by every group. This is the "grouped GEMM" of MegaBlocks
+//! place into a hidden buffer reused by every group (and kept per thread between calls, so
+//! repeated forwards do not page-fault it in again). This is the "grouped GEMM" of MegaBlocks
 //! (Gale et al., arXiv 2211.15841) on the CPU. Everywhere else (wgpu, CUDA, and autodiff, so
 //! that training differentiates through it) the same op runs as plain tensor ops, one group at
 //! a time, so every backend computes the same function.
@@ -285,6 +286,8 @@ fn common_width(ws: &[Tensor<2>], d_in: usize, what: &str) -> Result<usize> {
 /// The Flex bodies: `gemm` on the host buffers.
 #[cfg(feature = "flex")]
 mod host {
+    use std::cell::RefCell;
+
     use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
     use burn::tensor::{DType, Shape, Tensor};
@@ -325,6 +328,24 @@ mod host {
 
     pub(super) fn is_host(t: &Tensor<2>) -> bool {
         Mat::of(t).is_some()
+    }
+
+    thread_local! {
+        /// The hidden (`[rows, 2·d_ff]`) or thin (`[rows, r]`) block of the group being
+        /// computed, kept between calls: a fresh multi-MB buffer per call would be
+        /// page-faulted in again under allocators that return large blocks to the OS.
+        static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Runs `f` on this thread's scratch buffer, grown to at least `len` elements.
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < len {
+                s.resize(len, 0.0);
+            }
+            f(&mut s[..len])
+        })
     }
 
     /// A row-major `[rows, cols]` output buffer.
@@ -471,43 +492,44 @@ mod host {
             .map(|(s, f)| s * f.a.dims()[1])
             .max()
             .unwrap_or(0);
-        let mut thin = vec![0f32; max_rows_rank];
         let mut out = output(n, d_out);
         let y = out.storage_mut::<f32>().as_mut_ptr();
-        groups(sizes, |g, start, len| {
-            let ((a, b), r) = (&fs[g], factors[g].a.dims()[1]);
-            let t = thin.as_mut_ptr();
-            // SAFETY: x rows start..start+len [.., d_in] times A [d_in, r] into t [len, r].
-            unsafe {
-                gemm(
-                    (len, r, d_in),
-                    t,
-                    r as isize,
-                    false,
-                    xm.row(start),
-                    (xm.rs, xm.cs),
-                    a.row(0),
-                    (a.rs, a.cs),
-                );
-            }
-            let s = factors[g].scale as f32;
-            for (i, row) in thin[..len * r].chunks_exact_mut(r).enumerate() {
-                let si = c.as_ref().map_or(s, |c| s * c[start + i]);
-                row.iter_mut().for_each(|v| *v *= si);
-            }
-            // SAFETY: t [len, r] times B [r, d_out] into rows start..start+len of y.
-            unsafe {
-                gemm(
-                    (len, d_out, r),
-                    y.add(start * d_out),
-                    d_out as isize,
-                    false,
-                    thin.as_ptr(),
-                    (r as isize, 1),
-                    b.row(0),
-                    (b.rs, b.cs),
-                );
-            }
+        with_scratch(max_rows_rank, |thin| {
+            groups(sizes, |g, start, len| {
+                let ((a, b), r) = (&fs[g], factors[g].a.dims()[1]);
+                let t = thin.as_mut_ptr();
+                // SAFETY: x rows start..start+len [.., d_in] times A [d_in, r] into t [len, r].
+                unsafe {
+                    gemm(
+                        (len, r, d_in),
+                        t,
+                        r as isize,
+                        false,
+                        xm.row(start),
+                        (xm.rs, xm.cs),
+                        a.row(0),
+                        (a.rs, a.cs),
+                    );
+                }
+                let s = factors[g].scale as f32;
+                for (i, row) in thin[..len * r].chunks_exact_mut(r).enumerate() {
+                    let si = c.as_ref().map_or(s, |c| s * c[start + i]);
+                    row.iter_mut().for_each(|v| *v *= si);
+                }
+                // SAFETY: t [len, r] times B [r, d_out] into rows start..start+len of y.
+                unsafe {
+                    gemm(
+                        (len, d_out, r),
+                        y.add(start * d_out),
+                        d_out as isize,
+                        false,
+                        thin.as_ptr(),
+                        (r as isize, 1),
+                        b.row(0),
+                        (b.rs, b.cs),
+                    );
+                }
+            });
         });
         Some(wrap(out))
     }
@@ -528,50 +550,51 @@ mod host {
         let c = scales(row_scale)?;
         let max_rows = sizes.iter().copied().max().unwrap_or(0);
         // One hidden buffer for every group: [rows, 2·d_ff], gate half then up half.
-        let mut hidden = vec![0f32; max_rows * two_ff];
         let mut out = output(n, d_out);
         let y = out.storage_mut::<f32>().as_mut_ptr();
-        groups(sizes, |g, start, len| {
-            let h = hidden.as_mut_ptr();
-            // SAFETY: x rows start..start+len times W_in [d, 2·d_ff] into h [len, 2·d_ff].
-            unsafe {
-                gemm(
-                    (len, two_ff, d),
-                    h,
-                    two_ff as isize,
-                    false,
-                    xm.row(start),
-                    (xm.rs, xm.cs),
-                    wi[g].row(0),
-                    (wi[g].rs, wi[g].cs),
-                );
-            }
-            // silu(gate) ⊙ up ⊙ c, in place over the gate half of each row.
-            hidden[..len * two_ff]
-                .par_chunks_exact_mut(two_ff)
-                .enumerate()
-                .for_each(|(i, row)| {
-                    let ci = c.as_ref().map_or(1.0, |c| c[start + i]);
-                    let (gate, up) = row.split_at_mut(ff);
-                    for (gv, uv) in gate.iter_mut().zip(up.iter()) {
-                        let v = *gv;
-                        *gv = v / (1.0 + (-v).exp()) * *uv * ci;
-                    }
-                });
-            // SAFETY: the gate half of h ([len, d_ff], row stride 2·d_ff) times
-            // W_out [d_ff, d_out] into rows start..start+len of y.
-            unsafe {
-                gemm(
-                    (len, d_out, ff),
-                    y.add(start * d_out),
-                    d_out as isize,
-                    false,
-                    hidden.as_ptr(),
-                    (two_ff as isize, 1),
-                    wo[g].row(0),
-                    (wo[g].rs, wo[g].cs),
-                );
-            }
+        with_scratch(max_rows * two_ff, |hidden| {
+            groups(sizes, |g, start, len| {
+                let h = hidden.as_mut_ptr();
+                // SAFETY: x rows start..start+len times W_in [d, 2·d_ff] into h [len, 2·d_ff].
+                unsafe {
+                    gemm(
+                        (len, two_ff, d),
+                        h,
+                        two_ff as isize,
+                        false,
+                        xm.row(start),
+                        (xm.rs, xm.cs),
+                        wi[g].row(0),
+                        (wi[g].rs, wi[g].cs),
+                    );
+                }
+                // silu(gate) ⊙ up ⊙ c, in place over the gate half of each row.
+                hidden[..len * two_ff]
+                    .par_chunks_exact_mut(two_ff)
+                    .enumerate()
+                    .for_each(|(i, row)| {
+                        let ci = c.as_ref().map_or(1.0, |c| c[start + i]);
+                        let (gate, up) = row.split_at_mut(ff);
+                        for (gv, uv) in gate.iter_mut().zip(up.iter()) {
+                            let v = *gv;
+                            *gv = v / (1.0 + (-v).exp()) * *uv * ci;
+                        }
+                    });
+                // SAFETY: the gate half of h ([len, d_ff], row stride 2·d_ff) times
+                // W_out [d_ff, d_out] into rows start..start+len of y.
+                unsafe {
+                    gemm(
+                        (len, d_out, ff),
+                        y.add(start * d_out),
+                        d_out as isize,
+                        false,
+                        hidden.as_ptr(),
+                        (two_ff as isize, 1),
+                        wo[g].row(0),
+                        (wo[g].rs, wo[g].cs),
+                    );
+                }
+            });
         });
         Some(wrap(out))
     }
