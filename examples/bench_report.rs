@@ -7,18 +7,29 @@
 //! 4096 tokens, f32, on Flex (or `--wgpu` with the `wgpu` feature); `--quick` for small shapes;
 //! `--write-docs` also writes docs/bench_report.json and docs/bench_report.md.
 //!
+//! `--peers` first runs the PyTorch/PEFT peer, ../shared/peers/bench_peers.py sections a–d
+//! (`--peers-script PATH` elsewhere; the Python is `$MODULA_PEERS_PYTHON`, else the script
+//! folder's `.venv/bin/python`, else `python3`), then modula's measurements, and adds a
+//! `pytorch` object to the JSON: for each metric the two sides share, modula's figure,
+//! PyTorch's and `modula_over_pytorch`.
+//!
+//! The example runs on mimalloc (examples/common/alloc.rs); `MODULA_ALLOCATOR=system` measures
+//! with the platform's malloc instead, and the JSON records which one ran.
+//!
 //! Timing: within a section every round runs each variant once, in rotating order, and a
 //! variant's time is the median of its timed rounds. Each variant keeps its output alive until
 //! the device has synced, so a lazy backend cannot skip the work.
 //!
 //! `lora_r8_fwd_over_linear_fwd` uses the default [`LoraForward::Auto`](modula::LoraForward)
 //! (the fused-weight form at this size), `lora_r8_thin_fwd_over_linear_fwd` forces the thin
-//! `s·(x A) B` form. glibc's default malloc returns large freed buffers to the OS, so every
-//! fresh activation is page-faulted again; run with `MALLOC_TRIM_THRESHOLD_=4000000000
-//! MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=268435456` (or a caching allocator) to
-//! see the compute-bound figures.
+//! `s·(x A) B` form.
 
+#[path = "common/alloc.rs"]
+mod alloc;
+
+use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -120,9 +131,12 @@ fn main() -> modula::Result<()> {
     };
     let sync = |d: &Device| d.sync().expect("device sync");
     let mut report = Report::default();
+    let peers = std::env::args()
+        .any(|a| a == "--peers")
+        .then(|| run_peers(quick));
     if std::env::args().any(|a| a == "--library-only") {
         library_metrics(&device, quick, &mut report)?;
-        print_json(&report, &device, quick);
+        print_json(&report, &device, quick, peers.as_ref());
         return Ok(());
     }
 
@@ -313,6 +327,19 @@ fn main() -> modula::Result<()> {
                 black_box(y);
             },
             &mut || {
+                // The same dispatch with one burn op chain per expert instead of the
+                // grouped op.
+                let y = DispatchPlan::new(&routing)
+                    .and_then(|plan| {
+                        plan.apply(x.clone(), d, &WeightedSum, |m, xm| {
+                            Ok(moe.experts[m].forward_rows(xm))
+                        })
+                    })
+                    .expect("valid input");
+                sync(&device);
+                black_box(y);
+            },
+            &mut || {
                 let r = modula::Router::route(&moe.router, &x).expect("valid input");
                 sync(&device);
                 black_box(r);
@@ -324,7 +351,8 @@ fn main() -> modula::Result<()> {
             },
         ],
     );
-    let (t_moe, t_experts, t_moe_dense, t_router, t_mm) = (t[0], t[1], t[2], t[3], t[4]);
+    let (t_moe, t_experts, t_moe_dense, t_per_expert, t_router, t_mm) =
+        (t[0], t[1], t[2], t[3], t[4], t[5]);
     // Useful FLOPs: each token through k experts of 3 d×d_ff projections.
     let moe_gflops = (tokens * k * 3 * 2 * d * d_ff) as f64 / 1e9 / t_moe;
     let mm_gflops = (2 * tokens * d * 2 * d_ff) as f64 / 1e9 / t_mm;
@@ -335,6 +363,13 @@ fn main() -> modula::Result<()> {
         "moe_top2_over_dense_all_experts",
         t_experts,
         t_moe_dense,
+    );
+    // The grouped expert op against one op chain per expert, same routing.
+    report.ratio(
+        "moe grouped",
+        "moe_grouped_over_per_expert_ops",
+        t_experts,
+        t_per_expert,
     );
     // The router (gate matmul, softmax, top-k, losses) as a share of the whole layer.
     report.ratio("moe router", "moe_router_over_layer", t_router, t_moe);
@@ -348,8 +383,144 @@ fn main() -> modula::Result<()> {
     report.push("moe_tokens_per_s", tokens as f64 / t_moe);
 
     library_metrics(&device, quick, &mut report)?;
-    print_json(&report, &device, quick);
+    print_json(&report, &device, quick, peers.as_ref());
     Ok(())
+}
+
+/// The value after `flag` on the command line.
+fn arg_value(flag: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// The peer's records by id, and its `meta` object; or why the peer did not run.
+type PeerRun = Result<(BTreeMap<String, serde_json::Value>, serde_json::Value), String>;
+
+/// Runs bench_peers.py sections a–d (the Linear, PEFT LoRA, mixed-batch and MoE figures) into
+/// a temporary JSON file and reads it back.
+fn run_peers(quick: bool) -> PeerRun {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let script = arg_value("--peers-script").map_or_else(
+        || root.join("../shared/peers/bench_peers.py"),
+        PathBuf::from,
+    );
+    if !script.is_file() {
+        return Err(format!(
+            "no peer script at {}; pass --peers-script PATH",
+            script.display()
+        ));
+    }
+    let venv = script.with_file_name(".venv").join("bin/python");
+    let python = std::env::var("MODULA_PEERS_PYTHON").unwrap_or_else(|_| {
+        if venv.is_file() {
+            venv.display().to_string()
+        } else {
+            "python3".into()
+        }
+    });
+    let out = std::env::temp_dir().join(format!("modula-peers-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    println!("running the PyTorch peer: {python} {}", script.display());
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(&script).args(["--only", "abcd", "--out"]).arg(&out);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("could not start {python}: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "{python} {} failed ({status}); does it have torch and peft? set MODULA_PEERS_PYTHON",
+            script.display()
+        ));
+    }
+    let text = std::fs::read_to_string(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let _ = std::fs::remove_file(&out);
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("peer output: {e}"))?;
+    let records = json["results"]
+        .as_array()
+        .ok_or("peer output has no results array")?
+        .iter()
+        .filter_map(|r| Some((r["id"].as_str()?.to_string(), r.clone())))
+        .collect();
+    Ok((records, json["meta"].clone()))
+}
+
+/// modula's figure, PyTorch's and their ratio, for every metric both sides measure.
+fn side_by_side(report: &Report, peers: &PeerRun) -> serde_json::Value {
+    let (records, meta) = match peers {
+        Ok(p) => p,
+        Err(why) => return serde_json::json!({ "error": why }),
+    };
+    let field = |id: &str, f: &str| records.get(id).and_then(|r| r[f].as_f64());
+    let median = |id: &str| field(id, "median_s");
+    let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    let mut pairs: Vec<(String, Option<f64>)> = vec![
+        (
+            "linear_fwd_gflops".into(),
+            field("a.linear.fwd", "gflop_per_s"),
+        ),
+        (
+            "lora_r8_fwd_over_linear_fwd".into(),
+            ratio(median("b.lora_r8.fwd_unmerged"), median("a.linear.fwd")),
+        ),
+        (
+            "moe_tokens_per_s".into(),
+            field("d.moe_sparse_top2.fwd", "tokens_per_s"),
+        ),
+        (
+            "moe_top2_over_dense_all_experts".into(),
+            ratio(
+                median("d.moe_sparse_top2.fwd"),
+                median("d.moe_dense_all_experts.fwd"),
+            ),
+        ),
+    ];
+    for (k, _) in &report.metrics {
+        if let Some(n) = k
+            .strip_prefix("mixed_")
+            .and_then(|r| r.strip_suffix("_adapters_over_single_adapter"))
+        {
+            let id = format!("c.mixed_{n}_adapters.fwd");
+            pairs.push((
+                k.clone(),
+                ratio(median(&id), median("c.single_adapter.fwd")),
+            ));
+        }
+    }
+    let round = |v: f64| (v * 1e4).round() / 1e4;
+    let mut obj = serde_json::Map::new();
+    for (k, theirs) in pairs {
+        let ours = report
+            .metrics
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| *v);
+        if let (Some(ours), Some(theirs)) = (ours, theirs) {
+            obj.insert(
+                k,
+                serde_json::json!({
+                    "modula": round(ours),
+                    "pytorch": round(theirs),
+                    "modula_over_pytorch": round(ours / theirs),
+                }),
+            );
+        }
+    }
+    obj.insert(
+        "peer".into(),
+        serde_json::json!({
+            "versions": meta["versions"],
+            "torch_num_threads": meta["torch_num_threads"],
+            "cpu": meta["cpu"],
+            "quick": meta["quick"],
+        }),
+    );
+    serde_json::Value::Object(obj)
 }
 
 /// The commit the report was built from, `-dirty` when the work tree has changes.
@@ -375,7 +546,7 @@ fn commit() -> String {
 /// One JSON object: the metrics at the top level and how they were measured under `method`.
 /// With `--write-docs` it is also written to docs/bench_report.json, and the same figures as a
 /// markdown table to docs/bench_report.md.
-fn print_json(report: &Report, device: &Device, quick: bool) {
+fn print_json(report: &Report, device: &Device, quick: bool, peers: Option<&PeerRun>) {
     let mut obj = serde_json::Map::new();
     for (k, v) in &report.metrics {
         obj.insert(k.clone(), serde_json::json!((v * 1e4).round() / 1e4));
@@ -400,8 +571,13 @@ fn print_json(report: &Report, device: &Device, quick: bool) {
             "quick": quick,
             "commit": commit(),
             "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "allocator": alloc::name(),
+            "cpu_flags": cpu_flags(),
         }),
     );
+    if let Some(p) = peers {
+        obj.insert("pytorch".into(), side_by_side(report, p));
+    }
     let json = serde_json::Value::Object(obj);
     println!("{json}");
     if std::env::args().any(|a| a == "--write-docs")
@@ -410,6 +586,29 @@ fn print_json(report: &Report, device: &Device, quick: bool) {
         eprintln!("error: could not write the docs files: {e}");
         std::process::exit(1);
     }
+}
+
+/// The CPU's model name and its vector extensions that matter to the matmul kernels (x86).
+fn cpu_flags() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let line = |key: &str| {
+        info.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = line("flags");
+    let wanted: Vec<&str> = flags
+        .split_whitespace()
+        .filter(|f| {
+            matches!(
+                *f,
+                "avx2" | "fma" | "avx512f" | "avx512bw" | "avx512vl" | "avx512_bf16"
+            ) || f.starts_with("amx")
+        })
+        .collect();
+    format!("{}: {}", line("model name"), wanted.join(" "))
 }
 
 /// docs/bench_report.json (the JSON line, pretty-printed) and docs/bench_report.md (a table
@@ -436,6 +635,23 @@ fn write_docs(json: &serde_json::Value, report: &Report) -> modula::Result<()> {
     md.push_str("\n| metric | value |\n|---|---|\n");
     for (k, v) in &report.metrics {
         md.push_str(&format!("| `{k}` | {v:.4} |\n"));
+    }
+    if let Some(peer) = json["pytorch"].as_object() {
+        md.push_str("\n## Beside PyTorch (`--peers`, the same run)\n\n");
+        match peer.get("error") {
+            Some(why) => md.push_str(&format!("The peer did not run: {why}\n")),
+            None => {
+                md.push_str(
+                    "| metric | modula | PyTorch | modula / PyTorch |\n|---|---|---|---|\n",
+                );
+                for (k, v) in peer.iter().filter(|(k, _)| *k != "peer") {
+                    md.push_str(&format!(
+                        "| `{k}` | {} | {} | {} |\n",
+                        v["modula"], v["pytorch"], v["modula_over_pytorch"]
+                    ));
+                }
+            }
+        }
     }
     modula::io::atomic_write(&docs.join("bench_report.md"), md.as_bytes())
 }

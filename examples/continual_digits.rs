@@ -25,6 +25,9 @@
 //! Run: `cargo run --release --features wgpu,cli --example continual_digits`; writes
 //! docs/continual_digits.md.
 
+#[path = "common/alloc.rs"]
+mod alloc;
+
 use std::fmt::Write as _;
 use std::path::PathBuf;
 

@@ -22,6 +22,9 @@
 //! Run: `cargo run --release --features wgpu,cli --example library_digits` (a few seconds after
 //! the build). It prints the table and writes it to docs/library_digits.md.
 
+#[path = "common/alloc.rs"]
+mod alloc;
+
 use std::fmt::Write as _;
 use std::path::PathBuf;
 

@@ -15,6 +15,9 @@
 //! gives the test accuracy at that rate as mean ± sd over the seeds, and the per-expert
 //! figures and the heatmap of the first seed.
 
+#[path = "common/alloc.rs"]
+mod alloc;
+
 use std::fmt::Write as _;
 use std::path::PathBuf;
 

@@ -7,6 +7,9 @@
 //! `tests/data/tiny_mlp_base.safetensors` (PyTorch layout); the adapter folder
 //! `tests/data/peft_lora_tiny_mlp/` was written by PEFT 0.21.2's `save_pretrained`.
 
+#[path = "common/alloc.rs"]
+mod alloc;
+
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, activation};

@@ -2,6 +2,11 @@
 //!
 //! Built with the `cli` feature: `cargo run --release --features cli --bin modula -- --help`.
 
+/// A caching allocator: glibc unmaps every freed multi-MB buffer, so each forward pass would
+/// page-fault its activations in again (see docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
