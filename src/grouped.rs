@@ -348,6 +348,13 @@ mod host {
         })
     }
 
+    impl Mat {
+        /// Rows from `start` on, as the left operand of [`times`].
+        fn rows_from(&self, start: usize) -> (*const f32, isize, isize) {
+            (self.row(start), self.rs, self.cs)
+        }
+    }
+
     /// A row-major `[rows, cols]` output buffer.
     fn output(rows: usize, cols: usize) -> FlexTensor {
         FlexTensor::empty(Shape::from(vec![rows, cols]), DType::F32)
@@ -374,21 +381,19 @@ mod host {
         }
     }
 
-    /// `dst[m, n] (= dst +) lhs[m, k] · rhs[k, n]`, strided; parallel when large (Flex's
-    /// own threshold).
+    /// `dst[m, n] (= dst +) lhs[m, k] · w[k, n]`, strided (`lhs = (pointer, row stride,
+    /// column stride)`; `dst` row-major with row stride `dst_rs`); parallel when large
+    /// (Flex's own threshold).
     ///
     /// # Safety
-    /// Every pointer must address an `m × k`, `k × n`, `m × n` matrix with the given strides.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm(
+    /// `lhs` must address an `m × k` matrix with its strides, `w` be `k × n`, and `dst` hold
+    /// `m` rows of `n` at stride `dst_rs`.
+    unsafe fn times(
         (m, n, k): (usize, usize, usize),
-        dst: *mut f32,
-        dst_rs: isize,
+        (dst, dst_rs): (*mut f32, usize),
         accumulate: bool,
-        lhs: *const f32,
-        (lhs_rs, lhs_cs): (isize, isize),
-        rhs: *const f32,
-        (rhs_rs, rhs_cs): (isize, isize),
+        (lhs, lhs_rs, lhs_cs): (*const f32, isize, isize),
+        w: &Mat,
     ) {
         let par = if m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
             gemm::Parallelism::Rayon(0)
@@ -398,8 +403,25 @@ mod host {
         // SAFETY: forwarded from the caller.
         unsafe {
             gemm::gemm(
-                m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0,
-                1.0, false, false, false, par,
+                m,
+                n,
+                k,
+                dst,
+                1,
+                dst_rs as isize,
+                accumulate,
+                lhs,
+                lhs_cs,
+                lhs_rs,
+                w.row(0),
+                w.cs,
+                w.rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
             );
         }
     }
@@ -454,20 +476,16 @@ mod host {
                     };
                 }
             }
-            let w = &ws[g];
             // SAFETY: shapes checked by the caller: x [n, d_in], W [d_in, d_out].
             unsafe {
-                gemm(
+                times(
                     (len, d_out, d_in),
-                    dst,
-                    d_out as isize,
+                    (dst, d_out),
                     bs.is_some(),
-                    xm.row(start),
-                    (xm.rs, xm.cs),
-                    w.row(0),
-                    (w.rs, w.cs),
-                );
-            }
+                    xm.rows_from(start),
+                    &ws[g],
+                )
+            };
         });
         Some(wrap(out))
     }
@@ -499,18 +517,7 @@ mod host {
                 let ((a, b), r) = (&fs[g], factors[g].a.dims()[1]);
                 let t = thin.as_mut_ptr();
                 // SAFETY: x rows start..start+len [.., d_in] times A [d_in, r] into t [len, r].
-                unsafe {
-                    gemm(
-                        (len, r, d_in),
-                        t,
-                        r as isize,
-                        false,
-                        xm.row(start),
-                        (xm.rs, xm.cs),
-                        a.row(0),
-                        (a.rs, a.cs),
-                    );
-                }
+                unsafe { times((len, r, d_in), (t, r), false, xm.rows_from(start), a) };
                 let s = factors[g].scale as f32;
                 for (i, row) in thin[..len * r].chunks_exact_mut(r).enumerate() {
                     let si = c.as_ref().map_or(s, |c| s * c[start + i]);
@@ -518,17 +525,14 @@ mod host {
                 }
                 // SAFETY: t [len, r] times B [r, d_out] into rows start..start+len of y.
                 unsafe {
-                    gemm(
+                    times(
                         (len, d_out, r),
-                        y.add(start * d_out),
-                        d_out as isize,
+                        (y.add(start * d_out), d_out),
                         false,
-                        thin.as_ptr(),
-                        (r as isize, 1),
-                        b.row(0),
-                        (b.rs, b.cs),
-                    );
-                }
+                        (thin.as_ptr(), r as isize, 1),
+                        b,
+                    )
+                };
             });
         });
         Some(wrap(out))
@@ -557,17 +561,14 @@ mod host {
                 let h = hidden.as_mut_ptr();
                 // SAFETY: x rows start..start+len times W_in [d, 2·d_ff] into h [len, 2·d_ff].
                 unsafe {
-                    gemm(
+                    times(
                         (len, two_ff, d),
-                        h,
-                        two_ff as isize,
+                        (h, two_ff),
                         false,
-                        xm.row(start),
-                        (xm.rs, xm.cs),
-                        wi[g].row(0),
-                        (wi[g].rs, wi[g].cs),
-                    );
-                }
+                        xm.rows_from(start),
+                        &wi[g],
+                    )
+                };
                 // silu(gate) ⊙ up ⊙ c, in place over the gate half of each row.
                 hidden[..len * two_ff]
                     .par_chunks_exact_mut(two_ff)
@@ -583,17 +584,14 @@ mod host {
                 // SAFETY: the gate half of h ([len, d_ff], row stride 2·d_ff) times
                 // W_out [d_ff, d_out] into rows start..start+len of y.
                 unsafe {
-                    gemm(
+                    times(
                         (len, d_out, ff),
-                        y.add(start * d_out),
-                        d_out as isize,
+                        (y.add(start * d_out), d_out),
                         false,
-                        hidden.as_ptr(),
-                        (two_ff as isize, 1),
-                        wo[g].row(0),
-                        (wo[g].rs, wo[g].cs),
-                    );
-                }
+                        (hidden.as_ptr(), two_ff as isize, 1),
+                        &wo[g],
+                    )
+                };
             });
         });
         Some(wrap(out))

@@ -318,6 +318,23 @@ fn dense_plan_equals_the_row_plan_of_the_same_routing() {
                 &format!("dense vs rows plan ({name})"),
             );
         }
+        // A LoRA layer computes its adapters as one grouped op (DispatchPlan::apply_grouped)
+        // under either plan; both must equal the base plus the per-module closure dispatch.
+        let base = burn::nn::LinearConfig::new(d, d).init(&device);
+        let mut layer = modula::LoraLinear::new(base.clone());
+        for (i, m) in modules.iter().enumerate() {
+            layer.insert_adapter(&format!("a{i}"), m.clone()).unwrap();
+        }
+        let reference = base.forward(x.clone())
+            + dispatch_planned(&modules, &pr, x.clone(), &WeightedSum).unwrap();
+        for (name, plan) in [("dense", &pd), ("rows", &pr)] {
+            assert_close(
+                layer.forward_planned(x.clone(), plan).unwrap(),
+                reference.clone(),
+                1e-5,
+                &format!("LoRA layer, grouped op under the {name} plan"),
+            );
+        }
         let f = |m: usize, xm: Tensor<2>| Ok(modules[m].forward_rows(xm));
         assert_close(
             pd.to_slots(pd.run(x.clone(), d, f).unwrap()),
