@@ -34,10 +34,12 @@ mod folder;
 mod ia3;
 mod keys;
 mod lora;
+pub mod targets;
 
 pub use config::{PeftConfig, PeftType};
 pub use ia3::PeftIa3;
 pub use lora::PeftLora;
+pub use targets::{TargetDecision, TargetRules};
 
 use std::path::Path;
 
