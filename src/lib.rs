@@ -123,6 +123,7 @@ pub mod grouped;
 pub mod io;
 pub mod library;
 pub(crate) mod linalg;
+pub mod models;
 pub mod modules;
 pub mod moe;
 pub mod peft;
