@@ -80,3 +80,121 @@ fn rope_rejects_bad_settings_and_shapes() {
     let x = Tensor::<4>::zeros([1, 2, 3, 6], &device);
     assert!(rope.apply(x, &cos, &sin).is_err());
 }
+
+/// tests/data/hf_configs.json (made by tests/data/make_hf_configs.py): raw `config.json`
+/// documents in both layouts and the values transformers 5.23 reads from them.
+#[test]
+fn decoder_configs_read_as_transformers_reads_them() {
+    use modula::models::{DecoderConfig, DecoderFamily};
+    let text = std::fs::read_to_string(common::data("hf_configs.json")).unwrap();
+    let table: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = table["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 11);
+    for case in cases {
+        let raw = case["raw"].to_string();
+        let c = DecoderConfig::from_json(&raw, "config.json").unwrap();
+        let t = &case["transformers"];
+        let u = |k: &str| t[k].as_u64().unwrap() as usize;
+        let got = (
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.max_position_embeddings,
+        );
+        let want = (
+            u("vocab_size"),
+            u("hidden_size"),
+            u("intermediate_size"),
+            u("num_hidden_layers"),
+            u("num_attention_heads"),
+            u("num_key_value_heads"),
+            u("head_dim"),
+            u("max_position_embeddings"),
+        );
+        assert_eq!(got, want, "{raw}");
+        assert_eq!(c.rms_norm_eps, t["rms_norm_eps"].as_f64().unwrap(), "{raw}");
+        assert_eq!(c.rope_theta, t["rope_theta"].as_f64().unwrap(), "{raw}");
+        assert_eq!(
+            c.tie_word_embeddings,
+            t["tie_word_embeddings"].as_bool().unwrap()
+        );
+        assert_eq!(c.mlp_bias, t["mlp_bias"].as_bool().unwrap(), "{raw}");
+        assert_eq!(
+            c.sliding_window,
+            t["sliding_window"].as_u64().map(|w| w as usize),
+            "{raw}"
+        );
+        assert_eq!(
+            c.experts,
+            t["num_local_experts"]
+                .as_u64()
+                .map(|e| (e as usize, u("num_experts_per_tok"))),
+            "{raw}"
+        );
+        match t["rope_type"].as_str().unwrap() {
+            "llama3" => assert_eq!(
+                c.rope_scaling,
+                Some(RopeScaling::Llama3 {
+                    factor: t["factor"].as_f64().unwrap(),
+                    low_freq_factor: t["low_freq_factor"].as_f64().unwrap(),
+                    high_freq_factor: t["high_freq_factor"].as_f64().unwrap(),
+                    original_max_position_embeddings: u("original_max_position_embeddings"),
+                }),
+                "{raw}"
+            ),
+            _ => assert_eq!(c.rope_scaling, None, "{raw}"),
+        }
+        // Qwen2 always has q/k/v biases and never an o_proj bias; Llama's attention_bias
+        // covers all four.
+        let ab = t["attention_bias"].as_bool().unwrap();
+        if c.family == DecoderFamily::Qwen2 {
+            assert!(c.qkv_bias && !c.o_bias);
+        } else {
+            assert_eq!((c.qkv_bias, c.o_bias), (ab, ab), "{raw}");
+        }
+    }
+}
+
+#[test]
+fn decoder_configs_modula_cannot_honour_are_errors_naming_the_key() {
+    use modula::models::DecoderConfig;
+    for (json, key) in [
+        (r#"{"model_type": "gpt_neox"}"#, "model_type"),
+        (r#"[]"#, "JSON object"),
+        (
+            r#"{"model_type": "llama", "hidden_act": "gelu"}"#,
+            "hidden_act",
+        ),
+        (
+            r#"{"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#,
+            "rope_scaling.rope_type",
+        ),
+        (
+            r#"{"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}"#,
+            "rope_parameters.low_freq_factor",
+        ),
+        (
+            r#"{"model_type": "mixtral", "num_attention_heads": 4}"#,
+            "num_key_value_heads",
+        ),
+        (
+            r#"{"model_type": "qwen2", "use_sliding_window": true}"#,
+            "use_sliding_window",
+        ),
+        (
+            r#"{"model_type": "llama", "hidden_size": "64"}"#,
+            "hidden_size",
+        ),
+    ] {
+        let e = DecoderConfig::from_json(json, "m/config.json").expect_err(json);
+        let msg = e.to_string();
+        assert!(
+            msg.contains(key) && msg.contains("m/config.json"),
+            "{json}: {msg}"
+        );
+    }
+}
