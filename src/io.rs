@@ -309,3 +309,15 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         Error::io(path, e)
     })
 }
+
+impl crate::models::WeightSource for TensorFile {
+    fn weight(&self, name: &str) -> Option<TensorData> {
+        self.tensors
+            .get(name)
+            .map(|t| TensorData::new(t.data.clone(), t.shape.clone()))
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}

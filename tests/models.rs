@@ -198,3 +198,26 @@ fn decoder_configs_modula_cannot_honour_are_errors_naming_the_key() {
         );
     }
 }
+
+/// tests/data/tiny_decoders (made by tests/data/make_tiny_decoders.py): tiny random Llama
+/// (GQA, head_dim ≠ hidden/heads, Llama-3 RoPE, biases), Qwen2 (q/k/v biases, tied
+/// embeddings) and Mistral (sliding window 3) checkpoints, and transformers' logits.
+#[test]
+fn tiny_decoders_give_transformers_logits() {
+    use modula::TensorFile;
+    use modula::models::{DecoderConfig, LlamaForCausalLm};
+    for name in ["llama", "qwen2", "mistral"] {
+        let dir = common::data("tiny_decoders").join(name);
+        let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let config = DecoderConfig::from_json(&config, "config.json").unwrap();
+        let weights = TensorFile::open(dir.join("model.safetensors")).unwrap();
+        let golden = TensorFile::open(dir.join("golden.safetensors")).unwrap();
+        for device in devices() {
+            let model = LlamaForCausalLm::from_weights(&config, &weights, &device).unwrap();
+            let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+            let logits = model.forward(ids).unwrap();
+            let want: Tensor<3> = golden.tensor("logits", &device).unwrap();
+            assert_close(logits, want, 1e-4, &format!("{name} logits on {device:?}"));
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as transformers computes it, with every
+//! projection a [`LoraLinear`] so that adapters attach by the Hugging Face module path.
+//!
+//! # The math
+//! Per layer, with RMSNorm `n(x) = x / sqrt(mean(x²) + ε) ⊙ g`:
+//!
+//! - `h = x + o_proj(attn(n₁(x)))`, where attention uses rotary positions on q and k
+//!   ([`Rope`]), grouped-query heads (each key/value head serves
+//!   `num_attention_heads / num_key_value_heads` query heads), a causal mask (and Mistral's
+//!   sliding window), and `softmax(q kᵀ / sqrt(head_dim)) v`;
+//! - `y = h + down_proj(silu(gate_proj(n₂(h))) ⊙ up_proj(n₂(h)))`.
+//!
+//! The logits are `lm_head(n(h_L))`, or the transposed token embedding when the config ties
+//! them. Module paths follow transformers' (`model.layers.3.self_attn.q_proj`, `lm_head`), so
+//! they equal PEFT's keys.
+//!
+//! # Shapes
+//! - input ids: `[batch, seq]` (Int); logits: `[batch, seq, vocab_size]`
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use super::config::{DecoderConfig, DecoderFamily};
+use super::rope::Rope;
+use crate::error::{Error, Result};
+use crate::modules::lora::LoraLinear;
+use crate::tensor_util::to_vec_i64;
+
+/// Where a model's weights come from: a checkpoint by its Hugging Face names, in PyTorch's
+/// layouts (`Linear` weights `[out, in]`). The `io` layer implements it for safetensors files.
+pub trait WeightSource {
+    /// The tensor `name` as `f32` values with its shape, or `None` if the checkpoint lacks it.
+    fn weight(&self, name: &str) -> Option<TensorData>;
+
+    /// Names the checkpoint in errors (a file or folder).
+    fn describe(&self) -> String;
+}
+
+/// Grouped-query self-attention with rotary positions.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Query projection, `hidden → heads·head_dim`.
+    pub q_proj: LoraLinear,
+    /// Key projection, `hidden → kv_heads·head_dim`.
+    pub k_proj: LoraLinear,
+    /// Value projection, `hidden → kv_heads·head_dim`.
+    pub v_proj: LoraLinear,
+    /// Output projection, `heads·head_dim → hidden`.
+    pub o_proj: LoraLinear,
+}
+
+/// The SwiGLU feed-forward block.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// Gate projection, `hidden → intermediate`.
+    pub gate_proj: LoraLinear,
+    /// Up projection, `hidden → intermediate`.
+    pub up_proj: LoraLinear,
+    /// Down projection, `intermediate → hidden`.
+    pub down_proj: LoraLinear,
+}
+
+/// One decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// RMSNorm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Self-attention.
+    pub self_attn: Attention,
+    /// RMSNorm before the feed-forward block.
+    pub post_attention_layernorm: RmsNorm,
+    /// Feed-forward block.
+    pub mlp: Mlp,
+}
+
+/// The decoder stack (`model.` in transformers' names).
+#[derive(Module, Debug)]
+pub struct LlamaBody {
+    /// Token embedding `[vocab, hidden]`.
+    pub embed_tokens: Embedding,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final RMSNorm.
+    pub norm: RmsNorm,
+}
+
+/// A Llama-family causal language model (`LlamaForCausalLM` and its siblings).
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLm {
+    /// The decoder stack.
+    pub model: LlamaBody,
+    /// The output layer; `None` when tied to the token embedding.
+    pub lm_head: Option<LoraLinear>,
+    /// The configuration it was built from.
+    #[module(skip)]
+    pub config: DecoderConfig,
+    #[module(skip)]
+    rope: Rope,
+}
+
+impl LlamaForCausalLm {
+    /// Builds the model from `config` and the checkpoint `weights` (transformers' names).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming the checkpoint and key for a missing tensor or a Mixtral
+    /// config (not built yet); [`Error::Shape`] naming the key for a tensor whose shape
+    /// disagrees with the config; RoPE setting errors.
+    pub fn from_weights(
+        config: &DecoderConfig,
+        weights: &dyn WeightSource,
+        device: &Device,
+    ) -> Result<Self> {
+        if config.family == DecoderFamily::Mixtral {
+            return Err(Error::invalid(
+                "model_type `mixtral`",
+                "the Mixtral decoder is not built yet (its config reads)",
+            ));
+        }
+        let c = config;
+        let w = Loader {
+            src: weights,
+            device,
+        };
+        let (hd, h, kv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let (d, ff) = (c.hidden_size, c.intermediate_size);
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(DecoderLayer {
+                    input_layernorm: w.norm(&format!("{p}.input_layernorm"), d, c)?,
+                    self_attn: Attention {
+                        q_proj: w.linear(
+                            &format!("{p}.self_attn.q_proj"),
+                            d,
+                            h * hd,
+                            c.qkv_bias,
+                        )?,
+                        k_proj: w.linear(
+                            &format!("{p}.self_attn.k_proj"),
+                            d,
+                            kv * hd,
+                            c.qkv_bias,
+                        )?,
+                        v_proj: w.linear(
+                            &format!("{p}.self_attn.v_proj"),
+                            d,
+                            kv * hd,
+                            c.qkv_bias,
+                        )?,
+                        o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h * hd, d, c.o_bias)?,
+                    },
+                    post_attention_layernorm: w.norm(
+                        &format!("{p}.post_attention_layernorm"),
+                        d,
+                        c,
+                    )?,
+                    mlp: Mlp {
+                        gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), d, ff, c.mlp_bias)?,
+                        up_proj: w.linear(&format!("{p}.mlp.up_proj"), d, ff, c.mlp_bias)?,
+                        down_proj: w.linear(&format!("{p}.mlp.down_proj"), ff, d, c.mlp_bias)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = w.tensor::<2>("model.embed_tokens.weight", &[c.vocab_size, d])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(w.linear("lm_head", d, c.vocab_size, false)?)
+        };
+        Ok(Self {
+            model: LlamaBody {
+                embed_tokens: Embedding {
+                    weight: Param::from_tensor(embed),
+                },
+                layers,
+                norm: w.norm("model.norm", d, c)?,
+            },
+            lm_head,
+            config: config.clone(),
+            rope: Rope::new(hd, c.rope_theta, c.rope_scaling)?,
+        })
+    }
+
+    /// Logits for `input_ids: [batch, seq]`, positions `0..seq` in every row: `[batch, seq,
+    /// vocab]`.
+    ///
+    /// # Errors
+    /// [`Error::IdOutOfRange`] for a token id outside the vocabulary; [`Error::Invalid`] for a
+    /// sequence longer than `max_position_embeddings`; layer errors.
+    pub fn forward(&self, input_ids: Tensor<2, Int>) -> Result<Tensor<3>> {
+        let [b, s] = input_ids.dims();
+        let c = &self.config;
+        let ids = to_vec_i64(input_ids.clone());
+        if let Some(&bad) = ids.iter().find(|&&t| t < 0 || t as usize >= c.vocab_size) {
+            return Err(Error::IdOutOfRange {
+                what: "token id",
+                within: "the model's vocabulary",
+                id: bad,
+                bound: c.vocab_size,
+            });
+        }
+        if s > c.max_position_embeddings {
+            return Err(Error::invalid(
+                "sequence length",
+                format!(
+                    "{s} tokens exceed max_position_embeddings = {}",
+                    c.max_position_embeddings
+                ),
+            ));
+        }
+        let device = input_ids.device();
+        let positions = Tensor::<1, Int>::arange(0..s as i64, &device)
+            .reshape([1, s])
+            .expand([b, s]);
+        let (cos, sin) = self.rope.cos_sin(positions);
+        let mask = causal_mask(s, c.sliding_window, &device);
+        let mut x = self.model.embed_tokens.forward(input_ids);
+        for layer in &self.model.layers {
+            let a = layer.input_layernorm.forward(x.clone());
+            x = x + self.attention(&layer.self_attn, a, &cos, &sin, &mask)?;
+            let m = layer.post_attention_layernorm.forward(x.clone());
+            let mlp = &layer.mlp;
+            let g = mlp.gate_proj.forward(m.clone())?;
+            let hidden = burn::tensor::activation::silu(g) * mlp.up_proj.forward(m)?;
+            x = x + mlp.down_proj.forward(hidden)?;
+        }
+        let x = self.model.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => {
+                let e = self
+                    .model
+                    .embed_tokens
+                    .weight
+                    .val()
+                    .transpose()
+                    .unsqueeze::<3>();
+                Ok(x.matmul(e))
+            }
+        }
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: Tensor<3>,
+        cos: &Tensor<3>,
+        sin: &Tensor<3>,
+        mask: &Tensor<2, Bool>,
+    ) -> Result<Tensor<3>> {
+        let [b, s, _] = x.dims();
+        let c = &self.config;
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        let q = self
+            .rope
+            .apply(heads(attn.q_proj.forward(x.clone())?, h), cos, sin)?;
+        let k = self
+            .rope
+            .apply(heads(attn.k_proj.forward(x.clone())?, kv), cos, sin)?;
+        let v = heads(attn.v_proj.forward(x)?, kv);
+        // Key/value head j serves query heads j·g .. (j+1)·g (transformers' repeat_kv).
+        let g = h / kv;
+        let repeat = |t: Tensor<4>| {
+            t.unsqueeze_dim::<5>(2)
+                .expand([b, kv, g, s, hd])
+                .reshape([b, h, s, hd])
+        };
+        let (k, v) = (repeat(k), repeat(v));
+        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
+        let scores = scores.mask_fill(
+            mask.clone().unsqueeze::<4>().expand([b, h, s, s]),
+            f32::NEG_INFINITY,
+        );
+        let out = softmax(scores, 3).matmul(v);
+        attn.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, h * hd]))
+    }
+}
+
+/// `true` where query `i` may not see key `j`: `j > i`, or `i - j ≥ window`.
+fn causal_mask(s: usize, window: Option<usize>, device: &Device) -> Tensor<2, Bool> {
+    let v: Vec<bool> = (0..s)
+        .flat_map(|i| (0..s).map(move |j| j > i || window.is_some_and(|w| i - j >= w)))
+        .collect();
+    Tensor::from_data(TensorData::new(v, [s, s]), device)
+}
+
+/// Reads tensors from a [`WeightSource`], checking each against the shape the config implies.
+struct Loader<'a> {
+    src: &'a dyn WeightSource,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn tensor<const D: usize>(&self, name: &str, shape: &[usize]) -> Result<Tensor<D>> {
+        let data = self.src.weight(name).ok_or_else(|| {
+            Error::invalid(
+                format!("{}: key `{name}`", self.src.describe()),
+                "missing from the checkpoint",
+            )
+        })?;
+        if data.shape().as_slice() != shape {
+            return Err(Error::shape(
+                format!("{}: `{name}` (from config.json)", self.src.describe()),
+                format!("{shape:?}"),
+                format!("{:?}", data.shape().as_slice()),
+            ));
+        }
+        Ok(Tensor::from_data(data, self.device))
+    }
+
+    /// A PyTorch-layout `Linear` (`weight: [out, in]`) as a [`LoraLinear`] without adapters.
+    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<LoraLinear> {
+        let w: Tensor<2> = self.tensor(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let b = if bias {
+            Some(Param::from_tensor(
+                self.tensor::<1>(&format!("{prefix}.bias"), &[d_out])?,
+            ))
+        } else {
+            None
+        };
+        Ok(LoraLinear::new(Linear {
+            weight: Param::from_tensor(w.transpose()),
+            bias: b,
+        }))
+    }
+
+    fn norm(&self, prefix: &str, d: usize, c: &DecoderConfig) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            gamma: Param::from_tensor(self.tensor(&format!("{prefix}.weight"), &[d])?),
+            epsilon: c.rms_norm_eps,
+        })
+    }
+}

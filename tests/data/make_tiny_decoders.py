@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Tiny random Llama-family checkpoints and their logits (transformers 5.23, eager attention).
+
+Writes tests/data/tiny_decoders/<name>/{config.json, model.safetensors, golden.safetensors}:
+- llama: GQA (4 query heads, 2 key/value heads), head_dim 12 != hidden/heads, Llama-3 RoPE
+  scaling, untied output layer, attention and MLP biases;
+- qwen2: q/k/v biases, tied embeddings;
+- mistral: a sliding window of 3 over 6 tokens.
+golden.safetensors holds input_ids (as F32, exact) and the logits. Run with the peers'
+virtual environment:
+
+    python tests/data/make_tiny_decoders.py
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+MODELS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(
+        COMMON, head_dim=12, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(COMMON, tie_word_embeddings=True, rope_theta=1000000.0)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(COMMON, sliding_window=3, rope_theta=10000.0)),
+}
+
+
+def main():
+    root = Path(__file__).with_name("tiny_decoders")
+    for name, (cfg_cls, model_cls, kw) in MODELS.items():
+        torch.manual_seed(0)
+        config = cfg_cls(**kw)
+        config._attn_implementation = "eager"
+        model = model_cls(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():  # random biases and norms too, so every term shows
+                p.add_(torch.randn_like(p) * 0.05)
+        ids = torch.tensor([[1, 5, 9, 63, 0, 7], [2, 2, 40, 11, 30, 62]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        out = root / name
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(out)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(out / "model.safetensors"))
+        save_file({"input_ids": ids.float(), "logits": logits.contiguous()}, str(out / "golden.safetensors"))
+        print(f"wrote {out}: {sum(v.numel() for v in state.values())} parameters")
+
+
+if __name__ == "__main__":
+    main()
