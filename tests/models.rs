@@ -221,3 +221,106 @@ fn tiny_decoders_give_transformers_logits() {
         }
     }
 }
+
+/// PEFT LoRA folders on the tiny Llama (tests/data/tiny_decoders/llama_lora_*): attached by
+/// PEFT's target-module rules, the model's logits equal PEFT's with the adapter active.
+#[test]
+fn peft_folders_attach_by_target_rules_and_give_peft_logits() {
+    use modula::TensorFile;
+    use modula::models::{DecoderConfig, LlamaForCausalLm};
+    use modula::peft::PeftLora;
+    let dir = common::data("tiny_decoders");
+    let config = std::fs::read_to_string(dir.join("llama/config.json")).unwrap();
+    let config = DecoderConfig::from_json(&config, "config.json").unwrap();
+    let weights = TensorFile::open(dir.join("llama/model.safetensors")).unwrap();
+    for (name, adapted) in [("llama_lora_qvd", 3), ("llama_lora_all", 12)] {
+        let golden = TensorFile::open(dir.join(name).join("golden.safetensors")).unwrap();
+        for device in devices() {
+            let mut model = LlamaForCausalLm::from_weights(&config, &weights, &device).unwrap();
+            let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+            let base = model.forward(ids.clone()).unwrap();
+            let peft = PeftLora::load(dir.join(name), &device).unwrap();
+            let paths = peft.attach_to_model(&mut model, "a").unwrap();
+            assert_eq!(paths.len(), adapted, "{name}: {paths:?}");
+            let want: Tensor<3> = golden.tensor("logits", &device).unwrap();
+            // The adapter must matter: the base model's logits are far from PEFT's.
+            assert!(common::max_abs_diff(base, want.clone()) > 1e-2, "{name}");
+            let logits = model.forward(ids).unwrap();
+            assert_close(logits, want, 1e-4, &format!("{name} on {device:?}"));
+            // Attaching the same name again is refused and changes nothing.
+            assert!(peft.attach_to_model(&mut model, "a").is_err());
+        }
+    }
+    // qvd targets layer 1 only: layer 0's q_proj has no adapter.
+    let device = burn::tensor::Device::flex();
+    let mut model = LlamaForCausalLm::from_weights(&config, &weights, &device).unwrap();
+    let peft = PeftLora::load(dir.join("llama_lora_qvd"), &device).unwrap();
+    let paths = peft.attach_to_model(&mut model, "a").unwrap();
+    assert_eq!(
+        paths,
+        [
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+            "model.layers.1.mlp.down_proj"
+        ]
+    );
+    assert!(model.model.layers[0].self_attn.q_proj.names().is_empty());
+    assert_eq!(model.model.layers[1].mlp.down_proj.names(), ["a"]);
+}
+
+#[test]
+fn peft_folders_that_do_not_fit_the_model_are_errors_and_attach_nothing() {
+    use modula::TensorFile;
+    use modula::models::{DecoderConfig, LlamaForCausalLm};
+    use modula::peft::PeftLora;
+    let dir = common::data("tiny_decoders");
+    let config = std::fs::read_to_string(dir.join("llama/config.json")).unwrap();
+    let config = DecoderConfig::from_json(&config, "config.json").unwrap();
+    let weights = TensorFile::open(dir.join("llama/model.safetensors")).unwrap();
+    let device = burn::tensor::Device::flex();
+    let mut model = LlamaForCausalLm::from_weights(&config, &weights, &device).unwrap();
+    let untouched = |m: &LlamaForCausalLm| {
+        m.model
+            .layers
+            .iter()
+            .all(|l| l.self_attn.q_proj.names().is_empty() && l.mlp.down_proj.names().is_empty())
+    };
+    let qvd = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut p = PeftLora::load(dir.join("llama_lora_qvd"), &device).unwrap();
+        edit(&mut p.config.raw);
+        p
+    };
+    // The rules select layer 0 too, but the folder has factors for layer 1 only.
+    let p = qvd(&|raw| {
+        raw.insert("layers_to_transform".into(), serde_json::json!([0, 1]));
+    });
+    let e = p.attach_to_model(&mut model, "a").unwrap_err().to_string();
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj") && e.contains("no LoRA factors"),
+        "{e}"
+    );
+    // The rules leave out down_proj, for which the folder has factors.
+    let p = qvd(&|raw| {
+        raw.insert(
+            "target_modules".into(),
+            serde_json::json!(["q_proj", "v_proj"]),
+        );
+    });
+    let e = p.attach_to_model(&mut model, "a").unwrap_err().to_string();
+    assert!(
+        e.contains("model.layers.1.mlp.down_proj") && e.contains("not a selected"),
+        "{e}"
+    );
+    // Rules that select nothing, and a folder without target_modules.
+    let p = qvd(&|raw| {
+        raw.insert("target_modules".into(), serde_json::json!(["nothing_here"]));
+    });
+    let e = p.attach_to_model(&mut model, "a").unwrap_err().to_string();
+    assert!(e.contains("selects no linear layer"), "{e}");
+    let e = PeftLora::new(2, 4.0, false)
+        .attach_to_model(&mut model, "a")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("target_modules"), "{e}");
+    assert!(untouched(&model));
+}

@@ -22,6 +22,7 @@ use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
+use super::LinearLayers;
 use super::config::{DecoderConfig, DecoderFamily};
 use super::rope::Rope;
 use crate::error::{Error, Result};
@@ -278,6 +279,31 @@ impl LlamaForCausalLm {
         let out = softmax(scores, 3).matmul(v);
         attn.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h * hd]))
+    }
+}
+
+impl LinearLayers for LlamaForCausalLm {
+    fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head".into(), head));
+        }
+        out
+    }
+
+    fn output_layer(&self) -> Option<&str> {
+        self.lm_head.as_ref().map(|_| "lm_head")
     }
 }
 

@@ -14,6 +14,19 @@ pub mod config;
 pub mod llama;
 pub mod rope;
 
+use crate::modules::lora::LoraLinear;
+
 pub use config::{DecoderConfig, DecoderFamily};
 pub use llama::{LlamaForCausalLm, WeightSource};
 pub use rope::{Rope, RopeScaling};
+
+/// A model whose linear layers are [`LoraLinear`]s at Hugging Face module paths: what PEFT's
+/// target-module rules select from ([`PeftLora::attach_to_model`](crate::PeftLora::attach_to_model)).
+pub trait LinearLayers {
+    /// Every linear layer with its path (`model.layers.0.self_attn.q_proj`, `lm_head`), in
+    /// module order.
+    fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear)>;
+
+    /// The path of the output layer, which `all-linear` leaves out (`None` when tied).
+    fn output_layer(&self) -> Option<&str>;
+}

@@ -9,8 +9,10 @@ use serde_json::{Map, Value, json};
 use super::config::{PeftConfig, PeftType};
 use super::folder::{lora_config_template, py_number, read_folder, write_folder};
 use super::keys::{KEY_PREFIX, split_key};
+use super::targets::{TargetDecision, TargetRules};
 use crate::error::{Error, Result, Scope};
 use crate::io::HostTensor;
+use crate::models::LinearLayers;
 use crate::modules::lora::{LoraEmbedding, LoraLinear, LoraModule};
 
 /// A LoRA adapter read from (or to be written as) a PEFT folder: one [`LoraModule`] per
@@ -177,6 +179,87 @@ impl PeftLora {
     /// Unknown path, duplicate name, or widths that differ from the layer's.
     pub fn attach(&self, path: &str, layer: &mut LoraLinear, name: &str) -> Result<()> {
         layer.insert_adapter(name, self.get(path)?.clone())
+    }
+
+    /// Attaches this folder to every layer of `model` that PEFT's target-module rules select
+    /// ([`TargetRules`]: `target_modules`, `exclude_modules`, `layers_to_transform`,
+    /// `layers_pattern`, `all-linear`), under `name`. Returns the adapted paths, in module
+    /// order. Nothing is attached unless everything fits.
+    ///
+    /// # Errors
+    /// [`Error::Peft`] naming the folder if the rules select a layer the folder has no factors
+    /// for, the folder has factors for a path that is not a selected linear layer of the model
+    /// (embedding adapters included, for now), or the rules select nothing; the rules' own
+    /// errors; [`Error::DuplicateAdapter`] / [`Error::Shape`] from a layer.
+    pub fn attach_to_model(&self, model: &mut dyn LinearLayers, name: &str) -> Result<Vec<String>> {
+        let origin = self
+            .source
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<PEFT LoRA>"));
+        let mut rules = TargetRules::from_config(&self.config.raw)
+            .map_err(|e| Error::peft(&origin, e.to_string()))?;
+        let output = model.output_layer().map(str::to_string);
+        let mut layers = model.linear_layers_mut();
+        if rules.is_all_linear() {
+            rules.resolve_all_linear(layers.iter().map(|(p, _)| p.as_str()), output.as_deref());
+        }
+        let selected: Vec<usize> = (0..layers.len())
+            .filter(|&i| rules.decide(&layers[i].0) == TargetDecision::Target)
+            .collect();
+        if selected.is_empty() {
+            return Err(Error::peft(
+                &origin,
+                "target_modules selects no linear layer of this model",
+            ));
+        }
+        for &i in &selected {
+            let path = &layers[i].0;
+            if !self.modules.contains_key(path) || self.embeddings.contains(path) {
+                return Err(Error::peft(
+                    &origin,
+                    format!("the rules select `{path}`, but the folder has no LoRA factors for it"),
+                ));
+            }
+        }
+        let chosen: BTreeSet<&str> = selected.iter().map(|&i| layers[i].0.as_str()).collect();
+        if let Some(extra) = self.modules.keys().find(|p| !chosen.contains(p.as_str())) {
+            return Err(Error::peft(
+                &origin,
+                format!(
+                    "the folder has factors for `{extra}`, which is not a selected linear layer of this model"
+                ),
+            ));
+        }
+        // Check every width before touching a layer, so an error leaves the model unchanged.
+        for &i in &selected {
+            let (path, layer) = &layers[i];
+            let a = &self.modules[path];
+            if (a.d_in(), a.d_out()) != (layer.d_in(), layer.d_out()) {
+                return Err(Error::peft(
+                    &origin,
+                    format!(
+                        "`{path}`: factors for {} -> {}, the layer is {} -> {}",
+                        a.d_in(),
+                        a.d_out(),
+                        layer.d_in(),
+                        layer.d_out()
+                    ),
+                ));
+            }
+            if layer.names().iter().any(|n| n == name) {
+                return Err(Error::DuplicateAdapter {
+                    name: name.to_string(),
+                    scope: Scope::Layer,
+                });
+            }
+        }
+        let mut attached = Vec::with_capacity(selected.len());
+        for &i in &selected {
+            let (path, layer) = &mut layers[i];
+            layer.insert_adapter(name, self.modules[path.as_str()].clone())?;
+            attached.push(path.clone());
+        }
+        Ok(attached)
     }
 
     /// Inserts a copy of embedding module `path`'s adapter into `layer` under `name`.

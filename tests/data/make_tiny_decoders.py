@@ -6,7 +6,8 @@ Writes tests/data/tiny_decoders/<name>/{config.json, model.safetensors, golden.s
   scaling, untied output layer, attention and MLP biases;
 - qwen2: q/k/v biases, tied embeddings;
 - mistral: a sliding window of 3 over 6 tokens.
-golden.safetensors holds input_ids (as F32, exact) and the logits. Run with the peers'
+golden.safetensors holds input_ids (as F32, exact) and the logits. Then two PEFT LoRA folders
+on the llama (tiny_decoders/llama_lora_*), each with the logits PEFT computes with it. Run with the peers'
 virtual environment:
 
     python tests/data/make_tiny_decoders.py
@@ -54,5 +55,37 @@ def main():
         print(f"wrote {out}: {sum(v.numel() for v in state.values())} parameters")
 
 
+ADAPTERS = {
+    # suffix names filtered by layer, a rank and an alpha pattern
+    "llama_lora_qvd": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                           layers_to_transform=[1], rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3.0}),
+    # all-linear (lm_head left out by PEFT) with an exclusion and rsLoRA
+    "llama_lora_all": dict(r=2, lora_alpha=4, target_modules="all-linear", exclude_modules=["o_proj"],
+                           use_rslora=True),
+}
+
+
+def adapters():
+    """PEFT LoRA folders on the tiny Llama, with random (non-zero) factors, and its logits with
+    each adapter active: tests/data/tiny_decoders/<name>/ and <name>/golden.safetensors."""
+    from peft import LoraConfig, get_peft_model
+
+    root = Path(__file__).with_name("tiny_decoders")
+    for name, kw in ADAPTERS.items():
+        torch.manual_seed(1)
+        model = LlamaForCausalLM.from_pretrained(root / "llama", attn_implementation="eager").eval()
+        pm = get_peft_model(model, LoraConfig(init_lora_weights=False, **kw)).eval()
+        ids = torch.tensor([[1, 5, 9, 63, 0, 7], [2, 2, 40, 11, 30, 62]])
+        with torch.no_grad():
+            logits = pm(input_ids=ids).logits
+        out = root / name
+        pm.save_pretrained(out)
+        (out / "README.md").unlink(missing_ok=True)  # PEFT's model card, not needed here
+        save_file({"input_ids": ids.float(), "logits": logits.contiguous()}, str(out / "golden.safetensors"))
+        targets = sorted(n for n, m in pm.base_model.model.named_modules() if hasattr(m, "lora_A"))
+        print(f"wrote {out}: {len(targets)} adapted modules")
+
+
 if __name__ == "__main__":
     main()
+    adapters()
