@@ -324,3 +324,58 @@ fn peft_folders_that_do_not_fit_the_model_are_errors_and_attach_nothing() {
     assert!(e.contains("target_modules"), "{e}");
     assert!(untouched(&model));
 }
+
+/// A batch where each sequence names its adapter equals, row by row, the model with that
+/// adapter alone (PEFT's logits) or the base model (transformers' logits).
+#[test]
+fn mixed_adapter_batches_give_each_sequence_its_own_adapter() {
+    use modula::TensorFile;
+    use modula::models::{DecoderConfig, LlamaForCausalLm};
+    use modula::peft::PeftLora;
+    let dir = common::data("tiny_decoders");
+    let config = std::fs::read_to_string(dir.join("llama/config.json")).unwrap();
+    let config = DecoderConfig::from_json(&config, "config.json").unwrap();
+    let weights = TensorFile::open(dir.join("llama/model.safetensors")).unwrap();
+    let golden = |name: &str| TensorFile::open(dir.join(name).join("golden.safetensors")).unwrap();
+    for device in devices() {
+        let mut model = LlamaForCausalLm::from_weights(&config, &weights, &device).unwrap();
+        for name in ["qvd", "all"] {
+            let peft = PeftLora::load(dir.join(format!("llama_lora_{name}")), &device).unwrap();
+            peft.attach_to_model(&mut model, name).unwrap();
+        }
+        let ids: Tensor<2, Int> = golden("llama")
+            .tensor::<2>("input_ids", &device)
+            .unwrap()
+            .int();
+        let row = |file: &str, i: usize| {
+            let t: Tensor<3> = golden(file).tensor("logits", &device).unwrap();
+            let [_, s, v] = t.dims();
+            t.slice([i..i + 1, 0..s, 0..v])
+        };
+        for (adapters, files) in [
+            (
+                [Some("qvd"), Some("all")],
+                ["llama_lora_qvd", "llama_lora_all"],
+            ),
+            ([None, Some("qvd")], ["llama", "llama_lora_qvd"]),
+            ([Some("all"), None], ["llama_lora_all", "llama"]),
+        ] {
+            let y = model.forward_mixed(ids.clone(), &adapters).unwrap();
+            let [_, s, v] = y.dims();
+            for (i, file) in files.iter().enumerate() {
+                assert_close(
+                    y.clone().slice([i..i + 1, 0..s, 0..v]),
+                    row(file, i),
+                    1e-4,
+                    &format!("row {i} with {adapters:?} on {device:?}"),
+                );
+            }
+        }
+        assert!(model.forward_mixed(ids.clone(), &[Some("qvd")]).is_err());
+        let e = model
+            .forward_mixed(ids, &[Some("nope"), None])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope") && e.contains("qvd"), "{e}");
+    }
+}

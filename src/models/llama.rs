@@ -17,6 +17,9 @@
 //! # Shapes
 //! - input ids: `[batch, seq]` (Int); logits: `[batch, seq, vocab_size]`
 
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::softmax;
@@ -25,8 +28,9 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use super::LinearLayers;
 use super::config::{DecoderConfig, DecoderFamily};
 use super::rope::Rope;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Scope};
 use crate::modules::lora::LoraLinear;
+use crate::routing::{DispatchPlan, Routing};
 use crate::tensor_util::to_vec_i64;
 
 /// Where a model's weights come from: a checkpoint by its Hugging Face names, in PyTorch's
@@ -192,6 +196,71 @@ impl LlamaForCausalLm {
     /// [`Error::IdOutOfRange`] for a token id outside the vocabulary; [`Error::Invalid`] for a
     /// sequence longer than `max_position_embeddings`; layer errors.
     pub fn forward(&self, input_ids: Tensor<2, Int>) -> Result<Tensor<3>> {
+        self.run(input_ids, None)
+    }
+
+    /// Logits where sequence `i` of the batch uses adapter `adapters[i]` (`None`: the base
+    /// model), as PEFT's `adapter_names`: every adapted layer computes each adapter on its own
+    /// sequences in one gathered pass, and a layer without that adapter gives those sequences
+    /// its base output. The dispatch plan is built once per forward for every set of layers
+    /// that hold the same adapters, and reused by all of them. Active flags are ignored; no
+    /// adapter may be merged.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward); [`Error::Shape`] for a name count other than the batch
+    /// size; [`Error::UnknownAdapter`] for a name no layer holds; [`Error::AlreadyMerged`].
+    pub fn forward_mixed(
+        &self,
+        input_ids: Tensor<2, Int>,
+        adapters: &[Option<&str>],
+    ) -> Result<Tensor<3>> {
+        let b = input_ids.dims()[0];
+        if adapters.len() != b {
+            return Err(Error::shape(
+                "LlamaForCausalLm::forward_mixed (one adapter name or None per sequence)",
+                b.to_string(),
+                adapters.len().to_string(),
+            ));
+        }
+        let known: BTreeSet<&str> = self
+            .linear_layers()
+            .flat_map(|l| l.names().iter().map(String::as_str))
+            .collect();
+        if let Some(bad) = adapters.iter().flatten().find(|n| !known.contains(**n)) {
+            return Err(Error::UnknownAdapter {
+                name: bad.to_string(),
+                scope: Scope::Layer,
+                known: known.iter().map(|s| s.to_string()).collect(),
+            });
+        }
+        let mix = Mix {
+            adapters,
+            plans: RefCell::new(HashMap::new()),
+        };
+        self.run(input_ids, Some(&mix))
+    }
+
+    /// Every linear layer, in module order.
+    fn linear_layers(&self) -> impl Iterator<Item = &LoraLinear> {
+        self.model
+            .layers
+            .iter()
+            .flat_map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+            })
+            .chain(self.lm_head.as_ref())
+    }
+
+    fn run(&self, input_ids: Tensor<2, Int>, mix: Option<&Mix<'_>>) -> Result<Tensor<3>> {
         let [b, s] = input_ids.dims();
         let c = &self.config;
         let ids = to_vec_i64(input_ids.clone());
@@ -221,16 +290,16 @@ impl LlamaForCausalLm {
         let mut x = self.model.embed_tokens.forward(input_ids);
         for layer in &self.model.layers {
             let a = layer.input_layernorm.forward(x.clone());
-            x = x + self.attention(&layer.self_attn, a, &cos, &sin, &mask)?;
+            x = x + self.attention(&layer.self_attn, a, &cos, &sin, &mask, mix)?;
             let m = layer.post_attention_layernorm.forward(x.clone());
             let mlp = &layer.mlp;
-            let g = mlp.gate_proj.forward(m.clone())?;
-            let hidden = burn::tensor::activation::silu(g) * mlp.up_proj.forward(m)?;
-            x = x + mlp.down_proj.forward(hidden)?;
+            let g = linear(&mlp.gate_proj, m.clone(), mix)?;
+            let hidden = burn::tensor::activation::silu(g) * linear(&mlp.up_proj, m, mix)?;
+            x = x + linear(&mlp.down_proj, hidden, mix)?;
         }
         let x = self.model.norm.forward(x);
         match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => linear(head, x, mix),
             None => {
                 let e = self
                     .model
@@ -251,18 +320,17 @@ impl LlamaForCausalLm {
         cos: &Tensor<3>,
         sin: &Tensor<3>,
         mask: &Tensor<2, Bool>,
+        mix: Option<&Mix<'_>>,
     ) -> Result<Tensor<3>> {
         let [b, s, _] = x.dims();
         let c = &self.config;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-        let q = self
-            .rope
-            .apply(heads(attn.q_proj.forward(x.clone())?, h), cos, sin)?;
-        let k = self
-            .rope
-            .apply(heads(attn.k_proj.forward(x.clone())?, kv), cos, sin)?;
-        let v = heads(attn.v_proj.forward(x)?, kv);
+        let q = linear(&attn.q_proj, x.clone(), mix)?;
+        let k = linear(&attn.k_proj, x.clone(), mix)?;
+        let v = heads(linear(&attn.v_proj, x, mix)?, kv);
+        let q = self.rope.apply(heads(q, h), cos, sin)?;
+        let k = self.rope.apply(heads(k, kv), cos, sin)?;
         // Key/value head j serves query heads j·g .. (j+1)·g (transformers' repeat_kv).
         let g = h / kv;
         let repeat = |t: Tensor<4>| {
@@ -277,8 +345,11 @@ impl LlamaForCausalLm {
             f32::NEG_INFINITY,
         );
         let out = softmax(scores, 3).matmul(v);
-        attn.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, h * hd]))
+        linear(
+            &attn.o_proj,
+            out.swap_dims(1, 2).reshape([b, s, h * hd]),
+            mix,
+        )
     }
 }
 
@@ -305,6 +376,44 @@ impl LinearLayers for LlamaForCausalLm {
     fn output_layer(&self) -> Option<&str> {
         self.lm_head.as_ref().map(|_| "lm_head")
     }
+}
+
+/// A mixed-adapter batch: the adapter of each sequence, and one plan per set of adapter
+/// names a layer can hold (layers that hold the same adapters share it).
+struct Mix<'a> {
+    adapters: &'a [Option<&'a str>],
+    plans: RefCell<HashMap<Vec<String>, DispatchPlan>>,
+}
+
+/// `layer(x)` for `x: [batch, seq, d_in]`, each sequence through its own adapter under `mix`.
+fn linear(layer: &LoraLinear, x: Tensor<3>, mix: Option<&Mix<'_>>) -> Result<Tensor<3>> {
+    let Some(mix) = mix else {
+        return layer.forward(x);
+    };
+    let [b, s, d_in] = x.dims();
+    let names = layer.names();
+    if names.is_empty() {
+        return layer.forward(x);
+    }
+    let mut plans = mix.plans.borrow_mut();
+    let plan = match plans.entry(names.to_vec()) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            // A sequence whose adapter this layer lacks takes the base output (-1), as PEFT.
+            let ids: Vec<i64> = mix
+                .adapters
+                .iter()
+                .map(|a| {
+                    a.and_then(|a| names.iter().position(|n| n == a))
+                        .map_or(-1, |i| i as i64)
+                })
+                .collect();
+            let routing = Routing::one_per_row(&ids, names.len(), &x.device())?;
+            e.insert(DispatchPlan::per_sequence(&routing, s)?)
+        }
+    };
+    let y = layer.forward_planned(x.reshape([b * s, d_in]), plan)?;
+    Ok(y.reshape([b, s, layer.d_out()]))
 }
 
 /// `true` where query `i` may not see key `j`: `j > i`, or `i - j ≥ window`.
