@@ -7,7 +7,7 @@
 //! 4096 tokens, f32, on Flex (or `--wgpu` with the `wgpu` feature); `--quick` for small shapes;
 //! `--write-docs` also writes docs/bench_report.json and docs/bench_report.md.
 //!
-//! `--peers` first runs the PyTorch/PEFT peer, ../shared/peers/bench_peers.py sections a–d
+//! `--peers` first runs the PyTorch/PEFT peer, ../shared/peers/bench_peers.py sections a–d and h
 //! (`--peers-script PATH` elsewhere; the Python is `$MODULA_PEERS_PYTHON`, else the script
 //! folder's `.venv/bin/python`, else `python3`), then modula's measurements, and adds a
 //! `pytorch` object to the JSON: for each metric the two sides share, modula's figure,
@@ -382,8 +382,97 @@ fn main() -> modula::Result<()> {
     report.push("moe_gflops_over_matmul_gflops", moe_gflops / mm_gflops);
     report.push("moe_tokens_per_s", tokens as f64 / t_moe);
 
+    llama_metrics(&device, quick, &mut report)?;
     library_metrics(&device, quick, &mut report)?;
     print_json(&report, &device, quick, peers.as_ref());
+    Ok(())
+}
+
+/// Prefill of the peers' Llama (bench_peers.py section h: vocab 32000, d = 1024, d_ff = 2816,
+/// 8 layers, 16 heads, 4 key/value heads; 8 prompts of 128 tokens) with random weights, and the
+/// same prefill with 8 LoRAs (r = 8 on q, k, v, o), one per sequence, against one LoRA for all.
+fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::Result<()> {
+    use modula::models::{DecoderConfig, LlamaForCausalLm};
+    let sync = |d: &Device| d.sync().expect("device sync");
+    let (d, ff, layers, heads, kv, vocab, b, p) = if quick {
+        (128, 352, 2, 4, 2, 1000, 2, 16)
+    } else {
+        (1024, 2816, 8, 16, 4, 32000, 8, 128)
+    };
+    let config = DecoderConfig::from_json(
+        &serde_json::json!({
+            "model_type": "llama", "vocab_size": vocab, "hidden_size": d,
+            "intermediate_size": ff, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "max_position_embeddings": 4096
+        })
+        .to_string(),
+        "bench config",
+    )?;
+    let model = LlamaForCausalLm::random(&config, 0, device)?.no_grad();
+    let mut lora = model.clone();
+    let names: Vec<String> = (0..8).map(|i| format!("a{i}")).collect();
+    for (l, layer) in lora.model.layers.iter_mut().enumerate() {
+        let a = &mut layer.self_attn;
+        for (j, proj) in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]
+            .into_iter()
+            .enumerate()
+        {
+            for (i, name) in names.iter().enumerate() {
+                let seed = (l * 100 + j * 10 + i) as u64;
+                let f = random_factors(8, proj.d_in(), proj.d_out(), seed);
+                proj.insert_adapter(name, f.to_adapter(device)?)?;
+            }
+        }
+    }
+    let mut one = lora.clone();
+    for layer in one.model.layers.iter_mut() {
+        let a = &mut layer.self_attn;
+        for proj in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+            proj.set_active(&["a0"])?;
+        }
+    }
+    let per_seq: Vec<Option<&str>> = (0..b).map(|i| Some(names[i % 8].as_str())).collect();
+    let ids: Vec<i32> = (0..b * p)
+        .map(|i| (3 + (i * 7919) % (vocab - 3)) as i32)
+        .collect();
+    let ids = Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(ids, [b, p]), device);
+    let t = report.time(
+        "llama_prefill",
+        1,
+        if quick { 3 } else { 5 },
+        &mut [
+            &mut || {
+                let y = model.forward(ids.clone()).expect("valid ids");
+                sync(device);
+                black_box(y);
+            },
+            &mut || {
+                let y = one.forward(ids.clone()).expect("valid ids");
+                sync(device);
+                black_box(y);
+            },
+            &mut || {
+                let y = lora
+                    .forward_mixed(ids.clone(), &per_seq)
+                    .expect("valid ids");
+                sync(device);
+                black_box(y);
+            },
+        ],
+    );
+    let tokens = (b * p) as f64;
+    println!(
+        "llama prefill     {:8.2} ms  {:8.0} tokens/s",
+        t[0] * 1e3,
+        tokens / t[0]
+    );
+    report.push("llama_prefill_tokens_per_s", tokens / t[0]);
+    report.ratio(
+        "llama 8 LoRAs/1",
+        "llama_prefill_8_loras_over_one_lora",
+        t[2],
+        t[1],
+    );
     Ok(())
 }
 
@@ -398,7 +487,8 @@ fn arg_value(flag: &str) -> Option<String> {
 /// The peer's records by id, and its `meta` object; or why the peer did not run.
 type PeerRun = Result<(BTreeMap<String, serde_json::Value>, serde_json::Value), String>;
 
-/// Runs bench_peers.py sections a–d (the Linear, PEFT LoRA, mixed-batch and MoE figures) into
+/// Runs bench_peers.py sections a–d and h (the Linear, PEFT LoRA, mixed-batch, MoE and Llama
+/// figures) into
 /// a temporary JSON file and reads it back.
 fn run_peers(quick: bool) -> PeerRun {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -424,7 +514,9 @@ fn run_peers(quick: bool) -> PeerRun {
     let _ = std::fs::remove_file(&out);
     println!("running the PyTorch peer: {python} {}", script.display());
     let mut cmd = std::process::Command::new(&python);
-    cmd.arg(&script).args(["--only", "abcd", "--out"]).arg(&out);
+    cmd.arg(&script)
+        .args(["--only", "abcdh", "--out"])
+        .arg(&out);
     if quick {
         cmd.arg("--quick");
     }
@@ -471,6 +563,10 @@ fn side_by_side(report: &Report, peers: &PeerRun) -> serde_json::Value {
         (
             "moe_tokens_per_s".into(),
             field("d.moe_sparse_top2.fwd", "tokens_per_s"),
+        ),
+        (
+            "llama_prefill_tokens_per_s".into(),
+            field("h.llama_prefill.b8", "tokens_per_s"),
         ),
         (
             "moe_top2_over_dense_all_experts".into(),

@@ -317,6 +317,10 @@ impl crate::models::WeightSource for TensorFile {
             .map(|t| TensorData::new(t.data.clone(), t.shape.clone()))
     }
 
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
     fn describe(&self) -> String {
         self.path.display().to_string()
     }

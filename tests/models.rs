@@ -379,3 +379,53 @@ fn mixed_adapter_batches_give_each_sequence_its_own_adapter() {
         assert!(e.contains("nope") && e.contains("qvd"), "{e}");
     }
 }
+
+#[test]
+fn checkpoints_with_tensors_the_model_does_not_take_are_errors() {
+    use burn::tensor::TensorData;
+    use modula::TensorFile;
+    use modula::models::{DecoderConfig, LlamaForCausalLm, WeightSource, checkpoint_shapes};
+    struct Extra(TensorFile);
+    impl WeightSource for Extra {
+        fn weight(&self, name: &str) -> Option<TensorData> {
+            self.0.weight(name)
+        }
+        fn names(&self) -> Vec<String> {
+            let mut n = WeightSource::names(&self.0);
+            n.push("model.layers.0.mlp.extra_proj.weight".into());
+            n
+        }
+        fn describe(&self) -> String {
+            "extra.safetensors".into()
+        }
+    }
+    let dir = common::data("tiny_decoders/llama");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let config = DecoderConfig::from_json(&config, "config.json").unwrap();
+    let weights = TensorFile::open(dir.join("model.safetensors")).unwrap();
+    // The checkpoint holds exactly the tensors the config implies.
+    let mut want: Vec<String> = checkpoint_shapes(&config)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    want.sort();
+    assert_eq!(WeightSource::names(&weights), want);
+    let device = burn::tensor::Device::flex();
+    let e = LlamaForCausalLm::from_weights(&config, &Extra(weights), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("extra.safetensors") && e.contains("extra_proj"),
+        "{e}"
+    );
+    // Random models are deterministic for a seed.
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i32, 2, 3], [1, 3]), &device);
+    let a = LlamaForCausalLm::random(&config, 7, &device).unwrap();
+    let b = LlamaForCausalLm::random(&config, 7, &device).unwrap();
+    assert_close(
+        a.forward(ids.clone()).unwrap(),
+        b.forward(ids).unwrap(),
+        0.0,
+        "seeded",
+    );
+}

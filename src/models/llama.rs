@@ -30,6 +30,7 @@ use super::config::{DecoderConfig, DecoderFamily};
 use super::rope::Rope;
 use crate::error::{Error, Result, Scope};
 use crate::modules::lora::LoraLinear;
+use crate::rng::SplitMix64;
 use crate::routing::{DispatchPlan, Routing};
 use crate::tensor_util::to_vec_i64;
 
@@ -39,8 +40,104 @@ pub trait WeightSource {
     /// The tensor `name` as `f32` values with its shape, or `None` if the checkpoint lacks it.
     fn weight(&self, name: &str) -> Option<TensorData>;
 
+    /// Every tensor name the checkpoint holds (a model refuses checkpoints with tensors it
+    /// does not take).
+    fn names(&self) -> Vec<String>;
+
     /// Names the checkpoint in errors (a file or folder).
     fn describe(&self) -> String;
+}
+
+/// Every tensor a Llama-family checkpoint for `config` holds, with its shape (PyTorch
+/// layouts), in module order.
+pub fn checkpoint_shapes(config: &DecoderConfig) -> Vec<(String, Vec<usize>)> {
+    let c = config;
+    let (hd, h, kv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+    let (d, ff) = (c.hidden_size, c.intermediate_size);
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, d],
+    )];
+    let linear = |out: &mut Vec<(String, Vec<usize>)>, p: String, i: usize, o: usize, b: bool| {
+        out.push((format!("{p}.weight"), vec![o, i]));
+        if b {
+            out.push((format!("{p}.bias"), vec![o]));
+        }
+    };
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        linear(
+            &mut out,
+            format!("{p}.self_attn.q_proj"),
+            d,
+            h * hd,
+            c.qkv_bias,
+        );
+        linear(
+            &mut out,
+            format!("{p}.self_attn.k_proj"),
+            d,
+            kv * hd,
+            c.qkv_bias,
+        );
+        linear(
+            &mut out,
+            format!("{p}.self_attn.v_proj"),
+            d,
+            kv * hd,
+            c.qkv_bias,
+        );
+        linear(
+            &mut out,
+            format!("{p}.self_attn.o_proj"),
+            h * hd,
+            d,
+            c.o_bias,
+        );
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        linear(&mut out, format!("{p}.mlp.gate_proj"), d, ff, c.mlp_bias);
+        linear(&mut out, format!("{p}.mlp.up_proj"), d, ff, c.mlp_bias);
+        linear(&mut out, format!("{p}.mlp.down_proj"), ff, d, c.mlp_bias);
+    }
+    out.push(("model.norm.weight".into(), vec![d]));
+    if !c.tie_word_embeddings {
+        linear(&mut out, "lm_head".into(), d, c.vocab_size, false);
+    }
+    out
+}
+
+/// Random weights of the right shapes for `config`: linear weights and embeddings uniform
+/// with standard deviation 0.02 (transformers' `initializer_range`), norms 1, biases 0.
+struct RandomWeights {
+    shapes: Vec<(String, Vec<usize>)>,
+    seed: u64,
+}
+
+impl WeightSource for RandomWeights {
+    fn weight(&self, name: &str) -> Option<TensorData> {
+        let i = self.shapes.iter().position(|(n, _)| n == name)?;
+        let shape = self.shapes[i].1.clone();
+        let len: usize = shape.iter().product();
+        let values: Vec<f32> = if name.ends_with("norm.weight") {
+            vec![1.0; len]
+        } else if name.ends_with(".bias") {
+            vec![0.0; len]
+        } else {
+            let mut rng = SplitMix64::new(self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
+            let a = 0.02 * 3f32.sqrt();
+            (0..len).map(|_| (2.0 * rng.next_f32() - 1.0) * a).collect()
+        };
+        Some(TensorData::new(values, shape))
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.shapes.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    fn describe(&self) -> String {
+        format!("random weights (seed {})", self.seed)
+    }
 }
 
 /// Grouped-query self-attention with rotary positions.
@@ -109,8 +206,8 @@ impl LlamaForCausalLm {
     /// Builds the model from `config` and the checkpoint `weights` (transformers' names).
     ///
     /// # Errors
-    /// [`Error::Invalid`] naming the checkpoint and key for a missing tensor or a Mixtral
-    /// config (not built yet); [`Error::Shape`] naming the key for a tensor whose shape
+    /// [`Error::Invalid`] naming the checkpoint and key for a missing tensor, a tensor the
+    /// model does not take, or a Mixtral config (not built yet); [`Error::Shape`] naming the key for a tensor whose shape
     /// disagrees with the config; RoPE setting errors.
     pub fn from_weights(
         config: &DecoderConfig,
@@ -169,6 +266,22 @@ impl LlamaForCausalLm {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let taken: BTreeSet<String> = checkpoint_shapes(c).into_iter().map(|(n, _)| n).collect();
+        // transformers itself ignores a tied lm_head copy and old RoPE buffers.
+        let ignored = |n: &str| {
+            (c.tie_word_embeddings && n == "lm_head.weight") || n.ends_with("rotary_emb.inv_freq")
+        };
+        if let Some(extra) = weights
+            .names()
+            .into_iter()
+            .find(|n| !taken.contains(n) && !ignored(n))
+        {
+            return Err(Error::invalid(
+                format!("{}: key `{extra}`", weights.describe()),
+                "the checkpoint holds a tensor this model does not take; is config.json the \
+                 checkpoint's own?",
+            ));
+        }
         let embed = w.tensor::<2>("model.embed_tokens.weight", &[c.vocab_size, d])?;
         let lm_head = if c.tie_word_embeddings {
             None
@@ -187,6 +300,19 @@ impl LlamaForCausalLm {
             config: config.clone(),
             rope: Rope::new(hd, c.rope_theta, c.rope_scaling)?,
         })
+    }
+
+    /// A model with random weights for `config` (see [`checkpoint_shapes`]): for benchmarks,
+    /// tests and training from scratch. Deterministic for a seed.
+    ///
+    /// # Errors
+    /// As [`from_weights`](Self::from_weights).
+    pub fn random(config: &DecoderConfig, seed: u64, device: &Device) -> Result<Self> {
+        let source = RandomWeights {
+            shapes: checkpoint_shapes(config),
+            seed,
+        };
+        Self::from_weights(config, &source, device)
     }
 
     /// Logits for `input_ids: [batch, seq]`, positions `0..seq` in every row: `[batch, seq,

@@ -17,7 +17,7 @@ pub mod rope;
 use crate::modules::lora::LoraLinear;
 
 pub use config::{DecoderConfig, DecoderFamily};
-pub use llama::{LlamaForCausalLm, WeightSource};
+pub use llama::{LlamaForCausalLm, WeightSource, checkpoint_shapes};
 pub use rope::{Rope, RopeScaling};
 
 /// A model whose linear layers are [`LoraLinear`]s at Hugging Face module paths: what PEFT's
