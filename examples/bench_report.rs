@@ -134,6 +134,11 @@ fn main() -> modula::Result<()> {
     let peers = std::env::args()
         .any(|a| a == "--peers")
         .then(|| run_peers(quick));
+    if std::env::args().any(|a| a == "--llama-only") {
+        llama_metrics(&device, quick, &mut report)?;
+        print_json(&report, &device, quick, peers.as_ref());
+        return Ok(());
+    }
     if std::env::args().any(|a| a == "--library-only") {
         library_metrics(&device, quick, &mut report)?;
         print_json(&report, &device, quick, peers.as_ref());

@@ -513,14 +513,13 @@ struct Mix<'a> {
 
 /// `layer(x)` for `x: [batch, seq, d_in]`, each sequence through its own adapter under `mix`.
 fn linear(layer: &LoraLinear, x: Tensor<3>, mix: Option<&Mix<'_>>) -> Result<Tensor<3>> {
-    let Some(mix) = mix else {
-        return layer.forward(x);
-    };
     let [b, s, d_in] = x.dims();
     let names = layer.names();
-    if names.is_empty() {
-        return layer.forward(x);
-    }
+    let Some(mix) = mix.filter(|_| !names.is_empty()) else {
+        // One [b·s, d_in] product, the rows the mixed path sees too.
+        let y = layer.forward(x.reshape([b * s, d_in]))?;
+        return Ok(y.reshape([b, s, layer.d_out()]));
+    };
     let mut plans = mix.plans.borrow_mut();
     let plan = match plans.entry(names.to_vec()) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
