@@ -227,12 +227,10 @@ fn tiny_decoders_give_transformers_logits() {
 #[test]
 fn peft_folders_attach_by_target_rules_and_give_peft_logits() {
     use modula::TensorFile;
-    use modula::models::{DecoderConfig, LlamaForCausalLm};
+    use modula::models::LlamaForCausalLm;
     use modula::peft::PeftLora;
     let dir = common::data("tiny_decoders");
-    let config = std::fs::read_to_string(dir.join("llama/config.json")).unwrap();
-    let config = DecoderConfig::from_json(&config, "config.json").unwrap();
-    let weights = TensorFile::open(dir.join("llama/model.safetensors")).unwrap();
+    let (config, weights) = tiny_llama();
     for (name, adapted) in [("llama_lora_qvd", 3), ("llama_lora_all", 12)] {
         let golden = TensorFile::open(dir.join(name).join("golden.safetensors")).unwrap();
         for device in devices() {
@@ -270,13 +268,10 @@ fn peft_folders_attach_by_target_rules_and_give_peft_logits() {
 
 #[test]
 fn peft_folders_that_do_not_fit_the_model_are_errors_and_attach_nothing() {
-    use modula::TensorFile;
-    use modula::models::{DecoderConfig, LlamaForCausalLm};
+    use modula::models::LlamaForCausalLm;
     use modula::peft::PeftLora;
     let dir = common::data("tiny_decoders");
-    let config = std::fs::read_to_string(dir.join("llama/config.json")).unwrap();
-    let config = DecoderConfig::from_json(&config, "config.json").unwrap();
-    let weights = TensorFile::open(dir.join("llama/model.safetensors")).unwrap();
+    let (config, weights) = tiny_llama();
     let device = burn::tensor::Device::flex();
     let mut model = LlamaForCausalLm::from_weights(&config, &weights, &device).unwrap();
     let untouched = |m: &LlamaForCausalLm| {
@@ -330,12 +325,10 @@ fn peft_folders_that_do_not_fit_the_model_are_errors_and_attach_nothing() {
 #[test]
 fn mixed_adapter_batches_give_each_sequence_its_own_adapter() {
     use modula::TensorFile;
-    use modula::models::{DecoderConfig, LlamaForCausalLm};
+    use modula::models::LlamaForCausalLm;
     use modula::peft::PeftLora;
     let dir = common::data("tiny_decoders");
-    let config = std::fs::read_to_string(dir.join("llama/config.json")).unwrap();
-    let config = DecoderConfig::from_json(&config, "config.json").unwrap();
-    let weights = TensorFile::open(dir.join("llama/model.safetensors")).unwrap();
+    let (config, weights) = tiny_llama();
     let golden = |name: &str| TensorFile::open(dir.join(name).join("golden.safetensors")).unwrap();
     for device in devices() {
         let mut model = LlamaForCausalLm::from_weights(&config, &weights, &device).unwrap();
@@ -428,4 +421,15 @@ fn checkpoints_with_tensors_the_model_does_not_take_are_errors() {
         0.0,
         "seeded",
     );
+}
+
+/// The tiny Llama's config and checkpoint (tests/data/tiny_decoders/llama).
+fn tiny_llama() -> (modula::models::DecoderConfig, modula::TensorFile) {
+    let dir = common::data("tiny_decoders/llama");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let config = modula::models::DecoderConfig::from_json(&config, "config.json").unwrap();
+    (
+        config,
+        modula::TensorFile::open(dir.join("model.safetensors")).unwrap(),
+    )
 }

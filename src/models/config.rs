@@ -223,42 +223,29 @@ impl Reader<'_> {
         self.c.get(key).filter(|v| !v.is_null())
     }
 
-    fn usize(&self, key: &str) -> Result<Option<usize>> {
+    /// `key` converted by `conv`, or an error saying it is not `what`.
+    fn typed<T>(&self, key: &str, what: &str, conv: fn(&Value) -> Option<T>) -> Result<Option<T>> {
         self.get(key)
-            .map(|v| {
-                v.as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| self.bad(key, format!("{v} is not a non-negative integer")))
-            })
+            .map(|v| conv(v).ok_or_else(|| self.bad(key, format!("{v} is not {what}"))))
             .transpose()
+    }
+
+    fn usize(&self, key: &str) -> Result<Option<usize>> {
+        self.typed(key, "a non-negative integer", |v| {
+            v.as_u64().map(|n| n as usize)
+        })
     }
 
     fn f64(&self, key: &str) -> Result<Option<f64>> {
-        self.get(key)
-            .map(|v| {
-                v.as_f64()
-                    .ok_or_else(|| self.bad(key, format!("{v} is not a number")))
-            })
-            .transpose()
+        self.typed(key, "a number", Value::as_f64)
     }
 
     fn bool(&self, key: &str) -> Result<Option<bool>> {
-        self.get(key)
-            .map(|v| {
-                v.as_bool()
-                    .ok_or_else(|| self.bad(key, format!("{v} is not true or false")))
-            })
-            .transpose()
+        self.typed(key, "true or false", Value::as_bool)
     }
 
     fn string(&self, key: &str) -> Result<Option<String>> {
-        self.get(key)
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| self.bad(key, format!("{v} is not a string")))
-            })
-            .transpose()
+        self.typed(key, "a string", |v| v.as_str().map(str::to_string))
     }
 
     /// `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4).
