@@ -411,6 +411,23 @@ fn checkpoints_with_tensors_the_model_does_not_take_are_errors() {
         e.contains("extra.safetensors") && e.contains("extra_proj"),
         "{e}"
     );
+    // A config that disagrees with the checkpoint: a shape error or a missing tensor, named.
+    let (config2, weights2) = tiny_llama();
+    let mut wider = config2.clone();
+    wider.intermediate_size += 1;
+    let e = LlamaForCausalLm::from_weights(&wider, &weights2, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.layers.0.mlp.gate_proj.weight"), "{e}");
+    let mut deeper = config2;
+    deeper.num_hidden_layers += 1;
+    let e = LlamaForCausalLm::from_weights(&deeper, &weights2, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.2.") && e.contains("missing"),
+        "{e}"
+    );
     // Random models are deterministic for a seed.
     let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i32, 2, 3], [1, 3]), &device);
     let a = LlamaForCausalLm::random(&config, 7, &device).unwrap();

@@ -207,8 +207,9 @@ impl LlamaForCausalLm {
     ///
     /// # Errors
     /// [`Error::Invalid`] naming the checkpoint and key for a missing tensor, a tensor the
-    /// model does not take, or a Mixtral config (not built yet); [`Error::Shape`] naming the key for a tensor whose shape
-    /// disagrees with the config; RoPE setting errors.
+    /// model does not take, or a Mixtral config (not built yet); [`Error::Shape`] naming the
+    /// key for a tensor whose shape disagrees with the config ([`checkpoint_shapes`]); RoPE
+    /// setting errors.
     pub fn from_weights(
         config: &DecoderConfig,
         weights: &dyn WeightSource,
@@ -221,52 +222,8 @@ impl LlamaForCausalLm {
             ));
         }
         let c = config;
-        let w = Loader {
-            src: weights,
-            device,
-        };
-        let (hd, h, kv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
-        let (d, ff) = (c.hidden_size, c.intermediate_size);
-        let layers = (0..c.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                Ok(DecoderLayer {
-                    input_layernorm: w.norm(&format!("{p}.input_layernorm"), d, c)?,
-                    self_attn: Attention {
-                        q_proj: w.linear(
-                            &format!("{p}.self_attn.q_proj"),
-                            d,
-                            h * hd,
-                            c.qkv_bias,
-                        )?,
-                        k_proj: w.linear(
-                            &format!("{p}.self_attn.k_proj"),
-                            d,
-                            kv * hd,
-                            c.qkv_bias,
-                        )?,
-                        v_proj: w.linear(
-                            &format!("{p}.self_attn.v_proj"),
-                            d,
-                            kv * hd,
-                            c.qkv_bias,
-                        )?,
-                        o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h * hd, d, c.o_bias)?,
-                    },
-                    post_attention_layernorm: w.norm(
-                        &format!("{p}.post_attention_layernorm"),
-                        d,
-                        c,
-                    )?,
-                    mlp: Mlp {
-                        gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), d, ff, c.mlp_bias)?,
-                        up_proj: w.linear(&format!("{p}.mlp.up_proj"), d, ff, c.mlp_bias)?,
-                        down_proj: w.linear(&format!("{p}.mlp.down_proj"), ff, d, c.mlp_bias)?,
-                    },
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let taken: BTreeSet<String> = checkpoint_shapes(c).into_iter().map(|(n, _)| n).collect();
+        // One list says which tensors the model takes and their shapes.
+        let shapes: HashMap<String, Vec<usize>> = checkpoint_shapes(c).into_iter().collect();
         // transformers itself ignores a tied lm_head copy and old RoPE buffers.
         let ignored = |n: &str| {
             (c.tie_word_embeddings && n == "lm_head.weight") || n.ends_with("rotary_emb.inv_freq")
@@ -274,7 +231,7 @@ impl LlamaForCausalLm {
         if let Some(extra) = weights
             .names()
             .into_iter()
-            .find(|n| !taken.contains(n) && !ignored(n))
+            .find(|n| !shapes.contains_key(n) && !ignored(n))
         {
             return Err(Error::invalid(
                 format!("{}: key `{extra}`", weights.describe()),
@@ -282,11 +239,37 @@ impl LlamaForCausalLm {
                  checkpoint's own?",
             ));
         }
-        let embed = w.tensor::<2>("model.embed_tokens.weight", &[c.vocab_size, d])?;
+        let w = Loader {
+            src: weights,
+            shapes: &shapes,
+            eps: c.rms_norm_eps,
+            device,
+        };
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(DecoderLayer {
+                    input_layernorm: w.norm(&format!("{p}.input_layernorm"))?,
+                    self_attn: Attention {
+                        q_proj: w.linear(&format!("{p}.self_attn.q_proj"))?,
+                        k_proj: w.linear(&format!("{p}.self_attn.k_proj"))?,
+                        v_proj: w.linear(&format!("{p}.self_attn.v_proj"))?,
+                        o_proj: w.linear(&format!("{p}.self_attn.o_proj"))?,
+                    },
+                    post_attention_layernorm: w.norm(&format!("{p}.post_attention_layernorm"))?,
+                    mlp: Mlp {
+                        gate_proj: w.linear(&format!("{p}.mlp.gate_proj"))?,
+                        up_proj: w.linear(&format!("{p}.mlp.up_proj"))?,
+                        down_proj: w.linear(&format!("{p}.mlp.down_proj"))?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = w.tensor::<2>("model.embed_tokens.weight")?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(w.linear("lm_head", d, c.vocab_size, false)?)
+            Some(w.linear("lm_head")?)
         };
         Ok(Self {
             model: LlamaBody {
@@ -294,11 +277,11 @@ impl LlamaForCausalLm {
                     weight: Param::from_tensor(embed),
                 },
                 layers,
-                norm: w.norm("model.norm", d, c)?,
+                norm: w.norm("model.norm")?,
             },
             lm_head,
             config: config.clone(),
-            rope: Rope::new(hd, c.rope_theta, c.rope_scaling)?,
+            rope: Rope::new(c.head_dim, c.rope_theta, c.rope_scaling)?,
         })
     }
 
@@ -552,18 +535,29 @@ fn causal_mask(s: usize, window: Option<usize>, device: &Device) -> Tensor<2, Bo
 /// Reads tensors from a [`WeightSource`], checking each against the shape the config implies.
 struct Loader<'a> {
     src: &'a dyn WeightSource,
+    shapes: &'a HashMap<String, Vec<usize>>,
+    eps: f64,
     device: &'a Device,
 }
 
 impl Loader<'_> {
-    fn tensor<const D: usize>(&self, name: &str, shape: &[usize]) -> Result<Tensor<D>> {
-        let data = self.src.weight(name).ok_or_else(|| {
-            Error::invalid(
-                format!("{}: key `{name}`", self.src.describe()),
-                "missing from the checkpoint",
-            )
-        })?;
-        if data.shape().as_slice() != shape {
+    /// Whether the model takes a tensor `name` (a bias, say).
+    fn takes(&self, name: &str) -> bool {
+        self.shapes.contains_key(name)
+    }
+
+    fn tensor<const D: usize>(&self, name: &str) -> Result<Tensor<D>> {
+        let missing =
+            |why: &str| Error::invalid(format!("{}: key `{name}`", self.src.describe()), why);
+        let shape = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| missing("not a tensor of this model"))?;
+        let data = self
+            .src
+            .weight(name)
+            .ok_or_else(|| missing("missing from the checkpoint"))?;
+        if data.shape().as_slice() != shape.as_slice() {
             return Err(Error::shape(
                 format!("{}: `{name}` (from config.json)", self.src.describe()),
                 format!("{shape:?}"),
@@ -574,12 +568,11 @@ impl Loader<'_> {
     }
 
     /// A PyTorch-layout `Linear` (`weight: [out, in]`) as a [`LoraLinear`] without adapters.
-    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<LoraLinear> {
-        let w: Tensor<2> = self.tensor(&format!("{prefix}.weight"), &[d_out, d_in])?;
-        let b = if bias {
-            Some(Param::from_tensor(
-                self.tensor::<1>(&format!("{prefix}.bias"), &[d_out])?,
-            ))
+    fn linear(&self, prefix: &str) -> Result<LoraLinear> {
+        let w: Tensor<2> = self.tensor(&format!("{prefix}.weight"))?;
+        let bias = format!("{prefix}.bias");
+        let b = if self.takes(&bias) {
+            Some(Param::from_tensor(self.tensor::<1>(&bias)?))
         } else {
             None
         };
@@ -589,10 +582,10 @@ impl Loader<'_> {
         }))
     }
 
-    fn norm(&self, prefix: &str, d: usize, c: &DecoderConfig) -> Result<RmsNorm> {
+    fn norm(&self, prefix: &str) -> Result<RmsNorm> {
         Ok(RmsNorm {
-            gamma: Param::from_tensor(self.tensor(&format!("{prefix}.weight"), &[d])?),
-            epsilon: c.rms_norm_eps,
+            gamma: Param::from_tensor(self.tensor(&format!("{prefix}.weight"))?),
+            epsilon: self.eps,
         })
     }
 }
