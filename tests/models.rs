@@ -450,3 +450,59 @@ fn tiny_llama() -> (modula::models::DecoderConfig, modula::TensorFile) {
         modula::TensorFile::open(dir.join("model.safetensors")).unwrap(),
     )
 }
+
+/// Left padding with an attention mask: a padded row's logits at its tokens equal
+/// transformers' logits of the same row without padding; a full row is unchanged.
+#[test]
+fn left_padded_rows_give_the_logits_of_the_unpadded_row() {
+    use burn::tensor::TensorData;
+    use modula::models::LlamaForCausalLm;
+    let (config, weights) = tiny_llama();
+    let golden =
+        modula::TensorFile::open(common::data("tiny_decoders/llama").join("golden.safetensors"))
+            .unwrap();
+    for device in devices() {
+        let model = LlamaForCausalLm::from_weights(&config, &weights, &device).unwrap();
+        let want: Tensor<3> = golden.tensor("logits", &device).unwrap();
+        let ids: Vec<f32> = vals(
+            golden
+                .tensor::<2>("input_ids", &Default::default())
+                .unwrap(),
+        );
+        let (row0, row1): (Vec<i32>, Vec<i32>) = (
+            ids[..6].iter().map(|&v| v as i32).collect(),
+            ids[6..].iter().map(|&v| v as i32).collect(),
+        );
+        // Row 0 padded by two tokens on the left (pad id 0), row 1 full.
+        let mut padded = vec![0, 0];
+        padded.extend(&row0);
+        let mut full = vec![row1[0], row1[0]];
+        full.extend(&row1);
+        let tokens: Vec<i32> = padded.iter().chain(&full).copied().collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens, [2, 8]), &device);
+        let mask: Vec<i32> = [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1].to_vec();
+        let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [2, 8]), &device);
+        let y = model.forward_masked(ids.clone(), mask).unwrap();
+        let v = config.vocab_size;
+        assert_close(
+            y.clone().slice([0..1, 2..8, 0..v]),
+            want.clone().slice([0..1, 0..6, 0..v]),
+            1e-4,
+            &format!("padded row on {device:?}"),
+        );
+        assert!(vals(y.clone()).iter().all(|x| x.is_finite()));
+        // Row 1 is a different, full sequence; its last 6 logits are not row 1's golden (two
+        // extra tokens precede them), but the row must equal the unmasked forward.
+        let plain = model.forward(ids.clone()).unwrap();
+        assert_close(
+            y.slice([1..2, 0..8, 0..v]),
+            plain.slice([1..2, 0..8, 0..v]),
+            1e-5,
+            "a full row is unchanged by the mask",
+        );
+        let bad = Tensor::<2, Int>::from_data(TensorData::new(vec![2i32; 16], [2, 8]), &device);
+        assert!(model.forward_masked(ids.clone(), bad).is_err());
+        let short = Tensor::<2, Int>::ones([2, 7], &device);
+        assert!(model.forward_masked(ids, short).is_err());
+    }
+}

@@ -305,7 +305,24 @@ impl LlamaForCausalLm {
     /// [`Error::IdOutOfRange`] for a token id outside the vocabulary; [`Error::Invalid`] for a
     /// sequence longer than `max_position_embeddings`; layer errors.
     pub fn forward(&self, input_ids: Tensor<2, Int>) -> Result<Tensor<3>> {
-        self.run(input_ids, None)
+        self.run(input_ids, None, None)
+    }
+
+    /// Logits for a left-padded batch: `attention_mask: [batch, seq]` is 1 on tokens and 0
+    /// on padding. As in transformers' generation, positions count the unmasked tokens only
+    /// (`cumsum(mask) - 1`) and no token attends to padding, so a padded row's logits at its
+    /// tokens equal those of the row without padding. Logits at padded positions are
+    /// meaningless.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward); [`Error::Shape`] for a mask of another shape;
+    /// [`Error::Invalid`] for mask values other than 0 and 1.
+    pub fn forward_masked(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+    ) -> Result<Tensor<3>> {
+        self.run(input_ids, Some(attention_mask), None)
     }
 
     /// Logits where sequence `i` of the batch uses adapter `adapters[i]` (`None`: the base
@@ -346,7 +363,7 @@ impl LlamaForCausalLm {
             adapters,
             plans: RefCell::new(HashMap::new()),
         };
-        self.run(input_ids, Some(&mix))
+        self.run(input_ids, None, Some(&mix))
     }
 
     /// Every linear layer, in module order.
@@ -369,7 +386,12 @@ impl LlamaForCausalLm {
             .chain(self.lm_head.as_ref())
     }
 
-    fn run(&self, input_ids: Tensor<2, Int>, mix: Option<&Mix<'_>>) -> Result<Tensor<3>> {
+    fn run(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        mix: Option<&Mix<'_>>,
+    ) -> Result<Tensor<3>> {
         let [b, s] = input_ids.dims();
         let c = &self.config;
         let ids = to_vec_i64(input_ids.clone());
@@ -391,11 +413,27 @@ impl LlamaForCausalLm {
             ));
         }
         let device = input_ids.device();
-        let positions = Tensor::<1, Int>::arange(0..s as i64, &device)
-            .reshape([1, s])
-            .expand([b, s]);
+        let (positions, padding) = match attention_mask {
+            None => (
+                Tensor::<1, Int>::arange(0..s as i64, &device)
+                    .reshape([1, s])
+                    .expand([b, s]),
+                None,
+            ),
+            Some(m) => {
+                let (positions, padding) = padded_positions(m, [b, s])?;
+                (positions, Some(padding))
+            }
+        };
         let (cos, sin) = self.rope.cos_sin(positions);
-        let mask = causal_mask(s, c.sliding_window, &device);
+        // [b, s, s]: true where query i may not see key j.
+        let causal = causal_mask(s, c.sliding_window, &device)
+            .unsqueeze::<3>()
+            .expand([b, s, s]);
+        let mask = match padding {
+            Some(p) => causal.bool_or(p.unsqueeze_dim::<3>(1).expand([b, s, s])),
+            None => causal,
+        };
         let mut x = self.model.embed_tokens.forward(input_ids);
         for layer in &self.model.layers {
             let a = layer.input_layernorm.forward(x.clone());
@@ -428,7 +466,7 @@ impl LlamaForCausalLm {
         x: Tensor<3>,
         cos: &Tensor<3>,
         sin: &Tensor<3>,
-        mask: &Tensor<2, Bool>,
+        mask: &Tensor<3, Bool>,
         mix: Option<&Mix<'_>>,
     ) -> Result<Tensor<3>> {
         let [b, s, _] = x.dims();
@@ -450,8 +488,10 @@ impl LlamaForCausalLm {
         let (k, v) = (repeat(k), repeat(v));
         let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
         let scores = scores.mask_fill(
-            mask.clone().unsqueeze::<4>().expand([b, h, s, s]),
-            f32::NEG_INFINITY,
+            mask.clone().unsqueeze_dim::<4>(1).expand([b, h, s, s]),
+            // The most negative finite value, as transformers: a padded query row that sees
+            // nothing gets a uniform (finite) softmax instead of NaN.
+            f32::MIN,
         );
         let out = softmax(scores, 3).matmul(v);
         linear(
@@ -522,6 +562,43 @@ fn linear(layer: &LoraLinear, x: Tensor<3>, mix: Option<&Mix<'_>>) -> Result<Ten
     };
     let y = layer.forward_planned(x.reshape([b * s, d_in]), plan)?;
     Ok(y.reshape([b, s, layer.d_out()]))
+}
+
+/// Positions `cumsum(mask) - 1` (1 on padding, as transformers' generation) and the padded
+/// keys (`true`), from a 0/1 `attention_mask` of shape `dims`.
+fn padded_positions(
+    mask: Tensor<2, Int>,
+    dims: [usize; 2],
+) -> Result<(Tensor<2, Int>, Tensor<2, Bool>)> {
+    if mask.dims() != dims {
+        return Err(Error::shape(
+            "attention_mask (the shape of input_ids)",
+            format!("{dims:?}"),
+            format!("{:?}", mask.dims()),
+        ));
+    }
+    let device = mask.device();
+    let values = to_vec_i64(mask);
+    if let Some(v) = values.iter().find(|&&v| v != 0 && v != 1) {
+        return Err(Error::invalid(
+            "attention_mask",
+            format!("{v}: the mask holds 1 for tokens and 0 for padding"),
+        ));
+    }
+    let [b, s] = dims;
+    let mut positions = Vec::with_capacity(b * s);
+    for row in values.chunks(s.max(1)) {
+        let mut seen = 0i64;
+        for &m in row {
+            seen += m;
+            positions.push(if m == 0 { 1 } else { seen - 1 });
+        }
+    }
+    let padding: Vec<bool> = values.iter().map(|&v| v == 0).collect();
+    Ok((
+        crate::tensor_util::int_tensor(&positions, &device).reshape([b, s]),
+        Tensor::from_data(TensorData::new(padding, [b, s]), &device),
+    ))
 }
 
 /// `true` where query `i` may not see key `j`: `j > i`, or `i - j ≥ window`.
