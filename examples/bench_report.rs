@@ -458,7 +458,7 @@ fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::R
             },
             &mut || {
                 let y = lora
-                    .forward_mixed(ids.clone(), &per_seq)
+                    .forward_mixed(ids.clone(), None, &per_seq)
                     .expect("valid ids");
                 sync(device);
                 black_box(y);

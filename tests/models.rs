@@ -353,7 +353,7 @@ fn mixed_adapter_batches_give_each_sequence_its_own_adapter() {
             ([None, Some("qvd")], ["llama", "llama_lora_qvd"]),
             ([Some("all"), None], ["llama_lora_all", "llama"]),
         ] {
-            let y = model.forward_mixed(ids.clone(), &adapters).unwrap();
+            let y = model.forward_mixed(ids.clone(), None, &adapters).unwrap();
             let [_, s, v] = y.dims();
             for (i, file) in files.iter().enumerate() {
                 assert_close(
@@ -364,12 +364,41 @@ fn mixed_adapter_batches_give_each_sequence_its_own_adapter() {
                 );
             }
         }
-        assert!(model.forward_mixed(ids.clone(), &[Some("qvd")]).is_err());
+        assert!(
+            model
+                .forward_mixed(ids.clone(), None, &[Some("qvd")])
+                .is_err()
+        );
         let e = model
-            .forward_mixed(ids, &[Some("nope"), None])
+            .forward_mixed(ids.clone(), None, &[Some("nope"), None])
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope") && e.contains("qvd"), "{e}");
+        // With a mask: row 0 left-padded by two tokens, through its adapter, gives PEFT's
+        // logits of the unpadded row.
+        let host: Vec<i32> = vals(ids.clone().float())
+            .iter()
+            .map(|&v| v as i32)
+            .collect();
+        let mut tokens = vec![0, 0];
+        tokens.extend(&host[..6]);
+        tokens.extend([host[6], host[6]]);
+        tokens.extend(&host[6..]);
+        let padded =
+            Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(tokens, [2, 8]), &device);
+        let mask: Vec<i32> = (0..16).map(|i| i32::from(i >= 2)).collect();
+        let mask =
+            Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(mask, [2, 8]), &device);
+        let y = model
+            .forward_mixed(padded, Some(mask), &[Some("qvd"), None])
+            .unwrap();
+        let v = config.vocab_size;
+        assert_close(
+            y.slice([0..1, 2..8, 0..v]),
+            row("llama_lora_qvd", 0),
+            1e-4,
+            &format!("padded row through its adapter on {device:?}"),
+        );
     }
 }
 

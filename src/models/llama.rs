@@ -330,14 +330,17 @@ impl LlamaForCausalLm {
     /// sequences in one gathered pass, and a layer without that adapter gives those sequences
     /// its base output. The dispatch plan is built once per forward for every set of layers
     /// that hold the same adapters, and reused by all of them. Active flags are ignored; no
-    /// adapter may be merged.
+    /// adapter may be merged. An `attention_mask` works as in
+    /// [`forward_masked`](Self::forward_masked).
     ///
     /// # Errors
-    /// As [`forward`](Self::forward); [`Error::Shape`] for a name count other than the batch
-    /// size; [`Error::UnknownAdapter`] for a name no layer holds; [`Error::AlreadyMerged`].
+    /// As [`forward_masked`](Self::forward_masked); [`Error::Shape`] for a name count other
+    /// than the batch size; [`Error::UnknownAdapter`] for a name no layer holds;
+    /// [`Error::AlreadyMerged`].
     pub fn forward_mixed(
         &self,
         input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
         adapters: &[Option<&str>],
     ) -> Result<Tensor<3>> {
         let b = input_ids.dims()[0];
@@ -363,7 +366,7 @@ impl LlamaForCausalLm {
             adapters,
             plans: RefCell::new(HashMap::new()),
         };
-        self.run(input_ids, None, Some(&mix))
+        self.run(input_ids, attention_mask, Some(&mix))
     }
 
     /// Every linear layer, in module order.
