@@ -28,6 +28,8 @@
 //! that training differentiates through it) the same op runs as plain tensor ops, one group at
 //! a time, so every backend computes the same function.
 
+use std::ops::Range;
+
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
@@ -99,7 +101,7 @@ pub fn grouped_linear(
     if let Some(y) = host::linear(&x, sizes, weights, biases, d_out) {
         return Ok(y);
     }
-    Ok(per_group(x, sizes, d_out, |g, xg| {
+    Ok(per_group(x, sizes, d_out, |g, _, xg| {
         let y = xg.matmul(weights[g].clone());
         match biases {
             Some(b) => y + b[g].clone().unsqueeze(),
@@ -138,23 +140,10 @@ pub fn grouped_low_rank(
     if let Some(y) = host::low_rank(&x, sizes, factors, row_scale.as_ref(), d_out) {
         return Ok(y);
     }
-    let mut start = 0;
-    let mut offsets = Vec::with_capacity(sizes.len());
-    for s in sizes {
-        offsets.push(start);
-        start += s;
-    }
-    Ok(per_group(x, sizes, d_out, |g, xg| {
+    Ok(per_group(x, sizes, d_out, |g, rows, xg| {
         let f = &factors[g];
         let t = xg.matmul(f.a.clone()).mul_scalar(f.scale);
-        let t = match &row_scale {
-            Some(c) => {
-                let rows = offsets[g]..offsets[g] + sizes[g];
-                t * c.clone().slice([rows, 0..1])
-            }
-            None => t,
-        };
-        t.matmul(f.b.clone())
+        scale_rows(t, row_scale.as_ref(), rows).matmul(f.b.clone())
     }))
 }
 
@@ -193,47 +182,55 @@ pub fn grouped_swiglu(
     if let Some(y) = host::swiglu(&x, sizes, w_in, w_out, row_scale.as_ref(), d_out) {
         return Ok(y);
     }
-    let mut start = 0;
-    Ok(per_group(x, sizes, d_out, |g, xg| {
-        let rows = start..start + sizes[g];
-        start = rows.end;
+    Ok(per_group(x, sizes, d_out, |g, rows, xg| {
         let h = swiglu_gate(xg.matmul(w_in[g].clone()));
-        let h = match &row_scale {
-            Some(c) => h * c.clone().slice([rows, 0..1]),
-            None => h,
-        };
-        h.matmul(w_out[g].clone())
+        scale_rows(h, row_scale.as_ref(), rows).matmul(w_out[g].clone())
     }))
 }
 
-/// The tensor-op body shared by every grouped op: `f(g, x_g)` on each non-empty group, in
-/// order, concatenated.
+/// Runs `f(g, rows)` for each non-empty group, `rows` its range of rows: the one walk over the
+/// segments, shared by the tensor-op and host bodies.
+fn groups(sizes: &[usize], mut f: impl FnMut(usize, Range<usize>)) {
+    let mut start = 0;
+    for (g, &len) in sizes.iter().enumerate() {
+        if len > 0 {
+            f(g, start..start + len);
+        }
+        start += len;
+    }
+}
+
+/// The tensor-op body shared by every grouped op: `f(g, rows, x_g)` on each non-empty group,
+/// in order, concatenated.
 fn per_group<F>(x: Tensor<2>, sizes: &[usize], d_out: usize, mut f: F) -> Tensor<2>
 where
-    F: FnMut(usize, Tensor<2>) -> Tensor<2>,
+    F: FnMut(usize, Range<usize>, Tensor<2>) -> Tensor<2>,
 {
     let [n, d_in] = x.dims();
     let device = x.device();
     let mut outs = Vec::new();
-    let mut start = 0;
-    for (g, &len) in sizes.iter().enumerate() {
-        if len == 0 {
-            continue;
-        }
-        let xg = if len == n {
+    groups(sizes, |g, rows| {
+        let xg = if rows.len() == n {
             x.clone()
         } else {
-            x.clone().slice([start..start + len, 0..d_in])
+            x.clone().slice([rows.clone(), 0..d_in])
         };
-        outs.push(f(g, xg));
-        start += len;
-    }
+        outs.push(f(g, rows, xg));
+    });
     match outs.len() {
         0 => Tensor::zeros([0, d_out], &device),
         1 => outs
             .pop()
             .unwrap_or_else(|| Tensor::zeros([0, d_out], &device)),
         _ => Tensor::cat(outs, 0),
+    }
+}
+
+/// `t ⊙ c[rows]` for a per-row scale `c: [n, 1]` (`t` unchanged without one).
+fn scale_rows(t: Tensor<2>, c: Option<&Tensor<2>>, rows: Range<usize>) -> Tensor<2> {
+    match c {
+        Some(c) => t * c.clone().slice([rows, 0..1]),
+        None => t,
     }
 }
 
@@ -293,7 +290,7 @@ mod host {
     use burn::tensor::{DType, Shape, Tensor};
     use rayon::prelude::*;
 
-    use super::LowRank;
+    use super::{LowRank, groups};
 
     /// A 2-d `f32` matrix in a Flex buffer: the buffer, its element offset and strides.
     struct Mat {
@@ -426,17 +423,6 @@ mod host {
         }
     }
 
-    /// Runs `f(g, first_row, rows)` for each non-empty group.
-    fn groups(sizes: &[usize], mut f: impl FnMut(usize, usize, usize)) {
-        let mut start = 0;
-        for (g, &len) in sizes.iter().enumerate() {
-            if len > 0 {
-                f(g, start, len);
-            }
-            start += len;
-        }
-    }
-
     pub(super) fn linear(
         x: &Tensor<2>,
         sizes: &[usize],
@@ -465,7 +451,8 @@ mod host {
         };
         let mut out = output(n, d_out);
         let y = out.storage_mut::<f32>().as_mut_ptr();
-        groups(sizes, |g, start, len| {
+        groups(sizes, |g, rows| {
+            let (start, len) = (rows.start, rows.len());
             // SAFETY: rows start..start+len of y (row-major [n, d_out]) and of x.
             let dst = unsafe { y.add(start * d_out) };
             if let Some(bs) = &bs {
@@ -513,7 +500,8 @@ mod host {
         let mut out = output(n, d_out);
         let y = out.storage_mut::<f32>().as_mut_ptr();
         with_scratch(max_rows_rank, |thin| {
-            groups(sizes, |g, start, len| {
+            groups(sizes, |g, rows| {
+                let (start, len) = (rows.start, rows.len());
                 let ((a, b), r) = (&fs[g], factors[g].a.dims()[1]);
                 let t = thin.as_mut_ptr();
                 // SAFETY: x rows start..start+len [.., d_in] times A [d_in, r] into t [len, r].
@@ -557,7 +545,8 @@ mod host {
         let mut out = output(n, d_out);
         let y = out.storage_mut::<f32>().as_mut_ptr();
         with_scratch(max_rows * two_ff, |hidden| {
-            groups(sizes, |g, start, len| {
+            groups(sizes, |g, rows| {
+                let (start, len) = (rows.start, rows.len());
                 let h = hidden.as_mut_ptr();
                 // SAFETY: x rows start..start+len times W_in [d, 2·d_ff] into h [len, 2·d_ff].
                 unsafe {

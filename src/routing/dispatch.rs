@@ -4,10 +4,10 @@
 use burn::tensor::Tensor;
 
 use super::aggregate::Aggregator;
-use super::plan::DispatchPlan;
+use super::plan::{DispatchPlan, check_output};
 use super::router::Router;
 use super::value::Routing;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 impl DispatchPlan {
     /// The one entry point: runs each selected module on its rows (`f(m, x_m)`), then
@@ -69,13 +69,12 @@ impl DispatchPlan {
             &self.rows_per_module(),
             self.entry_weights(),
         )?;
-        if y.dims() != [n, d_out] {
-            return Err(Error::shape(
-                "DispatchPlan::apply_grouped (output of the grouped modules)",
-                format!("[{n}, {d_out}]"),
-                format!("{:?}", y.dims()),
-            ));
-        }
+        check_output(
+            "DispatchPlan::apply_grouped (output of the grouped modules)",
+            &y,
+            n,
+            d_out,
+        )?;
         Ok(self.add_rows(y))
     }
 }

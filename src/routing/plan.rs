@@ -322,7 +322,7 @@ impl DispatchPlan {
                 Order::Sorted(_) => gathered.clone().slice([seg.clone(), 0..d]),
             };
             let ym = f(m, xm)?;
-            check_output(m, &ym, len, d_out)?;
+            check_output(&format!("output of module {m}"), &ym, len, d_out)?;
             sink(m, ym);
         }
         Ok(())
@@ -474,15 +474,15 @@ impl DispatchPlan {
     }
 }
 
-/// Checks that module `m` returned `[len, d_out]`.
-fn check_output(m: usize, ym: &Tensor<2>, len: usize, d_out: usize) -> Result<()> {
-    if ym.dims() == [len, d_out] {
+/// Checks that an output (`what`) is `[len, d_out]`.
+pub(super) fn check_output(what: &str, y: &Tensor<2>, len: usize, d_out: usize) -> Result<()> {
+    if y.dims() == [len, d_out] {
         Ok(())
     } else {
         Err(Error::shape(
-            format!("output of module {m}"),
+            what,
             format!("[{len}, {d_out}]"),
-            format!("{:?}", ym.dims()),
+            format!("{:?}", y.dims()),
         ))
     }
 }
