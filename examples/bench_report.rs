@@ -397,22 +397,19 @@ fn main() -> modula::Result<()> {
 /// 8 layers, 16 heads, 4 key/value heads; 8 prompts of 128 tokens) with random weights, and the
 /// same prefill with 8 LoRAs (r = 8 on q, k, v, o), one per sequence, against one LoRA for all.
 fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::Result<()> {
-    use modula::models::{DecoderConfig, LlamaForCausalLm};
+    use modula::models::{DecoderConfig, GenerationConfig, LlamaForCausalLm};
     let sync = |d: &Device| d.sync().expect("device sync");
     let (d, ff, layers, heads, kv, vocab, b, p) = if quick {
         (128, 352, 2, 4, 2, 1000, 2, 16)
     } else {
         (1024, 2816, 8, 16, 4, 32000, 8, 128)
     };
-    let config = DecoderConfig::from_json(
-        &serde_json::json!({
-            "model_type": "llama", "vocab_size": vocab, "hidden_size": d,
-            "intermediate_size": ff, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "max_position_embeddings": 4096
-        })
-        .to_string(),
-        "bench config",
-    )?;
+    let config_json = serde_json::json!({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": d,
+        "intermediate_size": ff, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "max_position_embeddings": 4096
+    });
+    let config = DecoderConfig::from_json(&config_json.to_string(), "bench config")?;
     let model = LlamaForCausalLm::random(&config, 0, device)?.no_grad();
     let mut lora = model.clone();
     let names: Vec<String> = (0..8).map(|i| format!("a{i}")).collect();
@@ -478,7 +475,117 @@ fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::R
         t[2],
         t[1],
     );
+    // Greedy decoding of n tokens after the prompt, at batch 1 and b, as the peer measures
+    // it: (generate time − prefill time) per new token. EOS is off so every row runs n steps.
+    let n = if quick { 8 } else { 32 };
+    let greedy = GenerationConfig {
+        eos_token_ids: vec![],
+        ..GenerationConfig::greedy(&model, n)
+    };
+    for rows in [1, b] {
+        let ids = ids.clone().slice([0..rows, 0..p]);
+        let t = report.time(
+            &format!("llama_decode_b{rows}"),
+            1,
+            3,
+            &mut [
+                &mut || {
+                    let y = model.forward(ids.clone()).expect("valid ids");
+                    sync(device);
+                    black_box(y);
+                },
+                &mut || {
+                    let y = model
+                        .generate(ids.clone(), None, None, &greedy, |_| {})
+                        .expect("valid ids");
+                    black_box(y);
+                },
+            ],
+        );
+        let decode = (rows * n) as f64 / (t[1] - t[0]).max(1e-9);
+        println!("llama decode b{rows:<2}  {decode:8.1} tokens/s");
+        report.push(format!("llama_decode_b{rows}_tokens_per_s"), decode);
+    }
+    let t = report.time(
+        "llama_decode_loras",
+        1,
+        3,
+        &mut [
+            &mut || {
+                let y = one
+                    .generate(ids.clone(), None, None, &greedy, |_| {})
+                    .expect("valid ids");
+                black_box(y);
+            },
+            &mut || {
+                let y = lora
+                    .generate(ids.clone(), None, Some(&per_seq), &greedy, |_| {})
+                    .expect("valid ids");
+                black_box(y);
+            },
+        ],
+    );
+    // Throughput of 8 sequences on 8 adapters over 8 on one: the peer's ratio_vs_one_lora.
+    report.ratio(
+        "llama gen 1/8 LoRAs",
+        "llama_generate_8_loras_over_one_lora_throughput",
+        t[0],
+        t[1],
+    );
+    load_memory(&model, &config_json, report)
+}
+
+/// Peak resident memory while loading the benchmark's Llama from an F32 `model.safetensors`,
+/// over the file's size: the peak since a reset of the high-water mark (Linux
+/// `/proc/self/clear_refs`), less what was resident before.
+fn load_memory(
+    model: &modula::models::LlamaForCausalLm,
+    config_json: &serde_json::Value,
+    report: &mut Report,
+) -> modula::Result<()> {
+    let status = |key: &str| -> Option<f64> {
+        let text = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024.0)
+    };
+    let dir = tempfile_dir();
+    let io = |e| modula::Error::Io {
+        path: dir.clone(),
+        source: e,
+    };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    std::fs::write(dir.join("config.json"), config_json.to_string()).map_err(io)?;
+    modula::checkpoint::write_decoder_weights(model, &dir)?;
+    let size = std::fs::metadata(dir.join("model.safetensors"))
+        .map_err(io)?
+        .len() as f64;
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let before = status("VmRSS:");
+    let loaded = modula::checkpoint::load_decoder(&dir, &Device::flex())?;
+    let peak = status("VmHWM:");
+    drop(loaded);
+    let _ = std::fs::remove_dir_all(&dir);
+    match (reset, before, peak) {
+        (true, Some(before), Some(peak)) => {
+            let ratio = (peak - before) / size;
+            println!(
+                "llama load        {:8.0} MB file, peak +{:.0} MB resident, ratio {ratio:.3}",
+                size / 1e6,
+                (peak - before) / 1e6
+            );
+            report.push("llama_load_peak_rss_over_f32_size", ratio);
+        }
+        _ => println!("llama load        peak memory not measurable here (needs Linux /proc)"),
+    }
     Ok(())
+}
+
+/// A fresh folder under the system's temporary directory.
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("modula-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 /// The value after `flag` on the command line.
@@ -572,6 +679,18 @@ fn side_by_side(report: &Report, peers: &PeerRun) -> serde_json::Value {
         (
             "llama_prefill_tokens_per_s".into(),
             field("h.llama_prefill.b8", "tokens_per_s"),
+        ),
+        (
+            "llama_decode_b1_tokens_per_s".into(),
+            field("h.llama_decode.b1", "tokens_per_s"),
+        ),
+        (
+            "llama_decode_b8_tokens_per_s".into(),
+            field("h.llama_decode.b8", "tokens_per_s"),
+        ),
+        (
+            "llama_generate_8_loras_over_one_lora_throughput".into(),
+            field("h.llama_generate_8_loras.b8", "ratio_vs_one_lora"),
         ),
         (
             "moe_top2_over_dense_all_experts".into(),

@@ -176,6 +176,8 @@ pub enum Error {
 pub enum Scope {
     /// The adapters of one layer.
     Layer,
+    /// The adapters of a whole model (any of its layers).
+    Model,
     /// The module paths of a PEFT LoRA folder.
     PeftLora,
     /// The module paths of a PEFT IA3 folder.
@@ -189,7 +191,7 @@ pub enum Scope {
 impl Scope {
     fn noun(&self) -> &'static str {
         match self {
-            Scope::Layer => "adapter",
+            Scope::Layer | Scope::Model => "adapter",
             Scope::PeftLora | Scope::PeftIa3 | Scope::ExpertLayers => "module path",
             Scope::Library(_) => "expert",
         }
@@ -200,6 +202,7 @@ impl std::fmt::Display for Scope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Scope::Layer => Ok(()),
+            Scope::Model => write!(f, " in any layer of the model"),
             Scope::PeftLora => write!(f, " in the PEFT LoRA adapter"),
             Scope::PeftIa3 => write!(f, " in the PEFT IA3 adapter"),
             Scope::ExpertLayers => write!(f, " among the expert's layers"),

@@ -216,8 +216,12 @@ pub fn linear_from_torch(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Result<L
 }
 
 fn decode(view: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
-    let bytes = view.data();
-    Ok(match view.dtype() {
+    decode_le(view.dtype(), view.data())
+}
+
+/// Little-endian safetensors bytes of `dtype` as `f32` (F16/BF16 exactly, F64 rounded).
+pub(crate) fn decode_le(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    Ok(match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -251,7 +255,20 @@ pub fn write_safetensors(
     tensors: &BTreeMap<String, HostTensor>,
     metadata: Option<BTreeMap<String, String>>,
 ) -> Result<()> {
-    let path = path.as_ref();
+    write_safetensors_as(path.as_ref(), tensors, &BTreeMap::new(), metadata)
+}
+
+/// Writes `tensors` as a safetensors file at `path`, atomically, each in the dtype `dtypes`
+/// gives it (F32, F16, BF16 or F64; F32 when absent), rounding to nearest.
+///
+/// # Errors
+/// As [`write_safetensors`]; [`Error::SafeTensors`] for another dtype.
+pub(crate) fn write_safetensors_as(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    dtypes: &BTreeMap<String, Dtype>,
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<()> {
     let mut bufs = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         if t.shape.iter().product::<usize>() != t.data.len() {
@@ -265,13 +282,32 @@ pub fn write_safetensors(
                 format!("{} values", t.data.len()),
             ));
         }
-        let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        bufs.push((name.clone(), t.shape.clone(), bytes));
+        let dtype = dtypes.get(name).copied().unwrap_or(Dtype::F32);
+        let d = &t.data;
+        let bytes: Vec<u8> = match dtype {
+            Dtype::F32 => d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Dtype::F16 => d
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            Dtype::BF16 => d
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            Dtype::F64 => d.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect(),
+            other => {
+                return Err(Error::SafeTensors {
+                    path: path.to_path_buf(),
+                    why: format!("tensor `{name}`: cannot write dtype {other:?}"),
+                });
+            }
+        };
+        bufs.push((name.clone(), t.shape.clone(), dtype, bytes));
     }
     let views = bufs
         .iter()
-        .map(|(n, s, b)| {
-            TensorView::new(Dtype::F32, s.clone(), b)
+        .map(|(n, s, dtype, b)| {
+            TensorView::new(*dtype, s.clone(), b)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| Error::SafeTensors {
                     path: path.to_path_buf(),
@@ -311,10 +347,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 impl crate::models::WeightSource for TensorFile {
-    fn weight(&self, name: &str) -> Option<TensorData> {
-        self.tensors
+    fn weight(&self, name: &str) -> Result<Option<TensorData>> {
+        Ok(self
+            .tensors
             .get(name)
-            .map(|t| TensorData::new(t.data.clone(), t.shape.clone()))
+            .map(|t| TensorData::new(t.data.clone(), t.shape.clone())))
     }
 
     fn names(&self) -> Vec<String> {

@@ -117,6 +117,7 @@
 
 // The layers and the one-way rule between them are in docs/architecture.md.
 pub mod aggregate;
+pub mod checkpoint;
 pub mod continual;
 pub mod error;
 pub mod grouped;

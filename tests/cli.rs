@@ -258,3 +258,287 @@ fn errors_name_the_file_and_the_problem() {
         "{err}"
     );
 }
+
+/// Runs `modula` and returns its exit code and stderr.
+fn modula_code(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_modula"))
+        .args(args)
+        .output()
+        .expect("run modula");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_json(path: &Path, v: serde_json::Value) -> String {
+    std::fs::write(path, v.to_string()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// `score` on a mixed batch: each row's logits equal PEFT's with that row's adapter, and a
+/// row with `null` equals transformers' base model.
+#[test]
+fn score_gives_each_row_the_logits_of_its_adapter() {
+    let root = data("tiny_decoders");
+    let tmp = tempfile::tempdir().unwrap();
+    let g = |name: &str| TensorFile::open(root.join(name).join("golden.safetensors")).unwrap();
+    let ids = g("llama")
+        .get("input_ids")
+        .unwrap()
+        .data
+        .iter()
+        .map(|v| *v as i64)
+        .collect::<Vec<_>>();
+    let rows: Vec<Vec<i64>> = ids.chunks(6).map(<[i64]>::to_vec).collect();
+    let input = write_json(
+        &tmp.path().join("in.json"),
+        serde_json::json!({"input_ids": [rows[0], rows[1], rows[0]], "adapters": ["qvd", "all", null]}),
+    );
+    let out = tmp.path().join("logits.safetensors");
+    let (ok, _, err) = modula(&[
+        "score",
+        "--model",
+        root.join("llama").to_str().unwrap(),
+        "--adapter",
+        &format!("qvd={}", root.join("llama_lora_qvd").display()),
+        "--adapter",
+        &format!("all={}", root.join("llama_lora_all").display()),
+        "--input",
+        &input,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got = TensorFile::open(&out).unwrap();
+    let got = got.get("logits").unwrap();
+    assert_eq!(got.shape, vec![3, 6, 64]);
+    let n = 6 * 64;
+    for (row, golden, golden_row) in [
+        (0, "llama_lora_qvd", 0),
+        (1, "llama_lora_all", 1),
+        (2, "llama", 0),
+    ] {
+        let want =
+            g(golden).get("logits").unwrap().data[golden_row * n..(golden_row + 1) * n].to_vec();
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = got.data[row * n..(row + 1) * n]
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-4 * scale, "row {row} vs {golden}: {diff}");
+    }
+}
+
+/// `generate` is greedy and equals transformers' `generate` on a left-padded batch
+/// (tests/data/tiny_decoders/generate.json) while the logit gaps are clear; `bake` on a model
+/// folder gives a folder `score` reads as the adapted model.
+#[test]
+fn generate_and_bake_a_model_folder() {
+    let root = data("tiny_decoders");
+    let tmp = tempfile::tempdir().unwrap();
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("generate.json")).unwrap())
+            .unwrap();
+    let input = write_json(
+        &tmp.path().join("in.json"),
+        serde_json::json!({"input_ids": g["input_ids"], "attention_mask": g["attention_mask"]}),
+    );
+    let out = tmp.path().join("gen.json");
+    let (ok, _, err) = modula(&[
+        "generate",
+        "--model",
+        root.join("llama").to_str().unwrap(),
+        "--adapter",
+        &format!("qvd={}", root.join("llama_lora_qvd").display()),
+        "--input",
+        &input,
+        "--max-new-tokens",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let case = &g["cases"]["llama_lora_qvd"];
+    for r in 0..2 {
+        let clear = case["gaps"][r]
+            .as_array()
+            .unwrap()
+            .iter()
+            .take_while(|v| v.as_f64().unwrap() > 1e-3)
+            .count();
+        assert!(clear >= 4);
+        let row = |v: &serde_json::Value| v.as_array().unwrap()[..clear].to_vec();
+        assert_eq!(
+            row(&got["new_tokens"][r]),
+            row(&case["new_tokens"][r]),
+            "row {r}"
+        );
+    }
+    // bake --base DIR --out DIR, then score the baked folder without the adapter.
+    let baked = tmp.path().join("baked");
+    let (ok, _, err) = modula(&[
+        "bake",
+        "--base",
+        root.join("llama").to_str().unwrap(),
+        "--out",
+        baked.to_str().unwrap(),
+        root.join("llama_lora_qvd").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let golden = TensorFile::open(root.join("llama_lora_qvd").join("golden.safetensors")).unwrap();
+    let ids: Vec<i64> = golden
+        .get("input_ids")
+        .unwrap()
+        .data
+        .iter()
+        .map(|v| *v as i64)
+        .collect();
+    let input = write_json(
+        &tmp.path().join("ids.json"),
+        serde_json::json!({"input_ids": ids.chunks(6).collect::<Vec<_>>()}),
+    );
+    let scored = tmp.path().join("baked.safetensors");
+    let (ok, _, err) = modula(&[
+        "score",
+        "--model",
+        baked.to_str().unwrap(),
+        "--input",
+        &input,
+        "--out",
+        scored.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let device = Device::flex();
+    let got: Tensor<3> = TensorFile::open(&scored)
+        .unwrap()
+        .tensor("logits", &device)
+        .unwrap();
+    assert_close(
+        got,
+        golden.tensor("logits", &device).unwrap(),
+        1e-4,
+        "baked folder",
+    );
+}
+
+/// Bad batches and settings exit with status 2 and name the file, key, value or setting.
+#[test]
+fn score_and_generate_reject_bad_input_with_status_2() {
+    let root = data("tiny_decoders");
+    let model = root.join("llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let qvd = format!("qvd={}", root.join("llama_lora_qvd").display());
+    let cases: Vec<(serde_json::Value, Vec<&str>, &str)> = vec![
+        (
+            serde_json::json!({"input_ids": [[1, 2, 3], [4, 5]]}),
+            vec![],
+            "input_ids[1]",
+        ),
+        (serde_json::json!({"input_ids": [[1, 2, 64]]}), vec![], "64"),
+        (
+            serde_json::json!({"input_ids": [[1, -1]]}),
+            vec![],
+            "input_ids[0][1]",
+        ),
+        (
+            serde_json::json!({"input_ids": [[1, 2]], "attention_mask": [[1, 1, 1]]}),
+            vec![],
+            "attention_mask[0]",
+        ),
+        (
+            serde_json::json!({"input_ids": [[1, 2]], "attention_mask": [[1, 2]]}),
+            vec![],
+            "attention_mask[0][1]",
+        ),
+        (
+            serde_json::json!({"input_ids": [[1, 2]], "adapters": ["nope"]}),
+            vec![],
+            "nope",
+        ),
+        (
+            serde_json::json!({"input_ids": [[1, 2]], "adapters": ["qvd", null]}),
+            vec![],
+            "adapters",
+        ),
+        (
+            serde_json::json!({"input_ids": [vec![1; 65]]}),
+            vec![],
+            "max_position_embeddings",
+        ),
+        (serde_json::json!({"input_ids": "x"}), vec![], "input_ids"),
+        (
+            serde_json::json!({"input_ids": [[1]], "extra": 1}),
+            vec![],
+            "extra",
+        ),
+        (
+            serde_json::json!({"input_ids": [[1]]}),
+            vec!["--adapter", "qvd"],
+            "NAME=DIR",
+        ),
+        (
+            serde_json::json!({"input_ids": [[1]]}),
+            vec!["--adapter", "a=/nonexistent"],
+            "nonexistent",
+        ),
+    ];
+    for (i, (json, extra, want)) in cases.into_iter().enumerate() {
+        let input = write_json(&tmp.path().join(format!("in{i}.json")), json);
+        for cmd in ["score", "generate"] {
+            let out = tmp.path().join(format!("out{i}"));
+            let mut args = vec![
+                cmd,
+                "--model",
+                model.to_str().unwrap(),
+                "--adapter",
+                &qvd,
+                "--input",
+                &input,
+            ];
+            args.extend(extra.iter().copied());
+            args.extend(["--out", out.to_str().unwrap()]);
+            if cmd == "generate" {
+                args.extend(["--max-new-tokens", "2"]);
+            }
+            let (code, err) = modula_code(&args);
+            assert_eq!(code, Some(2), "{cmd} case {i}: {err}");
+            assert!(err.contains(want), "{cmd} case {i}: {err}");
+            assert!(!out.exists(), "{cmd} case {i} wrote output");
+        }
+    }
+    // Sampling flags without a temperature, and a missing model folder.
+    let input = write_json(
+        &tmp.path().join("ok.json"),
+        serde_json::json!({"input_ids": [[1, 2]]}),
+    );
+    let out = tmp.path().join("o.json");
+    let (code, err) = modula_code(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        &input,
+        "--max-new-tokens",
+        "2",
+        "--top-k",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--temperature"), "{err}");
+    let (code, err) = modula_code(&[
+        "score",
+        "--model",
+        tmp.path().join("none").to_str().unwrap(),
+        "--input",
+        &input,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("none"), "{err}");
+}

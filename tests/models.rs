@@ -409,7 +409,7 @@ fn checkpoints_with_tensors_the_model_does_not_take_are_errors() {
     use modula::models::{DecoderConfig, LlamaForCausalLm, WeightSource, checkpoint_shapes};
     struct Extra(TensorFile);
     impl WeightSource for Extra {
-        fn weight(&self, name: &str) -> Option<TensorData> {
+        fn weight(&self, name: &str) -> modula::Result<Option<TensorData>> {
             self.0.weight(name)
         }
         fn names(&self) -> Vec<String> {
@@ -534,4 +534,609 @@ fn left_padded_rows_give_the_logits_of_the_unpadded_row() {
         let short = Tensor::<2, Int>::ones([2, 7], &device);
         assert!(model.forward_masked(ids, short).is_err());
     }
+}
+
+/// The same tiny models saved by transformers in BF16, in several shards with
+/// model.safetensors.index.json, and config.json in transformers 4's layout
+/// (tests/data/tiny_decoders/*_sharded_bf16): loaded from the folder, the logits equal
+/// transformers' for the BF16 weights computed in F32.
+#[test]
+fn sharded_bf16_folders_load_and_give_transformers_logits() {
+    use modula::checkpoint::{Checkpoint, load_decoder};
+    for name in ["llama", "qwen2", "mistral"] {
+        let dir = common::data("tiny_decoders").join(format!("{name}_sharded_bf16"));
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        assert!(ckpt.shard_files().len() >= 2, "{name}: not sharded");
+        assert_eq!(ckpt.dtype("model.norm.weight").as_deref(), Some("BF16"));
+        let golden = modula::TensorFile::open(dir.join("golden.safetensors")).unwrap();
+        for device in devices() {
+            let model = load_decoder(&dir, &device).unwrap();
+            let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+            let want: Tensor<3> = golden.tensor("logits", &device).unwrap();
+            assert_close(
+                model.forward(ids).unwrap(),
+                want,
+                1e-4,
+                &format!("{name} on {device:?}"),
+            );
+        }
+    }
+}
+
+/// Copies a tests/data folder into a temporary one, for tests that damage it.
+fn scratch_copy(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(common::data(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    tmp
+}
+
+#[test]
+fn damaged_checkpoint_folders_are_errors_naming_the_file_and_key() {
+    use modula::checkpoint::{Checkpoint, INDEX_FILE};
+    let shard = "model-00002-of-00002.safetensors";
+    let err = |dir: &std::path::Path| Checkpoint::open(dir).unwrap_err().to_string();
+    // A truncated shard.
+    let tmp = scratch_copy("tiny_decoders/mistral_sharded_bf16");
+    let path = tmp.path().join(shard);
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let e = err(tmp.path());
+    assert!(e.contains(shard) && e.contains("truncated"), "{e}");
+    // A truncated header.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let e = err(tmp.path());
+    assert!(e.contains(shard) && e.contains("truncated"), "{e}");
+    // The index lists a shard that is not there.
+    std::fs::remove_file(&path).unwrap();
+    let e = err(tmp.path());
+    assert!(e.contains(INDEX_FILE) && e.contains(shard), "{e}");
+    // The index puts a tensor in a shard that lacks it.
+    let tmp = scratch_copy("tiny_decoders/mistral_sharded_bf16");
+    let index = tmp.path().join(INDEX_FILE);
+    let text = std::fs::read_to_string(&index).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let map = json["weight_map"].as_object_mut().unwrap();
+    let (moved, from) = map
+        .iter()
+        .find(|(_, f)| f.as_str() == Some(shard))
+        .map(|(k, f)| (k.clone(), f.as_str().unwrap().to_string()))
+        .unwrap();
+    let other = "model-00001-of-00002.safetensors";
+    assert_ne!(from, other);
+    map.insert(moved.clone(), other.into());
+    std::fs::write(&index, json.to_string()).unwrap();
+    let e = err(tmp.path());
+    assert!(e.contains(other) && e.contains(&moved), "{e}");
+    // Neither weights file.
+    let empty = tempfile::tempdir().unwrap();
+    let e = err(empty.path());
+    assert!(e.contains("model.safetensors"), "{e}");
+    // A dtype modula does not read.
+    let bytes = safetensors::serialize(
+        [(
+            "x",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![2], &[0u8; 8])
+                .unwrap(),
+        )],
+        None,
+    )
+    .unwrap();
+    let file = empty.path().join("ints.safetensors");
+    std::fs::write(&file, bytes).unwrap();
+    let e = err(&file);
+    assert!(
+        e.contains("ints.safetensors") && e.contains("`x`") && e.contains("I32"),
+        "{e}"
+    );
+}
+
+/// Greedy generation from a left-padded batch equals transformers' `generate`
+/// (tests/data/tiny_decoders/generate.json), base and with a PEFT LoRA, token for token while
+/// transformers' top-1/top-2 logit gap is clear.
+#[test]
+fn greedy_generation_equals_transformers() {
+    use modula::models::GenerationConfig;
+    let root = common::data("tiny_decoders");
+    let text = std::fs::read_to_string(root.join("generate.json")).unwrap();
+    let g: serde_json::Value = serde_json::from_str(&text).unwrap();
+    // A JSON matrix, read by `f`.
+    fn matrix<T>(v: &serde_json::Value, f: fn(&serde_json::Value) -> Option<T>) -> Vec<Vec<T>> {
+        let row = |r: &serde_json::Value| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| f(x).unwrap())
+                .collect()
+        };
+        v.as_array().unwrap().iter().map(row).collect()
+    }
+    let rows = |v: &serde_json::Value| matrix(v, serde_json::Value::as_i64);
+    let (ids, mask) = (rows(&g["input_ids"]), rows(&g["attention_mask"]));
+    let n = g["max_new_tokens"].as_u64().unwrap() as usize;
+    let (b, s) = (ids.len(), ids[0].len());
+    for device in devices() {
+        let mut model = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+        let peft = modula::PeftLora::load(root.join("llama_lora_qvd"), &device).unwrap();
+        peft.attach_to_model(&mut model, "qvd").unwrap();
+        let t = |v: &[Vec<i64>]| {
+            Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(v.concat(), [b * s]), &device)
+                .reshape([b, s])
+        };
+        for (case, adapter) in [("base", None), ("llama_lora_qvd", Some("qvd"))] {
+            let want = rows(&g["cases"][case]["new_tokens"]);
+            let gaps = matrix(&g["cases"][case]["gaps"], serde_json::Value::as_f64);
+            let names = vec![adapter; b];
+            let mut streamed = 0;
+            let got = model
+                .generate(
+                    t(&ids),
+                    Some(t(&mask)),
+                    Some(&names),
+                    &GenerationConfig::greedy(&model, n),
+                    |step| {
+                        assert_eq!(step.len(), b);
+                        streamed += 1;
+                    },
+                )
+                .unwrap();
+            assert_eq!(streamed, n);
+            for r in 0..b {
+                let clear = gaps[r].iter().take_while(|g| **g > 1e-3).count();
+                assert!(clear >= 4, "{case} row {r}: only {clear} clear steps");
+                assert_eq!(
+                    got[r][..clear],
+                    want[r][..clear],
+                    "{case} row {r} on {device:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Decoding with the key/value cache gives, at every step, the logits of a full forward pass
+/// over the whole sequence so far (left padding and an adapter included).
+#[test]
+fn cached_decoding_equals_the_full_forward_pass() {
+    use modula::models::KvCache;
+    let root = common::data("tiny_decoders");
+    let device = burn::tensor::Device::flex();
+    for name in ["llama", "mistral"] {
+        let mut model = modula::checkpoint::load_decoder(root.join(name), &device).unwrap();
+        if name == "llama" {
+            let peft = modula::PeftLora::load(root.join("llama_lora_all"), &device).unwrap();
+            peft.attach_to_model(&mut model, "all").unwrap();
+        }
+        let mut seq: Vec<Vec<i64>> = vec![vec![0, 0, 7, 3], vec![5, 6, 9, 1]];
+        let mut mask: Vec<Vec<i64>> = vec![vec![0, 0, 1, 1], vec![1, 1, 1, 1]];
+        let t = |v: &[Vec<i64>]| {
+            let (b, s) = (v.len(), v[0].len());
+            Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(v.concat(), [b * s]), &device)
+                .reshape([b, s])
+        };
+        let mut cache = KvCache::new();
+        let mut step = model
+            .forward_cached(t(&seq), Some(t(&mask)), None, &mut cache, true)
+            .unwrap();
+        // Past Mistral's window of 3 too.
+        for next in [[11, 12], [13, 14], [15, 16], [17, 18]] {
+            let full = model.forward_masked(t(&seq), t(&mask)).unwrap();
+            let s = seq[0].len();
+            assert_close(
+                step,
+                full.slice([0..2, s - 1..s]),
+                1e-4,
+                &format!("{name} at {s}"),
+            );
+            assert_eq!(cache.len(), s);
+            for (r, tok) in next.iter().enumerate() {
+                seq[r].push(*tok);
+                mask[r].push(1);
+            }
+            let ids = Tensor::<1, Int>::from_data(
+                burn::tensor::TensorData::new(next.to_vec(), [2]),
+                &device,
+            )
+            .reshape([2, 1]);
+            step = model
+                .forward_cached(ids, None, None, &mut cache, true)
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn sampling_is_seeded_and_checked() {
+    use modula::models::{Decoding, GenerationConfig};
+    let device = burn::tensor::Device::flex();
+    let model =
+        modula::checkpoint::load_decoder(common::data("tiny_decoders/qwen2"), &device).unwrap();
+    let ids = || {
+        Tensor::<1, Int>::from_data(
+            burn::tensor::TensorData::new(vec![1i64, 5, 9], [3]),
+            &device,
+        )
+        .reshape([1, 3])
+    };
+    let sample = |temperature, top_k, top_p, seed| {
+        let config = GenerationConfig {
+            max_new_tokens: 12,
+            decoding: Decoding::Sample {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            },
+            eos_token_ids: vec![],
+        };
+        model.generate(ids(), None, None, &config, |_| {})
+    };
+    let greedy = model
+        .generate(
+            ids(),
+            None,
+            None,
+            &GenerationConfig {
+                eos_token_ids: vec![],
+                ..GenerationConfig::greedy(&model, 12)
+            },
+            |_| {},
+        )
+        .unwrap();
+    // top_k = 1 leaves one token: greedy, at any temperature and seed.
+    assert_eq!(sample(5.0, Some(1), None, 3).unwrap(), greedy);
+    // A tiny top_p keeps only the most likely token too.
+    assert_eq!(sample(1.0, None, Some(1e-9), 4).unwrap(), greedy);
+    // Same seed, same tokens; a hot temperature over 64 tokens departs from greedy.
+    let a = sample(50.0, None, None, 7).unwrap();
+    assert_eq!(a, sample(50.0, None, None, 7).unwrap());
+    assert_ne!(a, greedy);
+    assert_ne!(a, sample(50.0, None, None, 8).unwrap());
+    for (t, k, p, what) in [
+        (0.0, None, None, "temperature"),
+        (1.0, Some(0), None, "top_k"),
+        (1.0, None, Some(1.5), "top_p"),
+    ] {
+        let e = sample(t, k, p, 0).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    }
+    // Prompt + new tokens past max_position_embeddings (64).
+    let e = model
+        .generate(
+            ids(),
+            None,
+            None,
+            &GenerationConfig::greedy(&model, 63),
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("max_position_embeddings"), "{e}");
+}
+
+/// `bake` on a model folder: the PEFT adapter merged into the weights (PEFT's
+/// merge_and_unload), loaded back without PEFT, gives PEFT's logits; on a sharded BF16
+/// folder it keeps the shard files, the index and the dtype.
+#[test]
+fn baked_folders_give_peft_logits_and_keep_the_layout() {
+    use modula::checkpoint::{Checkpoint, INDEX_FILE, bake, load_decoder};
+    let root = common::data("tiny_decoders");
+    let tmp = tempfile::tempdir().unwrap();
+    let device = burn::tensor::Device::flex();
+    for adapter in ["llama_lora_qvd", "llama_lora_all"] {
+        let out = tmp.path().join(adapter);
+        let mut calls = 0;
+        bake(&root.join("llama"), &root.join(adapter), &out, |_, _| {
+            calls += 1
+        })
+        .unwrap();
+        assert_eq!(calls, 1);
+        assert!(out.join("config.json").is_file());
+        let model = load_decoder(&out, &device).unwrap();
+        let golden =
+            modula::TensorFile::open(root.join(adapter).join("golden.safetensors")).unwrap();
+        let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+        let want: Tensor<3> = golden.tensor("logits", &device).unwrap();
+        assert_close(model.forward(ids).unwrap(), want, 1e-4, adapter);
+    }
+    let out = tmp.path().join("sharded");
+    bake(
+        &root.join("llama_sharded_bf16"),
+        &root.join("llama_lora_qvd"),
+        &out,
+        |_, _| {},
+    )
+    .unwrap();
+    let (a, b) = (
+        Checkpoint::open(root.join("llama_sharded_bf16")).unwrap(),
+        Checkpoint::open(&out).unwrap(),
+    );
+    let files = |c: &Checkpoint| -> Vec<(String, Vec<String>)> {
+        c.shard_files()
+            .into_iter()
+            .map(|(p, n)| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    n.iter().map(|s| s.to_string()).collect(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(files(&a), files(&b));
+    assert!(out.join(INDEX_FILE).is_file());
+    let q = "model.layers.1.self_attn.q_proj.weight";
+    assert_eq!(b.dtype(q).as_deref(), Some("BF16"));
+    assert_ne!(
+        a.read(q).unwrap(),
+        b.read(q).unwrap(),
+        "the adapter's layer changed"
+    );
+    let k = "model.layers.1.self_attn.k_proj.weight";
+    assert_eq!(
+        a.read(k).unwrap(),
+        b.read(k).unwrap(),
+        "a layer without the adapter is kept"
+    );
+    // The output may not be the base.
+    let base = root.join("llama");
+    let e = bake(&base, &root.join("llama_lora_qvd"), &base, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("base"), "{e}");
+    // An adapter of another model: nothing is written.
+    let other = tmp.path().join("other");
+    let e = bake(
+        &root.join("qwen2"),
+        &root.join("llama_lora_qvd"),
+        &other,
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("shape") && e.contains("q_proj"), "{e}");
+    assert!(!other.exists());
+}
+
+/// PEFT's model-level adapter management: activate, merge, unmerge, delete, all against
+/// transformers' and PEFT's stored logits; and an adapter taken back out of the model
+/// (`PeftLora::from_model`) saves as a folder that gives PEFT's logits again.
+#[test]
+fn model_level_adapter_management_and_saving_keep_peft_logits() {
+    use modula::models::LinearLayers;
+    let root = common::data("tiny_decoders");
+    let device = burn::tensor::Device::flex();
+    let golden =
+        |n: &str| modula::TensorFile::open(root.join(n).join("golden.safetensors")).unwrap();
+    let ids: Tensor<2, Int> = golden("llama")
+        .tensor::<2>("input_ids", &device)
+        .unwrap()
+        .int();
+    let want = |n: &str| -> Tensor<3> { golden(n).tensor("logits", &device).unwrap() };
+    let mut model = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+    for name in ["llama_lora_qvd", "llama_lora_all"] {
+        let peft = modula::PeftLora::load(root.join(name), &device).unwrap();
+        peft.attach_to_model(&mut model, name).unwrap();
+    }
+    // In the order met walking the layers (layer 0 holds only the all-linear one).
+    assert_eq!(model.adapter_names(), ["llama_lora_all", "llama_lora_qvd"]);
+    let logits = |m: &modula::models::LlamaForCausalLm| m.forward(ids.clone()).unwrap();
+    model.set_active_adapters(&["llama_lora_all"]).unwrap();
+    assert_close(logits(&model), want("llama_lora_all"), 1e-4, "all active");
+    model.set_active_adapters(&[]).unwrap();
+    assert_close(logits(&model), want("llama"), 1e-4, "none active");
+    model.set_active_adapters(&["llama_lora_qvd"]).unwrap();
+    model.merge_adapter("llama_lora_qvd").unwrap();
+    assert_close(logits(&model), want("llama_lora_qvd"), 1e-4, "merged");
+    let e = model
+        .merge_adapter("llama_lora_qvd")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("llama_lora_qvd") && e.contains("merged"), "{e}");
+    model.unmerge_adapter("llama_lora_qvd").unwrap();
+    assert_close(logits(&model), want("llama_lora_qvd"), 1e-4, "unmerged");
+    let e = model
+        .set_active_adapters(&["nope"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nope") && e.contains("llama_lora_all"), "{e}");
+    // Out of the model, into a folder, back onto a fresh model.
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama_lora_qvd", "llama_lora_all"] {
+        let saved = tmp.path().join(name);
+        modula::PeftLora::from_model(&model, name)
+            .unwrap()
+            .save(&saved)
+            .unwrap();
+        let mut fresh = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+        let adapted = modula::PeftLora::load(&saved, &device)
+            .unwrap()
+            .attach_to_model(&mut fresh, "x")
+            .unwrap();
+        assert!(!adapted.is_empty());
+        assert_close(
+            logits(&fresh),
+            want(name),
+            1e-4,
+            &format!("{name} saved and reloaded"),
+        );
+    }
+    model.delete_adapter("llama_lora_qvd").unwrap();
+    assert_eq!(model.adapter_names(), ["llama_lora_all"]);
+    assert_close(
+        logits(&model),
+        want("llama"),
+        1e-4,
+        "after delete (all inactive)",
+    );
+    assert!(modula::PeftLora::from_model(&model, "llama_lora_qvd").is_err());
+}
+
+/// `add_weighted_adapter` at model level: `cat` of an adapter with itself at weights ½, ½ is
+/// the adapter again (the exact weighted sum of the updates), so the model gives PEFT's logits
+/// with it; adapters of different layers, a taken name and unknown names are errors that
+/// change nothing.
+#[test]
+fn weighted_adapters_combine_every_adapted_layer() {
+    use modula::library::{Combination, MergeOptions};
+    use modula::models::LinearLayers;
+    let root = common::data("tiny_decoders");
+    let device = burn::tensor::Device::flex();
+    let golden = modula::TensorFile::open(root.join("llama_lora_qvd/golden.safetensors")).unwrap();
+    let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+    let mut model = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+    for (name, dir) in [
+        ("a", "llama_lora_qvd"),
+        ("b", "llama_lora_qvd"),
+        ("c", "llama_lora_all"),
+    ] {
+        modula::PeftLora::load(root.join(dir), &device)
+            .unwrap()
+            .attach_to_model(&mut model, name)
+            .unwrap();
+    }
+    let cat = MergeOptions::new(Combination::Cat);
+    model
+        .add_weighted_adapter(&["a", "b"], &[0.5, 0.5], &cat, "ab")
+        .unwrap();
+    model.set_active_adapters(&["ab"]).unwrap();
+    let want: Tensor<3> = golden.tensor("logits", &device).unwrap();
+    assert_close(
+        model.forward(ids).unwrap(),
+        want,
+        1e-4,
+        "cat of a with itself",
+    );
+    let e = model
+        .add_weighted_adapter(&["a", "c"], &[1.0, 1.0], &cat, "ac")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer `model.layers"), "{e}");
+    let e = model
+        .add_weighted_adapter(&["a"], &[1.0], &cat, "b")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`b` already exists"), "{e}");
+    assert!(
+        model
+            .add_weighted_adapter(&["zz"], &[1.0], &cat, "n")
+            .is_err()
+    );
+    assert_eq!(model.adapter_names(), ["c", "a", "b", "ab"]);
+}
+
+/// `causal_lm_loss` equals transformers' loss with padding labelled -100
+/// (tests/data/tiny_decoders/loss.json).
+#[test]
+fn causal_lm_loss_equals_transformers() {
+    use modula::models::causal_lm_loss;
+    let root = common::data("tiny_decoders");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("loss.json")).unwrap()).unwrap();
+    let flat = |k: &str| -> Vec<i64> {
+        g[k].as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()))
+            .collect()
+    };
+    for device in devices() {
+        let t = |v: Vec<i64>| {
+            Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(v, [12]), &device)
+                .reshape([2, 6])
+        };
+        let (ids, mask) = (t(flat("input_ids")), t(flat("attention_mask")));
+        let model = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+        let logits = model.forward_masked(ids.clone(), mask.clone()).unwrap();
+        let loss = vals(causal_lm_loss(logits.clone(), ids.clone(), Some(mask)).unwrap())[0];
+        let want = g["loss"].as_f64().unwrap() as f32;
+        assert!(
+            (loss - want).abs() <= 1e-5 * want,
+            "{loss} vs {want} on {device:?}"
+        );
+        let e = causal_lm_loss(logits, ids.slice([0..1, 0..6]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("input_ids"), "{e}");
+    }
+}
+
+/// LoRA fine-tuning of the tiny Llama with burn's Adam: the loss falls, only the adapter's
+/// factors move (the base weights, embeddings and norms stay bit for bit), and the adapter
+/// saved as a PEFT folder and loaded onto a fresh model gives the trained model's logits.
+#[test]
+fn lora_fine_tuning_trains_only_the_adapter_and_saves_for_peft() {
+    use burn::module::Module;
+    use burn::optim::{AdamConfig, GradientsParams};
+    use modula::models::{LinearLayers, causal_lm_loss};
+    let root = common::data("tiny_decoders");
+    let ad = burn::tensor::Device::flex().autodiff();
+    ad.seed(3);
+    let mut model = modula::checkpoint::load_decoder(root.join("llama"), &ad).unwrap();
+    let before = model.base_weights();
+    let config = modula::LoraConfig::new(4).with_alpha(8.0);
+    let adapted = model
+        .add_lora("ft", &config, &|p| {
+            p.ends_with("q_proj") || p.ends_with("v_proj")
+        })
+        .unwrap();
+    assert_eq!(adapted.len(), 4);
+    let ids: Vec<i64> = vec![0, 0, 5, 9, 63, 7, 2, 40, 11, 30, 62, 1];
+    let mask: Vec<i64> = vec![0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1];
+    let t = |v: &[i64]| {
+        Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(v.to_vec(), [12]), &ad)
+            .reshape([2, 6])
+    };
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::new();
+    for _ in 0..30 {
+        let logits = model.forward_masked(t(&ids), t(&mask)).unwrap();
+        let loss = causal_lm_loss(logits, t(&ids), Some(t(&mask))).unwrap();
+        losses.push(vals(loss.clone())[0]);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    // B = 0 at the start (PEFT's init): the first loss is the base model's, transformers' 4.148896
+    // (tests/data/tiny_decoders/loss.json, the same batch).
+    assert!((first - 4.148896).abs() < 1e-4, "{first}");
+    assert!(last < 0.85 * first, "loss {first} -> {last}");
+    let model = model.valid();
+    let after = model.base_weights();
+    assert_eq!(before.len(), after.len());
+    for ((n, a), (_, b)) in before.iter().zip(&after) {
+        assert_eq!(a, b, "{n} moved");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    modula::PeftLora::from_model(&model, "ft")
+        .unwrap()
+        .save(tmp.path())
+        .unwrap();
+    let device = burn::tensor::Device::flex();
+    let mut fresh = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+    modula::PeftLora::load(tmp.path(), &device)
+        .unwrap()
+        .attach_to_model(&mut fresh, "ft")
+        .unwrap();
+    let ids =
+        Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(ids.clone(), [12]), &device)
+            .reshape([2, 6]);
+    let trained = model.forward(ids.clone()).unwrap();
+    assert_close(
+        fresh.forward(ids).unwrap(),
+        trained,
+        1e-5,
+        "saved and reloaded",
+    );
 }

@@ -20,7 +20,7 @@ use modula::library::{
     Combination, LoraExpert, MajoritySign, MergeOptions, MergeSpace, arrow_prototypes,
     merge_experts_with_progress,
 };
-use modula::{Error, PeftLora, Result, TensorFile};
+use modula::{Error, PeftLora, Result};
 
 #[derive(Parser)]
 #[command(
@@ -99,17 +99,66 @@ enum Command {
         #[arg(required = true)]
         adapters: Vec<PathBuf>,
     },
-    /// Merge an adapter into base weights (PEFT's merge_and_unload); keys as in the base file.
+    /// Logits of a decoder (a Hugging Face folder) for a batch of token ids, each row through
+    /// its adapter: writes the safetensors key `logits`, F32 [rows, seq, vocab].
+    Score {
+        #[command(flatten)]
+        batch: BatchArgs,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generate tokens after each row of a batch (greedy unless --temperature is given), each
+    /// row through its adapter: writes {"new_tokens": [[...], ...]}.
+    Generate {
+        #[command(flatten)]
+        batch: BatchArgs,
+        /// New tokens per row (fewer when the model's EOS ends a row).
+        #[arg(long)]
+        max_new_tokens: usize,
+        /// Sample at this temperature instead of greedy decoding.
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Sample among the k most likely tokens only (with --temperature).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Sample among the most likely tokens up to this probability (with --temperature).
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Seed of the sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output JSON file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Merge an adapter into base weights (PEFT's merge_and_unload): a Hugging Face model
+    /// folder (sharded or not) into a folder that transformers and modula load, or one
+    /// safetensors file into an F32 file with the same keys.
     Bake {
-        /// Base model safetensors (PyTorch layout).
+        /// Base model: a Hugging Face folder or a safetensors file (PyTorch layout).
         #[arg(long)]
         base: PathBuf,
-        /// Output safetensors (F32).
+        /// Output: a folder (same shards, dtypes and other files) or a safetensors file (F32).
         #[arg(long)]
         out: PathBuf,
         /// The PEFT adapter folder.
         adapter: PathBuf,
     },
+}
+
+/// The model, its adapters and the batch, shared by `score` and `generate`.
+#[derive(clap::Args)]
+struct BatchArgs {
+    /// The Hugging Face model folder (config.json, safetensors weights, sharded or not).
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA folder loaded under a name: NAME=DIR (repeatable).
+    #[arg(long = "adapter")]
+    adapters: Vec<String>,
+    /// {"input_ids": [[...]], "attention_mask": [[...]], "adapters": [name or null, ...]}.
+    #[arg(long)]
+    input: PathBuf,
 }
 
 fn bar(len: usize, what: &str) -> ProgressBar {
@@ -302,73 +351,255 @@ fn run_arrow(out: &Path, adapters: &[PathBuf]) -> Result<()> {
 }
 
 fn run_bake(base: &Path, out: &Path, adapter: &Path) -> Result<()> {
-    let device = Device::flex();
-    let file = TensorFile::open(base)?;
-    let peft = PeftLora::load(adapter, &device)?;
-    let expert = LoraExpert::from_peft(&peft).map_err(|e| in_file(adapter, e))?;
-    let mut tensors = file.tensors().clone();
-    let pb = bar(expert.layers.len(), "baking");
-    for (path, f) in &expert.layers {
-        let exact = format!("{path}.weight");
-        let suffix = format!(".{path}.weight");
-        let candidates: Vec<&String> = tensors
-            .keys()
-            .filter(|k| **k == exact || k.ends_with(&suffix))
-            .collect();
-        let key = match candidates.as_slice() {
-            [one] => (*one).clone(),
-            [] => {
-                return Err(Error::SafeTensors {
-                    path: base.to_path_buf(),
-                    why: format!(
-                        "no tensor `{exact}` (or `*{suffix}`) for the adapter's module `{path}`; is this the adapter's base model?"
-                    ),
-                });
-            }
-            many => {
-                return Err(Error::SafeTensors {
-                    path: base.to_path_buf(),
-                    why: format!("module `{path}` matches several tensors: {many:?}"),
-                });
-            }
-        };
-        let w = tensors.get_mut(&key).ok_or_else(|| Error::SafeTensors {
-            path: base.to_path_buf(),
-            why: format!("tensor `{key}` vanished"),
-        })?;
-        // [d_out, d_in], PyTorch Linear layout, row-major f64.
-        let delta: Vec<f64> = f.delta().iter::<f64>().collect();
-        let d_in = f.d_in();
-        let want = if peft.config.fan_in_fan_out {
-            vec![f.d_in(), f.d_out()]
-        } else {
-            vec![f.d_out(), f.d_in()]
-        };
-        if w.shape != want {
-            return Err(Error::SafeTensors {
-                path: base.to_path_buf(),
-                why: format!(
-                    "tensor `{key}` has shape {:?} but the adapter's `{path}` needs {want:?}",
-                    w.shape
-                ),
-            });
-        }
-        let cols = w.shape[1];
-        for (idx, v) in w.data.iter_mut().enumerate() {
-            let (i, j) = (idx / cols, idx % cols);
-            let d = if peft.config.fan_in_fan_out {
-                delta[j * d_in + i]
-            } else {
-                delta[i * d_in + j]
-            };
-            *v = (f64::from(*v) + d) as f32;
-        }
-        pb.inc(1);
-    }
+    let pb = bar(0, "baking");
+    modula::checkpoint::bake(base, adapter, out, |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
     pb.finish_and_clear();
-    write_safetensors(out, &tensors, Some(file.metadata().clone()))?;
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+/// The batch of a `score` / `generate` input file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    input_ids: Vec<Vec<i64>>,
+    attention_mask: Option<Vec<Vec<i64>>>,
+    adapters: Option<Vec<Option<String>>>,
+}
+
+/// A decoder with its named adapters, and a checked batch for it.
+struct Loaded {
+    model: modula::models::LlamaForCausalLm,
+    names: Vec<String>,
+}
+
+fn load_model(model: &Path, adapters: &[String], device: &Device) -> Result<Loaded> {
+    let mut m = modula::checkpoint::load_decoder(model, device)?;
+    let mut names = Vec::new();
+    for spec in adapters {
+        let (name, dir) = spec
+            .split_once('=')
+            .filter(|(n, d)| !n.is_empty() && !d.is_empty())
+            .ok_or_else(|| {
+                invalid(
+                    format!("--adapter {spec}"),
+                    "write NAME=DIR (a name for the adapter, then its PEFT folder)",
+                )
+            })?;
+        if names.iter().any(|n| n == name) {
+            return Err(invalid(
+                format!("--adapter {spec}"),
+                format!("the name `{name}` is given twice"),
+            ));
+        }
+        let peft = PeftLora::load(dir, device)?;
+        peft.attach_to_model(&mut m, name)
+            .map_err(|e| in_file(Path::new(dir), e))?;
+        names.push(name.to_string());
+    }
+    Ok(Loaded { model: m, names })
+}
+
+/// Reads and checks an input batch: equal-length rows, a mask of the same shape, one known
+/// adapter name (or null) per row. Returns ids, mask and per-row adapters.
+#[allow(clippy::type_complexity)]
+fn read_batch(
+    path: &Path,
+    loaded: &Loaded,
+    device: &Device,
+) -> Result<(
+    burn::tensor::Tensor<2, burn::tensor::Int>,
+    Option<burn::tensor::Tensor<2, burn::tensor::Int>>,
+    Vec<Option<String>>,
+)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    let batch: Batch = serde_path_to_error::deserialize(de).map_err(|e| {
+        invalid(
+            format!("{}: key `{}`", path.display(), e.path()),
+            e.inner().to_string(),
+        )
+    })?;
+    let bad = |key: String, why: String| invalid(format!("{}: key `{key}`", path.display()), why);
+    let rows = batch.input_ids.len();
+    let seq = batch.input_ids.first().map_or(0, Vec::len);
+    if rows == 0 || seq == 0 {
+        return Err(bad(
+            "input_ids".into(),
+            "needs at least one row of at least one token".into(),
+        ));
+    }
+    let vocab = loaded.model.config.vocab_size as i64;
+    for (r, row) in batch.input_ids.iter().enumerate() {
+        if row.len() != seq {
+            return Err(bad(
+                format!("input_ids[{r}]"),
+                format!(
+                    "{} tokens but row 0 has {seq}; pad rows on the left to one length",
+                    row.len()
+                ),
+            ));
+        }
+        if let Some((i, t)) = row
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t < 0 || **t >= vocab)
+        {
+            return Err(bad(
+                format!("input_ids[{r}][{i}]"),
+                format!("token id {t} is outside the model's vocabulary (0..{vocab})"),
+            ));
+        }
+    }
+    let positions = loaded.model.config.max_position_embeddings;
+    if seq > positions {
+        return Err(bad(
+            "input_ids".into(),
+            format!(
+                "rows of {seq} tokens exceed the model's max_position_embeddings = {positions}"
+            ),
+        ));
+    }
+    let ids: Vec<i64> = batch.input_ids.concat();
+    let to_tensor = |v: &[i64]| {
+        burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(v.to_vec(), [v.len()]),
+            device,
+        )
+        .reshape([rows, seq])
+    };
+    let mask = match &batch.attention_mask {
+        None => None,
+        Some(m) => {
+            if m.len() != rows {
+                return Err(bad(
+                    "attention_mask".into(),
+                    format!("{} rows but input_ids has {rows}", m.len()),
+                ));
+            }
+            for (r, row) in m.iter().enumerate() {
+                if row.len() != seq {
+                    return Err(bad(
+                        format!("attention_mask[{r}]"),
+                        format!("{} values but input_ids rows have {seq}", row.len()),
+                    ));
+                }
+                if let Some((i, v)) = row.iter().enumerate().find(|(_, v)| **v != 0 && **v != 1) {
+                    return Err(bad(
+                        format!("attention_mask[{r}][{i}]"),
+                        format!("{v}: the mask holds 1 for tokens and 0 for padding"),
+                    ));
+                }
+            }
+            Some(to_tensor(&m.concat()))
+        }
+    };
+    let adapters = match batch.adapters {
+        Some(a) => {
+            if a.len() != rows {
+                return Err(bad(
+                    "adapters".into(),
+                    format!("{} names but input_ids has {rows} rows", a.len()),
+                ));
+            }
+            if let Some((r, n)) = a.iter().enumerate().find_map(|(r, n)| {
+                n.as_ref()
+                    .filter(|n| !loaded.names.contains(n))
+                    .map(|n| (r, n))
+            }) {
+                return Err(bad(
+                    format!("adapters[{r}]"),
+                    format!(
+                        "`{n}` is not a loaded adapter (loaded: {:?}); add --adapter {n}=DIR",
+                        loaded.names
+                    ),
+                ));
+            }
+            a
+        }
+        None => match loaded.names.as_slice() {
+            [] => vec![None; rows],
+            [one] => vec![Some(one.clone()); rows],
+            many => {
+                return Err(bad(
+                    "adapters".into(),
+                    format!(
+                        "absent, but {} adapters are loaded ({many:?}); name each row's adapter (or null)",
+                        many.len()
+                    ),
+                ));
+            }
+        },
+    };
+    Ok((to_tensor(&ids), mask, adapters))
+}
+
+fn run_score(batch: &BatchArgs, out: &Path) -> Result<()> {
+    let device = Device::flex();
+    let loaded = load_model(&batch.model, &batch.adapters, &device)?;
+    let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
+    let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
+    let logits = loaded.model.forward_mixed(ids, mask, &names)?;
+    let mut tensors = BTreeMap::new();
+    tensors.insert("logits".to_string(), HostTensor::from_tensor(logits));
+    write_safetensors(out, &tensors, None)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_generate(
+    batch: &BatchArgs,
+    max_new_tokens: usize,
+    temperature: Option<f64>,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    seed: u64,
+    out: &Path,
+) -> Result<()> {
+    use modula::models::{Decoding, GenerationConfig};
+    let device = Device::flex();
+    if temperature.is_none() && (top_k.is_some() || top_p.is_some()) {
+        return Err(invalid(
+            "--top-k / --top-p",
+            "they shape sampling; add --temperature T to sample (greedy decoding ignores them)",
+        ));
+    }
+    let loaded = load_model(&batch.model, &batch.adapters, &device)?;
+    let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
+    let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
+    let mut config = GenerationConfig::greedy(&loaded.model, max_new_tokens);
+    if let Some(temperature) = temperature {
+        config.decoding = Decoding::Sample {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        };
+    }
+    let pb = bar(max_new_tokens, "tokens");
+    let new_tokens = loaded
+        .model
+        .generate(ids, mask, Some(&names), &config, |_| pb.inc(1))?;
+    pb.finish_and_clear();
+    let json = serde_json::json!({ "new_tokens": new_tokens });
+    modula::io::atomic_write(out, format!("{json}\n").as_bytes())?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// An [`Error::Invalid`] for a setting or key.
+fn invalid(what: impl Into<String>, why: impl Into<String>) -> Error {
+    Error::Invalid {
+        what: what.into(),
+        why: why.into(),
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -409,6 +640,24 @@ fn run(cli: Cli) -> Result<()> {
         } => println!("{}", run_cluster(k, sparsity, n_init, seed, &adapters)?),
         Command::Arrow { out, adapters } => run_arrow(&out, &adapters)?,
         Command::Bake { base, out, adapter } => run_bake(&base, &out, &adapter)?,
+        Command::Score { batch, out } => run_score(&batch, &out)?,
+        Command::Generate {
+            batch,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            out,
+        } => run_generate(
+            &batch,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            &out,
+        )?,
     }
     Ok(())
 }

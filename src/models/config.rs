@@ -64,6 +64,8 @@ pub struct DecoderConfig {
     pub sliding_window: Option<usize>,
     /// Mixtral's experts per layer and experts per token.
     pub experts: Option<(usize, usize)>,
+    /// The token ids that end a generated sequence (`eos_token_id`, one id or a list).
+    pub eos_token_ids: Vec<i64>,
 }
 
 /// Per-family defaults of transformers 5.23's config classes.
@@ -204,6 +206,7 @@ impl DecoderConfig {
             mlp_bias: r.bool("mlp_bias")?.unwrap_or(false),
             sliding_window,
             experts,
+            eos_token_ids: r.ids("eos_token_id")?,
         })
     }
 }
@@ -242,6 +245,19 @@ impl Reader<'_> {
 
     fn bool(&self, key: &str) -> Result<Option<bool>> {
         self.typed(key, "true or false", Value::as_bool)
+    }
+
+    /// One token id or a list of them (none when absent).
+    fn ids(&self, key: &str) -> Result<Vec<i64>> {
+        fn one(v: &Value) -> Option<i64> {
+            v.as_i64().filter(|&i| i >= 0)
+        }
+        Ok(self
+            .typed(key, "a token id or a list of token ids", |v| match v {
+                Value::Array(items) => items.iter().map(one).collect(),
+                v => one(v).map(|i| vec![i]),
+            })?
+            .unwrap_or_default())
     }
 
     fn string(&self, key: &str) -> Result<Option<String>> {

@@ -38,7 +38,10 @@ use crate::tensor_util::to_vec_i64;
 /// layouts (`Linear` weights `[out, in]`). The `io` layer implements it for safetensors files.
 pub trait WeightSource {
     /// The tensor `name` as `f32` values with its shape, or `None` if the checkpoint lacks it.
-    fn weight(&self, name: &str) -> Option<TensorData>;
+    ///
+    /// # Errors
+    /// A failed read (the source names its file).
+    fn weight(&self, name: &str) -> Result<Option<TensorData>>;
 
     /// Every tensor name the checkpoint holds (a model refuses checkpoints with tensors it
     /// does not take).
@@ -52,8 +55,7 @@ pub trait WeightSource {
 /// layouts), in module order.
 pub fn checkpoint_shapes(config: &DecoderConfig) -> Vec<(String, Vec<usize>)> {
     let c = config;
-    let (hd, h, kv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
-    let (d, ff) = (c.hidden_size, c.intermediate_size);
+    let d = c.hidden_size;
     let mut out = vec![(
         "model.embed_tokens.weight".to_string(),
         vec![c.vocab_size, d],
@@ -67,38 +69,12 @@ pub fn checkpoint_shapes(config: &DecoderConfig) -> Vec<(String, Vec<usize>)> {
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        linear(
-            &mut out,
-            format!("{p}.self_attn.q_proj"),
-            d,
-            h * hd,
-            c.qkv_bias,
-        );
-        linear(
-            &mut out,
-            format!("{p}.self_attn.k_proj"),
-            d,
-            kv * hd,
-            c.qkv_bias,
-        );
-        linear(
-            &mut out,
-            format!("{p}.self_attn.v_proj"),
-            d,
-            kv * hd,
-            c.qkv_bias,
-        );
-        linear(
-            &mut out,
-            format!("{p}.self_attn.o_proj"),
-            h * hd,
-            d,
-            c.o_bias,
-        );
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        linear(&mut out, format!("{p}.mlp.gate_proj"), d, ff, c.mlp_bias);
-        linear(&mut out, format!("{p}.mlp.up_proj"), d, ff, c.mlp_bias);
-        linear(&mut out, format!("{p}.mlp.down_proj"), ff, d, c.mlp_bias);
+        for (k, (name, (i, o, b))) in PROJECTIONS.iter().zip(projection_dims(c)).enumerate() {
+            if k == 4 {
+                out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+            }
+            linear(&mut out, format!("{p}.{name}"), i, o, b);
+        }
     }
     out.push(("model.norm.weight".into(), vec![d]));
     if !c.tie_word_embeddings {
@@ -115,8 +91,10 @@ struct RandomWeights {
 }
 
 impl WeightSource for RandomWeights {
-    fn weight(&self, name: &str) -> Option<TensorData> {
-        let i = self.shapes.iter().position(|(n, _)| n == name)?;
+    fn weight(&self, name: &str) -> Result<Option<TensorData>> {
+        let Some(i) = self.shapes.iter().position(|(n, _)| n == name) else {
+            return Ok(None);
+        };
         let shape = self.shapes[i].1.clone();
         let len: usize = shape.iter().product();
         let values: Vec<f32> = if name.ends_with("norm.weight") {
@@ -128,7 +106,7 @@ impl WeightSource for RandomWeights {
             let a = 0.02 * 3f32.sqrt();
             (0..len).map(|_| (2.0 * rng.next_f32() - 1.0) * a).collect()
         };
-        Some(TensorData::new(values, shape))
+        Ok(Some(TensorData::new(values, shape)))
     }
 
     fn names(&self) -> Vec<String> {
@@ -175,6 +153,76 @@ pub struct DecoderLayer {
     pub post_attention_layernorm: RmsNorm,
     /// Feed-forward block.
     pub mlp: Mlp,
+}
+
+/// The seven projections of a decoder layer, by their paths inside the layer, in module order:
+/// the one list the loader, the shapes and the adapter paths follow.
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+impl DecoderLayer {
+    /// The projections with their [`PROJECTIONS`] paths.
+    pub fn projections(&self) -> [(&'static str, &LoraLinear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let layers = [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ];
+        let mut i = 0;
+        layers.map(|l| {
+            i += 1;
+            (PROJECTIONS[i - 1], l)
+        })
+    }
+
+    /// The projections with their [`PROJECTIONS`] paths, mutably.
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let layers = [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ];
+        let mut i = 0;
+        layers.map(|l| {
+            i += 1;
+            (PROJECTIONS[i - 1], l)
+        })
+    }
+}
+
+/// `[in, out]` and whether it has a bias, for each of [`PROJECTIONS`] under `config`.
+fn projection_dims(c: &DecoderConfig) -> [(usize, usize, bool); 7] {
+    let (d, ff) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    [
+        (d, q, c.qkv_bias),
+        (d, kv, c.qkv_bias),
+        (d, kv, c.qkv_bias),
+        (q, d, c.o_bias),
+        (d, ff, c.mlp_bias),
+        (d, ff, c.mlp_bias),
+        (ff, d, c.mlp_bias),
+    ]
 }
 
 /// The decoder stack (`model.` in transformers' names).
@@ -248,19 +296,34 @@ impl LlamaForCausalLm {
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
+                let mut proj = Vec::with_capacity(PROJECTIONS.len());
+                for name in PROJECTIONS {
+                    proj.push(w.linear(&format!("{p}.{name}"))?);
+                }
+                let [
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    o_proj,
+                    gate_proj,
+                    up_proj,
+                    down_proj,
+                ]: [LoraLinear; 7] = proj
+                    .try_into()
+                    .map_err(|_| Error::invalid("decoder", "projections"))?;
                 Ok(DecoderLayer {
                     input_layernorm: w.norm(&format!("{p}.input_layernorm"))?,
                     self_attn: Attention {
-                        q_proj: w.linear(&format!("{p}.self_attn.q_proj"))?,
-                        k_proj: w.linear(&format!("{p}.self_attn.k_proj"))?,
-                        v_proj: w.linear(&format!("{p}.self_attn.v_proj"))?,
-                        o_proj: w.linear(&format!("{p}.self_attn.o_proj"))?,
+                        q_proj,
+                        k_proj,
+                        v_proj,
+                        o_proj,
                     },
                     post_attention_layernorm: w.norm(&format!("{p}.post_attention_layernorm"))?,
                     mlp: Mlp {
-                        gate_proj: w.linear(&format!("{p}.mlp.gate_proj"))?,
-                        up_proj: w.linear(&format!("{p}.mlp.up_proj"))?,
-                        down_proj: w.linear(&format!("{p}.mlp.down_proj"))?,
+                        gate_proj,
+                        up_proj,
+                        down_proj,
                     },
                 })
             })
@@ -271,11 +334,13 @@ impl LlamaForCausalLm {
         } else {
             Some(w.linear("lm_head")?)
         };
+        // The base model is frozen (LoraLinear freezes its own weights): only adapters train.
         Ok(Self {
             model: LlamaBody {
                 embed_tokens: Embedding {
                     weight: Param::from_tensor(embed),
-                },
+                }
+                .no_grad(),
                 layers,
                 norm: w.norm("model.norm")?,
             },
@@ -296,6 +361,49 @@ impl LlamaForCausalLm {
             seed,
         };
         Self::from_weights(config, &source, device)
+    }
+
+    /// Every weight by transformers' name in PyTorch's layouts (`Linear` weights `[out, in]`),
+    /// in [`checkpoint_shapes`] order: what a `model.safetensors` of this model holds. Base
+    /// weights only: an adapter merged into its layer is in them, an unmerged one is not.
+    pub fn base_weights(&self) -> Vec<(String, TensorData)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.model.embed_tokens.weight.val().into_data(),
+        )];
+        let linear = |out: &mut Vec<(String, TensorData)>, p: String, l: &LoraLinear| {
+            out.push((
+                format!("{p}.weight"),
+                l.base.weight.val().transpose().into_data(),
+            ));
+            if let Some(b) = &l.base.bias {
+                out.push((format!("{p}.bias"), b.val().into_data()));
+            }
+        };
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.gamma.val().into_data(),
+            ));
+            for (k, (name, l)) in layer.projections().into_iter().enumerate() {
+                if k == 4 {
+                    out.push((
+                        format!("{p}.post_attention_layernorm.weight"),
+                        layer.post_attention_layernorm.gamma.val().into_data(),
+                    ));
+                }
+                linear(&mut out, format!("{p}.{name}"), l);
+            }
+        }
+        out.push((
+            "model.norm.weight".into(),
+            self.model.norm.gamma.val().into_data(),
+        ));
+        if let Some(head) = &self.lm_head {
+            linear(&mut out, "lm_head".into(), head);
+        }
+        out
     }
 
     /// Logits for `input_ids: [batch, seq]`, positions `0..seq` in every row: `[batch, seq,
@@ -343,16 +451,48 @@ impl LlamaForCausalLm {
         attention_mask: Option<Tensor<2, Int>>,
         adapters: &[Option<&str>],
     ) -> Result<Tensor<3>> {
-        let b = input_ids.dims()[0];
+        let mix = self.mix(input_ids.dims()[0], adapters)?;
+        self.run(input_ids, attention_mask, Some(&mix))
+    }
+
+    /// Logits for the new tokens `input_ids: [batch, new]` after those `cache` holds (none
+    /// for an empty cache), which then holds these too: incremental decoding. `attention_mask`
+    /// (`[batch, new]`, 0 on left padding) works as in [`forward_masked`](Self::forward_masked)
+    /// and its zeros stay masked for every later step; `adapters` as in
+    /// [`forward_mixed`](Self::forward_mixed) (`None`: every layer's active adapters). Only
+    /// the logits of the last position are computed when `last_only` (`[batch, 1, vocab]`),
+    /// which is all generation needs.
+    ///
+    /// # Errors
+    /// As [`forward_mixed`](Self::forward_mixed); [`Error::Invalid`] when the cache and the
+    /// new tokens together exceed `max_position_embeddings`; [`Error::Shape`] for a cache of
+    /// another batch size.
+    pub fn forward_cached(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        adapters: Option<&[Option<&str>]>,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor<3>> {
+        let mix = match adapters {
+            Some(names) => Some(self.mix(input_ids.dims()[0], names)?),
+            None => None,
+        };
+        self.run_cached(input_ids, attention_mask, mix.as_ref(), cache, last_only)
+    }
+
+    /// The mixed-adapter state for a batch of `b` sequences, after checking the names.
+    fn mix<'a>(&self, b: usize, adapters: &'a [Option<&'a str>]) -> Result<Mix<'a>> {
         if adapters.len() != b {
             return Err(Error::shape(
-                "LlamaForCausalLm::forward_mixed (one adapter name or None per sequence)",
+                "LlamaForCausalLm adapters (one adapter name or None per sequence)",
                 b.to_string(),
                 adapters.len().to_string(),
             ));
         }
         let known: BTreeSet<&str> = self
-            .linear_layers()
+            .linear_iter()
             .flat_map(|l| l.names().iter().map(String::as_str))
             .collect();
         if let Some(bad) = adapters.iter().flatten().find(|n| !known.contains(**n)) {
@@ -362,30 +502,18 @@ impl LlamaForCausalLm {
                 known: known.iter().map(|s| s.to_string()).collect(),
             });
         }
-        let mix = Mix {
+        Ok(Mix {
             adapters,
             plans: RefCell::new(HashMap::new()),
-        };
-        self.run(input_ids, attention_mask, Some(&mix))
+        })
     }
 
     /// Every linear layer, in module order.
-    fn linear_layers(&self) -> impl Iterator<Item = &LoraLinear> {
+    fn linear_iter(&self) -> impl Iterator<Item = &LoraLinear> {
         self.model
             .layers
             .iter()
-            .flat_map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
-            })
+            .flat_map(|l| l.projections().map(|(_, p)| p))
             .chain(self.lm_head.as_ref())
     }
 
@@ -394,6 +522,18 @@ impl LlamaForCausalLm {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         mix: Option<&Mix<'_>>,
+    ) -> Result<Tensor<3>> {
+        let mut cache = KvCache::new();
+        self.run_cached(input_ids, attention_mask, mix, &mut cache, false)
+    }
+
+    fn run_cached(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        mix: Option<&Mix<'_>>,
+        cache: &mut KvCache,
+        last_only: bool,
     ) -> Result<Tensor<3>> {
         let [b, s] = input_ids.dims();
         let c = &self.config;
@@ -406,47 +546,87 @@ impl LlamaForCausalLm {
                 bound: c.vocab_size,
             });
         }
-        if s > c.max_position_embeddings {
+        let t0 = cache.len();
+        if t0 + s > c.max_position_embeddings {
             return Err(Error::invalid(
                 "sequence length",
                 format!(
-                    "{s} tokens exceed max_position_embeddings = {}",
+                    "{} tokens exceed max_position_embeddings = {}",
+                    t0 + s,
                     c.max_position_embeddings
                 ),
             ));
         }
+        if t0 > 0 && cache.batch != b {
+            return Err(Error::shape(
+                "LlamaForCausalLm::forward_cached batch (the cache's)",
+                cache.batch.to_string(),
+                b.to_string(),
+            ));
+        }
         let device = input_ids.device();
-        let (positions, padding) = match attention_mask {
-            None => (
-                Tensor::<1, Int>::arange(0..s as i64, &device)
-                    .reshape([1, s])
-                    .expand([b, s]),
-                None,
-            ),
-            Some(m) => {
-                let (positions, padding) = padded_positions(m, [b, s])?;
-                (positions, Some(padding))
+        let mask = match attention_mask {
+            None => vec![1; b * s],
+            Some(m) => mask_values(m, [b, s])?,
+        };
+        if t0 == 0 {
+            cache.batch = b;
+            cache.seen = vec![0; b];
+        }
+        // Positions count the unmasked tokens so far (1 on padding, as transformers).
+        let mut positions = Vec::with_capacity(b * s);
+        for (r, row) in mask.chunks(s.max(1)).enumerate() {
+            for &m in row {
+                cache.seen[r] += m;
+                positions.push(if m == 0 { 1 } else { cache.seen[r] - 1 });
             }
-        };
+        }
+        // Key padding over the cache and the new tokens, then the attention mask
+        // [b, s, t]: true where query t0+i may not see key j.
+        let t = t0 + s;
+        let mut padded = Vec::with_capacity(b * t);
+        for r in 0..b {
+            padded.extend_from_slice(&cache.padding[r * t0..(r + 1) * t0]);
+            padded.extend(mask[r * s..(r + 1) * s].iter().map(|&m| m == 0));
+        }
+        let window = c.sliding_window;
+        let blocked: Vec<bool> = (0..b)
+            .flat_map(|r| {
+                let padded = &padded[r * t..(r + 1) * t];
+                (0..s).flat_map(move |i| {
+                    let q = t0 + i;
+                    (0..t).map(move |j| j > q || window.is_some_and(|w| j + w <= q) || padded[j])
+                })
+            })
+            .collect();
+        cache.padding = padded;
+        let blocked = Tensor::<3, Bool>::from_data(TensorData::new(blocked, [b, s, t]), &device);
+        let positions = crate::tensor_util::int_tensor(&positions, &device).reshape([b, s]);
         let (cos, sin) = self.rope.cos_sin(positions);
-        // [b, s, s]: true where query i may not see key j.
-        let causal = causal_mask(s, c.sliding_window, &device)
-            .unsqueeze::<3>()
-            .expand([b, s, s]);
-        let mask = match padding {
-            Some(p) => causal.bool_or(p.unsqueeze_dim::<3>(1).expand([b, s, s])),
-            None => causal,
-        };
         let mut x = self.model.embed_tokens.forward(input_ids);
-        for layer in &self.model.layers {
+        for (l, layer) in self.model.layers.iter().enumerate() {
             let a = layer.input_layernorm.forward(x.clone());
-            x = x + self.attention(&layer.self_attn, a, &cos, &sin, &mask, mix)?;
+            let past = cache.layers.get_mut(l);
+            let (attn, kv) =
+                self.attention(&layer.self_attn, a, &cos, &sin, &blocked, mix, past)?;
+            if l >= cache.layers.len() {
+                cache.layers.push(kv);
+            } else {
+                cache.layers[l] = kv;
+            }
+            x = x + attn;
             let m = layer.post_attention_layernorm.forward(x.clone());
             let mlp = &layer.mlp;
             let g = linear(&mlp.gate_proj, m.clone(), mix)?;
             let hidden = burn::tensor::activation::silu(g) * linear(&mlp.up_proj, m, mix)?;
             x = x + linear(&mlp.down_proj, hidden, mix)?;
         }
+        cache.length = t;
+        let x = if last_only && s > 1 {
+            x.slice([0..b, s - 1..s])
+        } else {
+            x
+        };
         let x = self.model.norm.forward(x);
         match &self.lm_head {
             Some(head) => linear(head, x, mix),
@@ -463,16 +643,21 @@ impl LlamaForCausalLm {
         }
     }
 
+    /// Attention of the new positions over the cached and new keys; returns the output and
+    /// the layer's keys and values with the new ones appended.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         attn: &Attention,
         x: Tensor<3>,
         cos: &Tensor<3>,
         sin: &Tensor<3>,
-        mask: &Tensor<3, Bool>,
+        blocked: &Tensor<3, Bool>,
         mix: Option<&Mix<'_>>,
-    ) -> Result<Tensor<3>> {
+        past: Option<&mut (Tensor<4>, Tensor<4>)>,
+    ) -> Result<(Tensor<3>, (Tensor<4>, Tensor<4>))> {
         let [b, s, _] = x.dims();
+        let t = blocked.dims()[2];
         let c = &self.config;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
@@ -481,43 +666,93 @@ impl LlamaForCausalLm {
         let v = heads(linear(&attn.v_proj, x, mix)?, kv);
         let q = self.rope.apply(heads(q, h), cos, sin)?;
         let k = self.rope.apply(heads(k, kv), cos, sin)?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (
+                Tensor::cat(vec![pk.clone(), k], 2),
+                Tensor::cat(vec![pv.clone(), v], 2),
+            ),
+            None => (k, v),
+        };
+        let kept = (k.clone(), v.clone());
         // Key/value head j serves query heads j·g .. (j+1)·g (transformers' repeat_kv).
         let g = h / kv;
-        let repeat = |t: Tensor<4>| {
-            t.unsqueeze_dim::<5>(2)
-                .expand([b, kv, g, s, hd])
-                .reshape([b, h, s, hd])
+        let repeat = |x: Tensor<4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kv, g, t, hd])
+                .reshape([b, h, t, hd])
         };
         let (k, v) = (repeat(k), repeat(v));
         let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
         let scores = scores.mask_fill(
-            mask.clone().unsqueeze_dim::<4>(1).expand([b, h, s, s]),
+            blocked.clone().unsqueeze_dim::<4>(1).expand([b, h, s, t]),
             // The most negative finite value, as transformers: a padded query row that sees
             // nothing gets a uniform (finite) softmax instead of NaN.
             f32::MIN,
         );
         let out = softmax(scores, 3).matmul(v);
-        linear(
+        let y = linear(
             &attn.o_proj,
             out.swap_dims(1, 2).reshape([b, s, h * hd]),
             mix,
-        )
+        )?;
+        Ok((y, kept))
+    }
+}
+
+/// The keys and values of the positions a decoder has seen, per layer, for incremental
+/// decoding ([`LlamaForCausalLm::forward_cached`]), with each sequence's padding and token
+/// count.
+///
+/// # Shapes
+/// - per layer: keys and values `[batch, kv_heads, len, head_dim]` (keys after RoPE)
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor<4>, Tensor<4>)>,
+    batch: usize,
+    length: usize,
+    /// `[batch · length]`: true where a cached position is padding.
+    padding: Vec<bool>,
+    /// Per sequence, the unmasked tokens seen so far.
+    seen: Vec<i64>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The positions cached (padding included).
+    pub fn len(&self) -> usize {
+        self.length
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.length == 0
     }
 }
 
 impl LinearLayers for LlamaForCausalLm {
+    fn linear_layers(&self) -> Vec<(String, &LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            for (name, layer) in l.projections() {
+                out.push((format!("model.layers.{i}.{name}"), layer));
+            }
+        }
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head".into(), head));
+        }
+        out
+    }
+
     fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            for (name, layer) in l.projections_mut() {
+                out.push((format!("model.layers.{i}.{name}"), layer));
+            }
         }
         if let Some(head) = &mut self.lm_head {
             out.push(("lm_head".into(), head));
@@ -567,12 +802,8 @@ fn linear(layer: &LoraLinear, x: Tensor<3>, mix: Option<&Mix<'_>>) -> Result<Ten
     Ok(y.reshape([b, s, layer.d_out()]))
 }
 
-/// Positions `cumsum(mask) - 1` (1 on padding, as transformers' generation) and the padded
-/// keys (`true`), from a 0/1 `attention_mask` of shape `dims`.
-fn padded_positions(
-    mask: Tensor<2, Int>,
-    dims: [usize; 2],
-) -> Result<(Tensor<2, Int>, Tensor<2, Bool>)> {
+/// The 0/1 values of an `attention_mask` of shape `dims`.
+fn mask_values(mask: Tensor<2, Int>, dims: [usize; 2]) -> Result<Vec<i64>> {
     if mask.dims() != dims {
         return Err(Error::shape(
             "attention_mask (the shape of input_ids)",
@@ -580,7 +811,6 @@ fn padded_positions(
             format!("{:?}", mask.dims()),
         ));
     }
-    let device = mask.device();
     let values = to_vec_i64(mask);
     if let Some(v) = values.iter().find(|&&v| v != 0 && v != 1) {
         return Err(Error::invalid(
@@ -588,28 +818,7 @@ fn padded_positions(
             format!("{v}: the mask holds 1 for tokens and 0 for padding"),
         ));
     }
-    let [b, s] = dims;
-    let mut positions = Vec::with_capacity(b * s);
-    for row in values.chunks(s.max(1)) {
-        let mut seen = 0i64;
-        for &m in row {
-            seen += m;
-            positions.push(if m == 0 { 1 } else { seen - 1 });
-        }
-    }
-    let padding: Vec<bool> = values.iter().map(|&v| v == 0).collect();
-    Ok((
-        crate::tensor_util::int_tensor(&positions, &device).reshape([b, s]),
-        Tensor::from_data(TensorData::new(padding, [b, s]), &device),
-    ))
-}
-
-/// `true` where query `i` may not see key `j`: `j > i`, or `i - j ≥ window`.
-fn causal_mask(s: usize, window: Option<usize>, device: &Device) -> Tensor<2, Bool> {
-    let v: Vec<bool> = (0..s)
-        .flat_map(|i| (0..s).map(move |j| j > i || window.is_some_and(|w| i - j >= w)))
-        .collect();
-    Tensor::from_data(TensorData::new(v, [s, s]), device)
+    Ok(values)
 }
 
 /// Reads tensors from a [`WeightSource`], checking each against the shape the config implies.
@@ -635,7 +844,7 @@ impl Loader<'_> {
             .ok_or_else(|| missing("not a tensor of this model"))?;
         let data = self
             .src
-            .weight(name)
+            .weight(name)?
             .ok_or_else(|| missing("missing from the checkpoint"))?;
         if data.shape().as_slice() != shape.as_slice() {
             return Err(Error::shape(
@@ -666,6 +875,7 @@ impl Loader<'_> {
         Ok(RmsNorm {
             gamma: Param::from_tensor(self.tensor(&format!("{prefix}.weight"))?),
             epsilon: self.eps,
-        })
+        }
+        .no_grad())
     }
 }

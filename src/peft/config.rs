@@ -1,7 +1,6 @@
 //! `adapter_config.json`: the keys modula interprets (read with serde), the per-module rank
 //! and alpha patterns, and the settings modula refuses.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -37,10 +36,11 @@ pub struct PeftConfig {
     pub lora_dropout: f64,
     /// Host weights stored `[in, out]` (GPT-2 `Conv1D`).
     pub fan_in_fan_out: bool,
-    /// Per-module rank overrides (pattern → r).
-    pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module alpha overrides (pattern → alpha).
-    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Per-module rank overrides (pattern → r), in the file's order: as in PEFT, the first
+    /// pattern that matches a module decides.
+    pub rank_pattern: Vec<(String, usize)>,
+    /// Per-module alpha overrides (pattern → alpha), in the file's order (first match wins).
+    pub alpha_pattern: Vec<(String, f64)>,
     /// Target module names or a regex, as written.
     pub target_modules: Value,
     /// IA3 input-side modules.
@@ -58,7 +58,8 @@ pub(super) fn pattern_matches(pattern: &str, path: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn lookup<'a, T>(patterns: &'a BTreeMap<String, T>, path: &str) -> Option<&'a T> {
+/// The value of the first pattern matching `path` (PEFT's `get_pattern_key`).
+fn lookup<'a, T>(patterns: &'a [(String, T)], path: &str) -> Option<&'a T> {
     patterns
         .iter()
         .find(|(p, _)| pattern_matches(p, path))
@@ -89,9 +90,9 @@ struct Keys {
     #[serde(default)]
     bias: Option<Value>,
     #[serde(default)]
-    rank_pattern: Option<BTreeMap<String, Positive>>,
+    rank_pattern: Option<Ordered<Positive>>,
     #[serde(default)]
-    alpha_pattern: Option<BTreeMap<String, f64>>,
+    alpha_pattern: Option<Ordered<f64>>,
     #[serde(default)]
     target_modules: Value,
     #[serde(default)]
@@ -106,6 +107,32 @@ struct Keys {
     trainable_token_indices: Value,
     #[serde(default)]
     target_parameters: Value,
+}
+
+/// A JSON object's entries in the document's order (serde_json's `Map` sorts its keys).
+struct Ordered<T>(Vec<(String, T)>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = Ordered<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of module patterns")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, T>()? {
+                    out.push((k, v));
+                }
+                Ok(Ordered(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
 }
 
 /// A positive integer (a rank), with PEFT-specific wording when it is not one.
@@ -179,9 +206,11 @@ impl PeftConfig {
             None => return Err(bad("missing string key `peft_type` (LORA or IA3)".into())),
         };
         // The error names the key: "fan_in_fan_out: invalid type: string \"yes\", expected a
-        // boolean".
-        let keys: Keys = serde_path_to_error::deserialize(Value::Object(raw.clone()))
-            .map_err(|e| bad(e.to_string()))?;
+        // boolean". Read from the text, not from `raw`, whose map sorts the keys: the patterns
+        // keep the file's order.
+        let keys: Keys =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+                .map_err(|e| bad(e.to_string()))?;
         let mut cfg = PeftConfig {
             peft_type,
             r: 8,
@@ -189,8 +218,8 @@ impl PeftConfig {
             use_rslora: false,
             lora_dropout: 0.0,
             fan_in_fan_out: keys.fan_in_fan_out.unwrap_or(false),
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
             target_modules: keys.target_modules,
             feedforward_modules: Vec::new(),
             raw,
@@ -231,11 +260,11 @@ impl PeftConfig {
                 }
                 cfg.rank_pattern = keys
                     .rank_pattern
-                    .unwrap_or_default()
+                    .map_or_else(Vec::new, |p| p.0)
                     .into_iter()
                     .map(|(k, r)| (k, r.0))
                     .collect();
-                cfg.alpha_pattern = keys.alpha_pattern.unwrap_or_default();
+                cfg.alpha_pattern = keys.alpha_pattern.map_or_else(Vec::new, |p| p.0);
             }
             PeftType::Ia3 => {
                 cfg.feedforward_modules = match keys.feedforward_modules {

@@ -262,6 +262,55 @@ impl PeftLora {
         Ok(attached)
     }
 
+    /// The adapter `name` of every layer of `model` that holds it, as a PEFT LoRA whose
+    /// [`save`](Self::save) writes a folder PEFT loads onto the same Hugging Face model with
+    /// the same outputs (trained factors included). The defaults `r` and `lora_alpha` are the
+    /// most common pair among the layers; the others go to the patterns on saving.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] when no layer holds `name`; [`Error::Invalid`] when the
+    /// layers disagree on rsLoRA (PEFT has one setting per adapter).
+    pub fn from_model(model: &dyn LinearLayers, name: &str) -> Result<Self> {
+        let mut modules = BTreeMap::new();
+        for (path, layer) in model.linear_layers() {
+            if layer.names().iter().any(|n| n == name) {
+                modules.insert(path, layer.adapter(name)?.clone());
+            }
+        }
+        let Some(first) = modules.values().next() else {
+            return Err(Error::UnknownAdapter {
+                name: name.to_string(),
+                scope: Scope::Model,
+                known: model.adapter_names(),
+            });
+        };
+        let rslora = first.use_rslora;
+        if let Some((p, _)) = modules.iter().find(|(_, m)| m.use_rslora != rslora) {
+            return Err(Error::invalid(
+                format!("adapter `{name}`"),
+                format!(
+                    "layer `{p}` disagrees with the others on use_rslora; PEFT has one setting per adapter"
+                ),
+            ));
+        }
+        // The most common (rank, alpha) pair, ties to the first met.
+        let mut counts: Vec<((usize, f64), usize)> = Vec::new();
+        for m in modules.values() {
+            let key = (m.rank(), m.alpha);
+            match counts.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((key, 1)),
+            }
+        }
+        let (r, alpha) = counts
+            .iter()
+            .fold(counts[0], |best, c| if c.1 > best.1 { *c } else { best })
+            .0;
+        let mut out = Self::new(r, alpha, rslora);
+        out.modules = modules;
+        Ok(out)
+    }
+
     /// Inserts a copy of embedding module `path`'s adapter into `layer` under `name`.
     ///
     /// # Errors

@@ -114,4 +114,29 @@ mod tests {
         assert_eq!((c.rank_for("a.v_proj"), c.alpha_for("a.v_proj")), (4, 2.0));
         assert_eq!(c.scaling_for("a.v_proj"), 1.0); // rsLoRA: 2 / sqrt(4)
     }
+
+    /// PEFT 0.21's `get_pattern_key` takes the first matching pattern in the file's order:
+    /// `get_pattern_key(['layers\\.1\\..*|q_proj', 'v_proj'], 'model.layers.1.self_attn.v_proj')`
+    /// is the first key, and with the keys swapped the other.
+    #[test]
+    fn the_first_matching_pattern_in_file_order_decides() {
+        let path = "model.layers.1.self_attn.v_proj";
+        for (text, want) in [
+            (
+                r#"{"rank_pattern": {"layers\\.1\\..*|q_proj": 4, "v_proj": 2}}"#,
+                4,
+            ),
+            (
+                r#"{"rank_pattern": {"v_proj": 2, "layers\\.1\\..*|q_proj": 4}}"#,
+                2,
+            ),
+        ] {
+            let text = format!(
+                r#"{{"peft_type": "LORA", "r": 8, "lora_alpha": 16, {}"#,
+                &text[1..]
+            );
+            let c = PeftConfig::from_json(&text, "cfg").unwrap();
+            assert_eq!(c.rank_for(path), want, "{text}");
+        }
+    }
 }

@@ -6,11 +6,20 @@ Writes tests/data/tiny_decoders/<name>/{config.json, model.safetensors, golden.s
   scaling, untied output layer, attention and MLP biases;
 - qwen2: q/k/v biases, tied embeddings;
 - mistral: a sliding window of 3 over 6 tokens.
-golden.safetensors holds input_ids (as F32, exact) and the logits. Then two PEFT LoRA folders
-on the llama (tiny_decoders/llama_lora_*), each with the logits PEFT computes with it. Run with the peers'
-virtual environment:
+golden.safetensors holds input_ids (as F32, exact) and the logits. Then:
+- <name>_sharded_bf16: the same model in BF16, in shards of at most 20 kB with
+  model.safetensors.index.json, and config.json rewritten in transformers 4's layout (top-level
+  rope_theta / rope_scaling); its golden holds the logits of the BF16 weights computed in F32;
+- two PEFT LoRA folders on the llama (tiny_decoders/llama_lora_*), each with the logits PEFT
+  computes with it;
+- generate.json: greedy generations (8 new tokens) of the llama, base and with llama_lora_qvd,
+  from a left-padded batch, with the top-1/top-2 logit gap of every step (a test compares a
+  token only while every gap so far is clear);
+- loss.json: transformers' causal-LM loss on a left-padded batch.
+Run with the peers' virtual environment (PYTHONHASHSEED fixes the order PEFT writes
+target_modules in):
 
-    python tests/data/make_tiny_decoders.py
+    PYTHONHASHSEED=0 python tests/data/make_tiny_decoders.py
 """
 import json
 from pathlib import Path
@@ -53,6 +62,28 @@ def main():
         save_file(state, str(out / "model.safetensors"))
         save_file({"input_ids": ids.float(), "logits": logits.contiguous()}, str(out / "golden.safetensors"))
         print(f"wrote {out}: {sum(v.numel() for v in state.values())} parameters")
+        sharded_bf16(root, name, model, ids)
+
+
+def sharded_bf16(root, name, model, ids):
+    """The model in BF16, sharded, with a transformers-4 config.json, and its logits."""
+    import copy
+    out = root / f"{name}_sharded_bf16"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    m16.save_pretrained(out, max_shard_size="20KB")
+    cfg = json.loads((out / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    m32 = m16.float()
+    with torch.no_grad():
+        logits = m32(input_ids=ids).logits
+    save_file({"input_ids": ids.float(), "logits": logits.contiguous()}, str(out / "golden.safetensors"))
+    print(f"wrote {out}: {len(list(out.glob('*.safetensors')))} shards")
 
 
 ADAPTERS = {
@@ -86,6 +117,52 @@ def adapters():
         print(f"wrote {out}: {len(targets)} adapted modules")
 
 
+def generations():
+    """Greedy generations of the tiny llama, base and with llama_lora_qvd, from a left-padded
+    batch: tests/data/tiny_decoders/generate.json."""
+    from peft import PeftModel
+
+    root = Path(__file__).with_name("tiny_decoders")
+    ids = torch.tensor([[0, 0, 5, 9, 63], [2, 40, 11, 30, 62]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    cases = {}
+    for adapter in [None, "llama_lora_qvd"]:
+        model = LlamaForCausalLM.from_pretrained(root / "llama", attn_implementation="eager").eval()
+        if adapter:
+            model = PeftModel.from_pretrained(model, root / adapter).eval()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        new = out.sequences[:, ids.shape[1]:].tolist()
+        gaps = []
+        for step in out.scores:  # [batch, vocab] per step
+            top = torch.topk(step.float(), 2, dim=-1).values
+            gaps.append((top[:, 0] - top[:, 1]).tolist())
+        cases[adapter or "base"] = {"new_tokens": new, "gaps": [list(g) for g in zip(*gaps)]}
+    (root / "generate.json").write_text(json.dumps(
+        {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "max_new_tokens": 8, "cases": cases},
+        indent=1) + "\n")
+    print(f"wrote {root / 'generate.json'}")
+
+
+def loss():
+    """transformers' causal-LM loss of the tiny llama on a left-padded batch (labels = ids with
+    padding at -100, positions counted over unmasked tokens as generation does):
+    tests/data/tiny_decoders/loss.json."""
+    root = Path(__file__).with_name("tiny_decoders")
+    ids = torch.tensor([[0, 0, 5, 9, 63, 7], [2, 40, 11, 30, 62, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0).masked_fill(mask == 0, 1)
+    model = LlamaForCausalLM.from_pretrained(root / "llama", attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=ids.masked_fill(mask == 0, -100))
+    (root / "loss.json").write_text(json.dumps(
+        {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "loss": out.loss.item()}, indent=1) + "\n")
+    print(f"wrote {root / 'loss.json'}: {out.loss.item():.6f}")
+
+
 if __name__ == "__main__":
     main()
     adapters()
+    generations()
+    loss()

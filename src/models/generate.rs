@@ -1,0 +1,298 @@
+//! Autoregressive generation from a decoder: greedy decoding or seeded sampling, with a
+//! [`KvCache`] so that each new token costs one position's forward pass.
+//!
+//! # The math
+//! Each step takes the logits `z` of the last position. Greedy picks `argmax z` (the first
+//! index on ties, as `torch.argmax`). Sampling draws from `softmax(z / T)` restricted, in
+//! transformers' order, first to the `top_k` largest logits, then to the smallest set of
+//! most probable tokens whose probability reaches `top_p` (the token that crosses the
+//! threshold is kept). A sequence ends when it produces one of the EOS ids (which is
+//! returned) or after `max_new_tokens`; a batch stops when every sequence has ended.
+//!
+//! # Shapes
+//! - input ids and attention mask: `[batch, seq]` (Int, left padding marked 0 in the mask)
+//! - result: one `Vec` of new token ids per sequence, at most `max_new_tokens` long
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor};
+
+use super::llama::{KvCache, LlamaForCausalLm};
+use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
+use crate::tensor_util::{int_tensor, to_vec_f32};
+
+/// How the next token is chosen from the logits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decoding {
+    /// The most likely token.
+    Greedy,
+    /// A draw from the tempered, truncated distribution (see the [module docs](self)).
+    Sample {
+        /// Temperature `T > 0`.
+        temperature: f64,
+        /// Keep only the `k` largest logits (`None`: all).
+        top_k: Option<usize>,
+        /// Keep the most probable tokens up to this cumulative probability, in `(0, 1]`
+        /// (`None`: all).
+        top_p: Option<f64>,
+        /// Seed of the draws; the same seed gives the same tokens.
+        seed: u64,
+    },
+}
+
+/// What [`LlamaForCausalLm::generate`] does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationConfig {
+    /// The most tokens generated per sequence.
+    pub max_new_tokens: usize,
+    /// Greedy or sampled.
+    pub decoding: Decoding,
+    /// Tokens that end a sequence (the model's `eos_token_id` by default).
+    pub eos_token_ids: Vec<i64>,
+}
+
+impl GenerationConfig {
+    /// Greedy decoding of up to `max_new_tokens`, ending at `model`'s EOS ids.
+    pub fn greedy(model: &LlamaForCausalLm, max_new_tokens: usize) -> Self {
+        Self {
+            max_new_tokens,
+            decoding: Decoding::Greedy,
+            eos_token_ids: model.config.eos_token_ids.clone(),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if let Decoding::Sample {
+            temperature,
+            top_k,
+            top_p,
+            ..
+        } = self.decoding
+        {
+            if !(temperature.is_finite() && temperature > 0.0) {
+                return Err(Error::invalid(
+                    "temperature",
+                    format!("{temperature}: it must be a positive number (use greedy for 0)"),
+                ));
+            }
+            if top_k == Some(0) {
+                return Err(Error::invalid("top_k", "0: keep at least one token"));
+            }
+            if let Some(p) = top_p
+                && !(p > 0.0 && p <= 1.0)
+            {
+                return Err(Error::invalid(
+                    "top_p",
+                    format!("{p}: it must be in (0, 1]"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Chooses the next token from one row of logits.
+struct Chooser {
+    decoding: Decoding,
+    rng: SplitMix64,
+}
+
+impl Chooser {
+    fn new(decoding: &Decoding) -> Self {
+        let seed = match decoding {
+            Decoding::Sample { seed, .. } => *seed,
+            Decoding::Greedy => 0,
+        };
+        Self {
+            decoding: decoding.clone(),
+            rng: SplitMix64::new(seed),
+        }
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> i64 {
+        match self.decoding {
+            Decoding::Greedy => argmax(logits) as i64,
+            Decoding::Sample {
+                temperature,
+                top_k,
+                top_p,
+                ..
+            } => {
+                // Indices by decreasing logit (stable: ties keep index order).
+                let mut order: Vec<usize> = (0..logits.len()).collect();
+                order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+                order.truncate(top_k.unwrap_or(order.len()).max(1));
+                let top = f64::from(logits[order[0]]);
+                let mut p: Vec<f64> = order
+                    .iter()
+                    .map(|&i| ((f64::from(logits[i]) - top) / temperature).exp())
+                    .collect();
+                let total: f64 = p.iter().sum();
+                p.iter_mut().for_each(|v| *v /= total);
+                if let Some(top_p) = top_p {
+                    let mut acc = 0.0;
+                    let keep = p
+                        .iter()
+                        .position(|v| {
+                            acc += v;
+                            acc >= top_p
+                        })
+                        .map_or(p.len(), |i| i + 1);
+                    p.truncate(keep);
+                    order.truncate(keep);
+                }
+                let total: f64 = p.iter().sum();
+                let mut u = self.rng.next_f64() * total;
+                for (i, v) in order.iter().zip(&p) {
+                    if u < *v {
+                        return *i as i64;
+                    }
+                    u -= v;
+                }
+                order[order.len() - 1] as i64
+            }
+        }
+    }
+}
+
+/// The first index of the largest value.
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+impl LlamaForCausalLm {
+    /// Generates up to `config.max_new_tokens` tokens after each sequence of `input_ids`
+    /// (left-padded when `attention_mask` marks padding with 0), sequence `i` through adapter
+    /// `adapters[i]` when given (as [`forward_mixed`](Self::forward_mixed); `None`: the active
+    /// adapters). The prompt is one forward pass that fills a [`KvCache`]; every later step
+    /// feeds one token per sequence. `on_step` sees each step's tokens as they are produced
+    /// (`None` for a sequence that has ended), for streaming.
+    ///
+    /// # Errors
+    /// As [`forward_cached`](Self::forward_cached) (token ids outside the vocabulary, a mask
+    /// of another shape, unknown adapters, a prompt plus `max_new_tokens` longer than
+    /// `max_position_embeddings`); [`Error::Invalid`] for a temperature, `top_k` or `top_p`
+    /// out of range.
+    pub fn generate(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        adapters: Option<&[Option<&str>]>,
+        config: &GenerationConfig,
+        mut on_step: impl FnMut(&[Option<i64>]),
+    ) -> Result<Vec<Vec<i64>>> {
+        config.check()?;
+        let [b, s] = input_ids.dims();
+        let limit = self.config.max_position_embeddings;
+        if s + config.max_new_tokens > limit + 1 {
+            return Err(Error::invalid(
+                "max_new_tokens",
+                format!(
+                    "{} prompt positions + {} new tokens exceed max_position_embeddings = {limit}",
+                    s, config.max_new_tokens
+                ),
+            ));
+        }
+        let device = input_ids.device();
+        let mut cache = KvCache::new();
+        let mut chooser = Chooser::new(&config.decoding);
+        let mut out: Vec<Vec<i64>> = vec![Vec::new(); b];
+        let mut done = vec![false; b];
+        let mut logits =
+            self.forward_cached(input_ids, attention_mask, adapters, &mut cache, true)?;
+        for step in 0..config.max_new_tokens {
+            let vocab = logits.dims()[2];
+            let values = to_vec_f32(logits);
+            let mut tokens = vec![None; b];
+            let mut next = Vec::with_capacity(b);
+            for r in 0..b {
+                let row = &values[r * vocab..(r + 1) * vocab];
+                if done[r] {
+                    // An ended sequence keeps feeding its last token; its outputs are unused.
+                    next.push(*out[r].last().unwrap_or(&0));
+                    continue;
+                }
+                let t = chooser.choose(row);
+                out[r].push(t);
+                tokens[r] = Some(t);
+                done[r] = config.eos_token_ids.contains(&t);
+                next.push(t);
+            }
+            on_step(&tokens);
+            if step + 1 == config.max_new_tokens || done.iter().all(|d| *d) {
+                break;
+            }
+            let ids = int_tensor(&next, &device).reshape([b, 1]);
+            logits = self.forward_cached(ids, None, adapters, &mut cache, true)?;
+        }
+        Ok(out)
+    }
+}
+
+/// The causal language-modelling loss of transformers' `*ForCausalLM` with `labels =
+/// input_ids` and padding labelled -100: the mean over every position `t` whose next token is
+/// not padding of `−log softmax(logits[t])[input_ids[t + 1]]`.
+///
+/// # Shapes
+/// - `logits`: `[batch, seq, vocab]`; `input_ids`, `attention_mask`: `[batch, seq]` (Int)
+/// - result: `[1]`
+///
+/// # Errors
+/// [`Error::Shape`] for ids or a mask of another shape than the logits' first two axes;
+/// [`Error::Invalid`] for sequences shorter than 2 tokens or a batch with no target.
+pub fn causal_lm_loss(
+    logits: Tensor<3>,
+    input_ids: Tensor<2, Int>,
+    attention_mask: Option<Tensor<2, Int>>,
+) -> Result<Tensor<1>> {
+    let [b, s, v] = logits.dims();
+    for (what, dims) in [
+        ("input_ids", Some(input_ids.dims())),
+        ("attention_mask", attention_mask.as_ref().map(Tensor::dims)),
+    ] {
+        if let Some(d) = dims
+            && d != [b, s]
+        {
+            return Err(Error::shape(
+                format!("causal_lm_loss {what} (the logits' [batch, seq])"),
+                format!("{:?}", [b, s]),
+                format!("{d:?}"),
+            ));
+        }
+    }
+    if s < 2 {
+        return Err(Error::invalid(
+            "causal_lm_loss",
+            "sequences need at least 2 tokens (one to predict from, one to predict)",
+        ));
+    }
+    let targets = input_ids.slice([0..b, 1..s]);
+    let logp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
+    let picked = logp
+        .gather(2, targets.unsqueeze_dim::<3>(2))
+        .reshape([b, s - 1]);
+    let (picked, count) = match attention_mask {
+        Some(m) => {
+            let keep = m.slice([0..b, 1..s]).float();
+            let count = to_vec_f32(keep.clone().sum())
+                .first()
+                .copied()
+                .unwrap_or(0.0);
+            (picked * keep, count)
+        }
+        None => (picked, (b * (s - 1)) as f32),
+    };
+    if count == 0.0 {
+        return Err(Error::invalid(
+            "causal_lm_loss",
+            "every target is padding; nothing to learn from",
+        ));
+    }
+    Ok(picked.sum().neg() / f64::from(count))
+}
