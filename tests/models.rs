@@ -1140,3 +1140,30 @@ fn lora_fine_tuning_trains_only_the_adapter_and_saves_for_peft() {
         "saved and reloaded",
     );
 }
+
+/// tests/data/tiny_decoders/llama_lora_trained: a LoRA trained and saved by modula
+/// (examples/tiny_lm.rs); PEFT 0.21.2 loaded it onto the tiny Llama and stored its logits
+/// (peft_golden.safetensors, by tests/data/check_modula_outputs.py). modula reading the folder
+/// back gives PEFT's logits.
+#[test]
+fn a_lora_trained_and_saved_by_modula_gives_peft_logits() {
+    let root = common::data("tiny_decoders");
+    let dir = root.join("llama_lora_trained");
+    let golden = modula::TensorFile::open(dir.join("peft_golden.safetensors")).unwrap();
+    for device in devices() {
+        let mut model = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+        let adapted = modula::PeftLora::load(&dir, &device)
+            .unwrap()
+            .attach_to_model(&mut model, "trained")
+            .unwrap();
+        assert_eq!(adapted.len(), 8, "q, k, v, o of 2 layers");
+        let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+        let want: Tensor<3> = golden.tensor("logits", &device).unwrap();
+        assert_close(
+            model.forward(ids).unwrap(),
+            want,
+            1e-4,
+            &format!("{device:?}"),
+        );
+    }
+}

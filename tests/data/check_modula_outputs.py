@@ -11,6 +11,9 @@ onto tests/data/tiny_decoders/llama. Both are compared with the `logits` of GOLD
 for its `input_ids` (PEFT's logits with the original adapter, e.g.
 tiny_decoders/llama_lora_qvd/golden.safetensors, or modula's own, the
 modula_logits.safetensors examples/tiny_lm.rs writes beside the adapter it trained).
+For `adapter`, PEFT's logits are also written to SAVED_ADAPTER_DIR/peft_golden.safetensors:
+tests/data/tiny_decoders/llama_lora_trained is such a folder (trained and saved by
+examples/tiny_lm.rs), which tests/models.rs reads back against them.
 """
 import sys
 from pathlib import Path
@@ -33,6 +36,10 @@ def main():
         model = PeftModel.from_pretrained(model, folder).eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
+    if kind == "adapter":
+        from safetensors.torch import save_file
+        save_file({"input_ids": golden["input_ids"], "logits": logits.contiguous()},
+                  str(folder / "peft_golden.safetensors"))
     want = golden["logits"]
     rel = ((logits - want).abs().max() / want.abs().max()).item()
     print(f"{kind} {folder}: max |difference| / max |logit| = {rel:.2e}")
