@@ -134,6 +134,9 @@ fn main() -> modula::Result<()> {
     let peers = std::env::args()
         .any(|a| a == "--peers")
         .then(|| run_peers(quick));
+    if let Some(dir) = arg_value("--load-peak") {
+        return load_peak(&dir);
+    }
     if std::env::args().any(|a| a == "--llama-only") {
         llama_metrics(&device, quick, &mut report)?;
         print_json(&report, &device, quick, peers.as_ref());
@@ -536,19 +539,14 @@ fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::R
 }
 
 /// Peak resident memory while loading the benchmark's Llama from an F32 `model.safetensors`,
-/// over the file's size: the peak since a reset of the high-water mark (Linux
-/// `/proc/self/clear_refs`), less what was resident before.
+/// over the file's size, measured in a fresh process (`bench_report --load-peak DIR`) so that
+/// no earlier allocation is reused: its peak resident memory (`VmHWM`) after loading, less
+/// its resident memory before.
 fn load_memory(
     model: &modula::models::LlamaForCausalLm,
     config_json: &serde_json::Value,
     report: &mut Report,
 ) -> modula::Result<()> {
-    let status = |key: &str| -> Option<f64> {
-        let text = std::fs::read_to_string("/proc/self/status").ok()?;
-        let line = text.lines().find(|l| l.starts_with(key))?;
-        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024.0)
-    };
     let dir = tempfile_dir();
     let io = |e| modula::Error::Io {
         path: dir.clone(),
@@ -560,24 +558,51 @@ fn load_memory(
     let size = std::fs::metadata(dir.join("model.safetensors"))
         .map_err(io)?
         .len() as f64;
-    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-    let before = status("VmRSS:");
-    let loaded = modula::checkpoint::load_decoder(&dir, &Device::flex())?;
-    let peak = status("VmHWM:");
-    drop(loaded);
+    let child = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .arg("--load-peak")
+            .arg(&dir)
+            .output()
+    });
     let _ = std::fs::remove_dir_all(&dir);
-    match (reset, before, peak) {
-        (true, Some(before), Some(peak)) => {
-            let ratio = (peak - before) / size;
+    let grown = child.ok().and_then(|o| {
+        String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+            l.strip_prefix("load-peak-bytes ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    });
+    match grown {
+        Some(grown) => {
+            let ratio = grown / size;
             println!(
                 "llama load        {:8.0} MB file, peak +{:.0} MB resident, ratio {ratio:.3}",
                 size / 1e6,
-                (peak - before) / 1e6
+                grown / 1e6
             );
             report.push("llama_load_peak_rss_over_f32_size", ratio);
         }
-        _ => println!("llama load        peak memory not measurable here (needs Linux /proc)"),
+        None => println!("llama load        peak memory not measurable here (needs Linux /proc)"),
     }
+    Ok(())
+}
+
+/// The child of [`load_memory`]: loads the folder and prints how far the peak resident memory
+/// rose above the resident memory before loading.
+fn load_peak(dir: &str) -> modula::Result<()> {
+    let status = |key: &str| -> Option<f64> {
+        let text = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024.0)
+    };
+    let before = status("VmRSS:");
+    let model = modula::checkpoint::load_decoder(dir, &Device::flex())?;
+    if let (Some(before), Some(peak)) = (before, status("VmHWM:")) {
+        println!("load-peak-bytes {}", peak - before);
+    }
+    drop(model);
     Ok(())
 }
 
@@ -627,7 +652,16 @@ fn run_peers(quick: bool) -> PeerRun {
     println!("running the PyTorch peer: {python} {}", script.display());
     let mut cmd = std::process::Command::new(&python);
     cmd.arg(&script)
-        .args(["--only", "abcdh", "--out"])
+        // --llama-only pairs with the peer's Llama section alone.
+        .args([
+            "--only",
+            if std::env::args().any(|a| a == "--llama-only") {
+                "h"
+            } else {
+                "abcdh"
+            },
+            "--out",
+        ])
         .arg(&out);
     if quick {
         cmd.arg("--quick");

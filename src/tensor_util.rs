@@ -29,6 +29,23 @@ pub fn float_tensor<const D: usize>(
     Tensor::<D>::from_data(TensorData::new(values, dims), device)
 }
 
+/// The transpose of a row-major `rows × cols` matrix, row-major (`cols × rows`), in cache
+/// blocks.
+pub fn transpose_host(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const B: usize = 32;
+    let mut out = vec![0f32; values.len()];
+    for i0 in (0..rows).step_by(B) {
+        for j0 in (0..cols).step_by(B) {
+            for i in i0..(i0 + B).min(rows) {
+                for j in j0..(j0 + B).min(cols) {
+                    out[j * rows + i] = values[i * cols + j];
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Checks that every entry of `t` is finite; `what` names the tensor in the error.
 pub fn ensure_finite<const D: usize>(t: &Tensor<D>, what: &str) -> Result<()> {
     let finite = t.clone().is_finite().all().into_scalar::<bool>();

@@ -32,7 +32,7 @@ use crate::error::{Error, Result, Scope};
 use crate::modules::lora::LoraLinear;
 use crate::rng::SplitMix64;
 use crate::routing::{DispatchPlan, Routing};
-use crate::tensor_util::to_vec_i64;
+use crate::tensor_util::{to_vec_i64, transpose_host};
 
 /// Where a model's weights come from: a checkpoint by its Hugging Face names, in PyTorch's
 /// layouts (`Linear` weights `[out, in]`). The `io` layer implements it for safetensors files.
@@ -293,6 +293,13 @@ impl LlamaForCausalLm {
             eps: c.rms_norm_eps,
             device,
         };
+        // The output layer first: its host transpose briefly holds two copies of the largest
+        // weight, which then costs no more than the finished model.
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(w.linear("lm_head")?)
+        };
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
@@ -329,11 +336,6 @@ impl LlamaForCausalLm {
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = w.tensor::<2>("model.embed_tokens.weight")?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(w.linear("lm_head")?)
-        };
         // The base model is frozen (LoraLinear freezes its own weights): only adapters train.
         Ok(Self {
             model: LlamaBody {
@@ -836,6 +838,15 @@ impl Loader<'_> {
     }
 
     fn tensor<const D: usize>(&self, name: &str) -> Result<Tensor<D>> {
+        self.tensor_with(name, |d| d)
+    }
+
+    /// Tensor `name`, checked against its shape, with `f` applied to the host data first.
+    fn tensor_with<const D: usize>(
+        &self,
+        name: &str,
+        f: impl FnOnce(TensorData) -> TensorData,
+    ) -> Result<Tensor<D>> {
         let missing =
             |why: &str| Error::invalid(format!("{}: key `{name}`", self.src.describe()), why);
         let shape = self
@@ -853,12 +864,23 @@ impl Loader<'_> {
                 format!("{:?}", data.shape().as_slice()),
             ));
         }
-        Ok(Tensor::from_data(data, self.device))
+        Ok(Tensor::from_data(f(data), self.device))
     }
 
     /// A PyTorch-layout `Linear` (`weight: [out, in]`) as a [`LoraLinear`] without adapters.
+    /// The weight is stored contiguous in burn's `[in, out]` layout (transposed on the host
+    /// while loading): a strided transposed view would make every small-batch product (decoding)
+    /// read it three times slower.
     fn linear(&self, prefix: &str) -> Result<LoraLinear> {
-        let w: Tensor<2> = self.tensor(&format!("{prefix}.weight"))?;
+        let w: Tensor<2> = self.tensor_with(&format!("{prefix}.weight"), |data| {
+            let [o, i] = [data.shape()[0], data.shape()[1]];
+            // After `convert` the dtype is f32, so `into_vec` cannot fail.
+            let values: Vec<f32> = data
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap_or_default();
+            TensorData::new(transpose_host(&values, o, i), [i, o])
+        })?;
         let bias = format!("{prefix}.bias");
         let b = if self.takes(&bias) {
             Some(Param::from_tensor(self.tensor::<1>(&bias)?))
@@ -866,7 +888,7 @@ impl Loader<'_> {
             None
         };
         Ok(LoraLinear::new(Linear {
-            weight: Param::from_tensor(w.transpose()),
+            weight: Param::from_tensor(w),
             bias: b,
         }))
     }
