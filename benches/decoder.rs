@@ -1,0 +1,63 @@
+//! Criterion benchmarks of the Llama-family decoder (a random model of the peers' section-h
+//! shape, scaled down to d = 256, 4 layers, vocab 8,000 so a run stays short): a prefill of 4
+//! prompts of 64 tokens, one cached decoding step for 4 sequences, and the same step with a
+//! different LoRA per sequence.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use criterion::{Criterion, criterion_group, criterion_main};
+use modula::LoraConfig;
+use modula::models::{DecoderConfig, KvCache, LinearLayers, LlamaForCausalLm};
+
+fn bench_decoder(c: &mut Criterion) {
+    let device = Device::flex();
+    let config = DecoderConfig::from_json(
+        r#"{"model_type": "llama", "vocab_size": 8000, "hidden_size": 256,
+            "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "max_position_embeddings": 2048}"#,
+        "bench config",
+    )
+    .unwrap();
+    let mut model = LlamaForCausalLm::random(&config, 0, &device).unwrap();
+    let (b, p) = (4, 64);
+    let ids: Vec<i64> = (0..b * p).map(|i| (3 + i * 7919 % 7990) as i64).collect();
+    let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [b * p]), &device).reshape([b, p]);
+    let step = Tensor::<1, Int>::from_data(TensorData::new(vec![5i64; b], [b]), &device)
+        .reshape([b, 1]);
+    let mut g = c.benchmark_group("decoder");
+    g.sample_size(10);
+    g.bench_function("prefill_4x64", |bench| {
+        bench.iter(|| model.forward(ids.clone()).unwrap())
+    });
+    let mut prompt_cache = KvCache::new();
+    model
+        .forward_cached(ids.clone(), None, None, &mut prompt_cache, true)
+        .unwrap();
+    g.bench_function("decode_step_4_seqs", |bench| {
+        bench.iter(|| {
+            let mut cache = prompt_cache.clone();
+            model
+                .forward_cached(step.clone(), None, None, &mut cache, true)
+                .unwrap()
+        })
+    });
+    let names: Vec<String> = (0..b).map(|i| format!("a{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        device.seed(i as u64);
+        model
+            .add_lora(name, &LoraConfig::new(8), &|p| p.contains("self_attn"))
+            .unwrap();
+    }
+    let per_seq: Vec<Option<&str>> = names.iter().map(|n| Some(n.as_str())).collect();
+    g.bench_function("decode_step_4_seqs_4_loras", |bench| {
+        bench.iter(|| {
+            let mut cache = prompt_cache.clone();
+            model
+                .forward_cached(step.clone(), None, Some(&per_seq), &mut cache, true)
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_decoder);
+criterion_main!(benches);
