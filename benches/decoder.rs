@@ -21,8 +21,8 @@ fn bench_decoder(c: &mut Criterion) {
     let (b, p) = (4, 64);
     let ids: Vec<i64> = (0..b * p).map(|i| (3 + i * 7919 % 7990) as i64).collect();
     let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [b * p]), &device).reshape([b, p]);
-    let step = Tensor::<1, Int>::from_data(TensorData::new(vec![5i64; b], [b]), &device)
-        .reshape([b, 1]);
+    let step =
+        Tensor::<1, Int>::from_data(TensorData::new(vec![5i64; b], [b]), &device).reshape([b, 1]);
     let mut g = c.benchmark_group("decoder");
     g.sample_size(10);
     g.bench_function("prefill_4x64", |bench| {

@@ -206,7 +206,7 @@ fn decoder_configs_modula_cannot_honour_are_errors_naming_the_key() {
 fn tiny_decoders_give_transformers_logits() {
     use modula::TensorFile;
     use modula::models::{DecoderConfig, LlamaForCausalLm};
-    for name in ["llama", "qwen2", "mistral"] {
+    for name in ["llama", "qwen2", "mistral", "mixtral"] {
         let dir = common::data("tiny_decoders").join(name);
         let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
         let config = DecoderConfig::from_json(&config, "config.json").unwrap();
@@ -263,7 +263,15 @@ fn peft_folders_attach_by_target_rules_and_give_peft_logits() {
         ]
     );
     assert!(model.model.layers[0].self_attn.q_proj.names().is_empty());
-    assert_eq!(model.model.layers[1].mlp.down_proj.names(), ["a"]);
+    assert_eq!(
+        model.model.layers[1]
+            .mlp
+            .as_ref()
+            .unwrap()
+            .down_proj
+            .names(),
+        ["a"]
+    );
 }
 
 #[test]
@@ -275,10 +283,10 @@ fn peft_folders_that_do_not_fit_the_model_are_errors_and_attach_nothing() {
     let device = burn::tensor::Device::flex();
     let mut model = LlamaForCausalLm::from_weights(&config, &weights, &device).unwrap();
     let untouched = |m: &LlamaForCausalLm| {
-        m.model
-            .layers
-            .iter()
-            .all(|l| l.self_attn.q_proj.names().is_empty() && l.mlp.down_proj.names().is_empty())
+        m.model.layers.iter().all(|l| {
+            l.self_attn.q_proj.names().is_empty()
+                && l.mlp.as_ref().unwrap().down_proj.names().is_empty()
+        })
     };
     let qvd = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
         let mut p = PeftLora::load(dir.join("llama_lora_qvd"), &device).unwrap();
@@ -543,7 +551,7 @@ fn left_padded_rows_give_the_logits_of_the_unpadded_row() {
 #[test]
 fn sharded_bf16_folders_load_and_give_transformers_logits() {
     use modula::checkpoint::{Checkpoint, load_decoder};
-    for name in ["llama", "qwen2", "mistral"] {
+    for name in ["llama", "qwen2", "mistral", "mixtral"] {
         let dir = common::data("tiny_decoders").join(format!("{name}_sharded_bf16"));
         let ckpt = Checkpoint::open(&dir).unwrap();
         assert!(ckpt.shard_files().len() >= 2, "{name}: not sharded");

@@ -212,13 +212,18 @@ impl DecoderConfig {
 }
 
 /// Typed access to the keys of one config object; `null` reads as absent.
-struct Reader<'a> {
+pub(super) struct Reader<'a> {
     c: &'a Map<String, Value>,
     path: &'a str,
 }
 
-impl Reader<'_> {
-    fn bad(&self, key: &str, why: impl Into<String>) -> Error {
+impl<'a> Reader<'a> {
+    /// Reads the object `c` of the file `path`.
+    pub(super) fn new(c: &'a Map<String, Value>, path: &'a str) -> Self {
+        Self { c, path }
+    }
+
+    pub(super) fn bad(&self, key: &str, why: impl Into<String>) -> Error {
         Error::invalid(format!("{}: key `{key}`", self.path), why)
     }
 
@@ -233,17 +238,17 @@ impl Reader<'_> {
             .transpose()
     }
 
-    fn usize(&self, key: &str) -> Result<Option<usize>> {
+    pub(super) fn usize(&self, key: &str) -> Result<Option<usize>> {
         self.typed(key, "a non-negative integer", |v| {
             v.as_u64().map(|n| n as usize)
         })
     }
 
-    fn f64(&self, key: &str) -> Result<Option<f64>> {
+    pub(super) fn f64(&self, key: &str) -> Result<Option<f64>> {
         self.typed(key, "a number", Value::as_f64)
     }
 
-    fn bool(&self, key: &str) -> Result<Option<bool>> {
+    pub(super) fn bool(&self, key: &str) -> Result<Option<bool>> {
         self.typed(key, "true or false", Value::as_bool)
     }
 
@@ -260,7 +265,7 @@ impl Reader<'_> {
             .unwrap_or_default())
     }
 
-    fn string(&self, key: &str) -> Result<Option<String>> {
+    pub(super) fn string(&self, key: &str) -> Result<Option<String>> {
         self.typed(key, "a string", |v| v.as_str().map(str::to_string))
     }
 

@@ -1,5 +1,6 @@
-//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as transformers computes it, with every
-//! projection a [`LoraLinear`] so that adapters attach by the Hugging Face module path.
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Mixtral) as transformers computes it,
+//! with every projection a [`LoraLinear`] so that adapters attach by the Hugging Face module
+//! path.
 //!
 //! # The math
 //! Per layer, with RMSNorm `n(x) = x / sqrt(mean(x²) + ε) ⊙ g`:
@@ -8,7 +9,11 @@
 //!   ([`Rope`]), grouped-query heads (each key/value head serves
 //!   `num_attention_heads / num_key_value_heads` query heads), a causal mask (and Mistral's
 //!   sliding window), and `softmax(q kᵀ / sqrt(head_dim)) v`;
-//! - `y = h + down_proj(silu(gate_proj(n₂(h))) ⊙ up_proj(n₂(h)))`.
+//! - `y = h + down_proj(silu(gate_proj(n₂(h))) ⊙ up_proj(n₂(h)))`, or in a Mixtral layer
+//!   `y = h + Σ_{e ∈ top-k} p̂_e · w2_e(silu(w1_e n₂(h)) ⊙ w3_e n₂(h))` with `p = softmax(gate
+//!   n₂(h))` over all E experts and `p̂` its top-k renormalised to sum to 1 (transformers'
+//!   `MixtralSparseMoeBlock`), computed by modula's [`MoeLayer`] through the sparse dispatch
+//!   (Jiang et al., "Mixtral of Experts", arXiv 2401.04088).
 //!
 //! The logits are `lm_head(n(h_L))`, or the transposed token embedding when the config ties
 //! them. Module paths follow transformers' (`model.layers.3.self_attn.q_proj`, `lm_head`), so
@@ -17,8 +22,7 @@
 //! # Shapes
 //! - input ids: `[batch, seq]` (Int); logits: `[batch, seq, vocab_size]`
 
-use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
@@ -26,12 +30,16 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use super::LinearLayers;
-use super::config::{DecoderConfig, DecoderFamily};
+use super::mixed::{Mix, linear, mask_values};
+use super::config::DecoderConfig;
 use super::rope::Rope;
-use crate::error::{Error, Result, Scope};
+use crate::error::{Error, Result};
+use crate::modules::adapter::AdapterActivation;
 use crate::modules::lora::LoraLinear;
+use crate::moe::MoeLayer;
+use crate::moe::experts::{Expert, ExpertKind};
 use crate::rng::SplitMix64;
-use crate::routing::{DispatchPlan, Routing};
+use crate::routers::TopKRouterConfig;
 use crate::tensor_util::{to_vec_i64, transpose_host};
 
 /// Where a model's weights come from: a checkpoint by its Hugging Face names, in PyTorch's
@@ -69,9 +77,22 @@ pub fn checkpoint_shapes(config: &DecoderConfig) -> Vec<(String, Vec<usize>)> {
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        for (k, (name, (i, o, b))) in PROJECTIONS.iter().zip(projection_dims(c)).enumerate() {
+        let dims = projection_dims(c);
+        for (k, (name, (i, o, b))) in PROJECTIONS.iter().zip(dims).enumerate() {
             if k == 4 {
                 out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+                if let Some((e, _)) = c.experts {
+                    // Mixtral: the router and E SwiGLU experts instead of the MLP.
+                    let ff = c.intermediate_size;
+                    let q = format!("{p}.block_sparse_moe");
+                    out.push((format!("{q}.gate.weight"), vec![e, d]));
+                    for j in 0..e {
+                        for (w, shape) in [("w1", [ff, d]), ("w2", [d, ff]), ("w3", [ff, d])] {
+                            out.push((format!("{q}.experts.{j}.{w}.weight"), shape.to_vec()));
+                        }
+                    }
+                    break;
+                }
             }
             linear(&mut out, format!("{p}.{name}"), i, o, b);
         }
@@ -151,12 +172,16 @@ pub struct DecoderLayer {
     pub self_attn: Attention,
     /// RMSNorm before the feed-forward block.
     pub post_attention_layernorm: RmsNorm,
-    /// Feed-forward block.
-    pub mlp: Mlp,
+    /// Feed-forward block (Llama, Mistral, Qwen2); `None` in a Mixtral layer.
+    pub mlp: Option<Mlp>,
+    /// Mixtral's sparse mixture of SwiGLU experts with its top-k router (transformers'
+    /// routing: softmax over every expert, top-k, renormalised); `None` in a dense layer.
+    pub block_sparse_moe: Option<MoeLayer>,
 }
 
 /// The seven projections of a decoder layer, by their paths inside the layer, in module order:
-/// the one list the loader, the shapes and the adapter paths follow.
+/// the one list the loader, the shapes and the adapter paths follow. A Mixtral layer has the
+/// first four (its experts are not `Linear` layers, in transformers 5 either).
 pub const PROJECTIONS: [&str; 7] = [
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -168,42 +193,24 @@ pub const PROJECTIONS: [&str; 7] = [
 ];
 
 impl DecoderLayer {
-    /// The projections with their [`PROJECTIONS`] paths.
-    pub fn projections(&self) -> [(&'static str, &LoraLinear); 7] {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        let layers = [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ];
-        let mut i = 0;
-        layers.map(|l| {
-            i += 1;
-            (PROJECTIONS[i - 1], l)
-        })
+    /// The projections with their [`PROJECTIONS`] paths (four in a Mixtral layer).
+    pub fn projections(&self) -> Vec<(&'static str, &LoraLinear)> {
+        let a = &self.self_attn;
+        let mut layers = vec![&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj];
+        if let Some(m) = &self.mlp {
+            layers.extend([&m.gate_proj, &m.up_proj, &m.down_proj]);
+        }
+        PROJECTIONS.into_iter().zip(layers).collect()
     }
 
     /// The projections with their [`PROJECTIONS`] paths, mutably.
-    pub fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        let layers = [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ];
-        let mut i = 0;
-        layers.map(|l| {
-            i += 1;
-            (PROJECTIONS[i - 1], l)
-        })
+    pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut LoraLinear)> {
+        let a = &mut self.self_attn;
+        let mut layers = vec![&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj];
+        if let Some(m) = &mut self.mlp {
+            layers.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+        }
+        PROJECTIONS.into_iter().zip(layers).collect()
     }
 }
 
@@ -254,8 +261,8 @@ impl LlamaForCausalLm {
     /// Builds the model from `config` and the checkpoint `weights` (transformers' names).
     ///
     /// # Errors
-    /// [`Error::Invalid`] naming the checkpoint and key for a missing tensor, a tensor the
-    /// model does not take, or a Mixtral config (not built yet); [`Error::Shape`] naming the
+    /// [`Error::Invalid`] naming the checkpoint and key for a missing tensor or a tensor the
+    /// model does not take; [`Error::Shape`] naming the
     /// key for a tensor whose shape disagrees with the config ([`checkpoint_shapes`]); RoPE
     /// setting errors.
     pub fn from_weights(
@@ -263,12 +270,6 @@ impl LlamaForCausalLm {
         weights: &dyn WeightSource,
         device: &Device,
     ) -> Result<Self> {
-        if config.family == DecoderFamily::Mixtral {
-            return Err(Error::invalid(
-                "model_type `mixtral`",
-                "the Mixtral decoder is not built yet (its config reads)",
-            ));
-        }
         let c = config;
         // One list says which tensors the model takes and their shapes.
         let shapes: HashMap<String, Vec<usize>> = checkpoint_shapes(c).into_iter().collect();
@@ -303,35 +304,46 @@ impl LlamaForCausalLm {
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
-                let mut proj = Vec::with_capacity(PROJECTIONS.len());
-                for name in PROJECTIONS {
+                let dense = c.experts.is_none();
+                let names = if dense {
+                    &PROJECTIONS[..]
+                } else {
+                    &PROJECTIONS[..4]
+                };
+                let mut proj = Vec::with_capacity(names.len());
+                for name in names {
                     proj.push(w.linear(&format!("{p}.{name}"))?);
                 }
-                let [
-                    q_proj,
-                    k_proj,
-                    v_proj,
-                    o_proj,
-                    gate_proj,
-                    up_proj,
-                    down_proj,
-                ]: [LoraLinear; 7] = proj
-                    .try_into()
-                    .map_err(|_| Error::invalid("decoder", "projections"))?;
+                let mut proj = proj.into_iter();
+                let mut next = || {
+                    proj.next()
+                        .ok_or_else(|| Error::invalid("decoder layer", "a projection is missing"))
+                };
+                let self_attn = Attention {
+                    q_proj: next()?,
+                    k_proj: next()?,
+                    v_proj: next()?,
+                    o_proj: next()?,
+                };
+                let mlp = if dense {
+                    Some(Mlp {
+                        gate_proj: next()?,
+                        up_proj: next()?,
+                        down_proj: next()?,
+                    })
+                } else {
+                    None
+                };
+                let block_sparse_moe = match c.experts {
+                    Some((e, k)) => Some(w.moe(&format!("{p}.block_sparse_moe"), e, k)?),
+                    None => None,
+                };
                 Ok(DecoderLayer {
                     input_layernorm: w.norm(&format!("{p}.input_layernorm"))?,
-                    self_attn: Attention {
-                        q_proj,
-                        k_proj,
-                        v_proj,
-                        o_proj,
-                    },
+                    self_attn,
                     post_attention_layernorm: w.norm(&format!("{p}.post_attention_layernorm"))?,
-                    mlp: Mlp {
-                        gate_proj,
-                        up_proj,
-                        down_proj,
-                    },
+                    mlp,
+                    block_sparse_moe,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -388,7 +400,8 @@ impl LlamaForCausalLm {
                 format!("{p}.input_layernorm.weight"),
                 layer.input_layernorm.gamma.val().into_data(),
             ));
-            for (k, (name, l)) in layer.projections().into_iter().enumerate() {
+            let projections = layer.projections();
+            for (k, (name, l)) in projections.iter().enumerate() {
                 if k == 4 {
                     out.push((
                         format!("{p}.post_attention_layernorm.weight"),
@@ -396,6 +409,32 @@ impl LlamaForCausalLm {
                     ));
                 }
                 linear(&mut out, format!("{p}.{name}"), l);
+            }
+            if let Some(moe) = &layer.block_sparse_moe {
+                out.push((
+                    format!("{p}.post_attention_layernorm.weight"),
+                    layer.post_attention_layernorm.gamma.val().into_data(),
+                ));
+                let q = format!("{p}.block_sparse_moe");
+                out.push((
+                    format!("{q}.gate.weight"),
+                    moe.router.gate.weight.val().transpose().into_data(),
+                ));
+                for (j, ex) in moe.experts.iter().enumerate() {
+                    // w_in is [d, 2·ff]: the gate half (w1), then the up half (w3).
+                    let w_in = ex.w_in.weight.val();
+                    let [d, ff2] = w_in.dims();
+                    let ff = ff2 / 2;
+                    let half = |r: std::ops::Range<usize>| {
+                        w_in.clone().slice([0..d, r]).transpose().into_data()
+                    };
+                    out.push((format!("{q}.experts.{j}.w1.weight"), half(0..ff)));
+                    out.push((
+                        format!("{q}.experts.{j}.w2.weight"),
+                        ex.w_out.weight.val().transpose().into_data(),
+                    ));
+                    out.push((format!("{q}.experts.{j}.w3.weight"), half(ff..ff2)));
+                }
             }
         }
         out.push((
@@ -486,37 +525,7 @@ impl LlamaForCausalLm {
 
     /// The mixed-adapter state for a batch of `b` sequences, after checking the names.
     fn mix<'a>(&self, b: usize, adapters: &'a [Option<&'a str>]) -> Result<Mix<'a>> {
-        if adapters.len() != b {
-            return Err(Error::shape(
-                "LlamaForCausalLm adapters (one adapter name or None per sequence)",
-                b.to_string(),
-                adapters.len().to_string(),
-            ));
-        }
-        let known: BTreeSet<&str> = self
-            .linear_iter()
-            .flat_map(|l| l.names().iter().map(String::as_str))
-            .collect();
-        if let Some(bad) = adapters.iter().flatten().find(|n| !known.contains(**n)) {
-            return Err(Error::UnknownAdapter {
-                name: bad.to_string(),
-                scope: Scope::Layer,
-                known: known.iter().map(|s| s.to_string()).collect(),
-            });
-        }
-        Ok(Mix {
-            adapters,
-            plans: RefCell::new(HashMap::new()),
-        })
-    }
-
-    /// Every linear layer, in module order.
-    fn linear_iter(&self) -> impl Iterator<Item = &LoraLinear> {
-        self.model
-            .layers
-            .iter()
-            .flat_map(|l| l.projections().map(|(_, p)| p))
-            .chain(self.lm_head.as_ref())
+        Mix::new(self, b, adapters)
     }
 
     fn run(
@@ -618,10 +627,15 @@ impl LlamaForCausalLm {
             }
             x = x + attn;
             let m = layer.post_attention_layernorm.forward(x.clone());
-            let mlp = &layer.mlp;
-            let g = linear(&mlp.gate_proj, m.clone(), mix)?;
-            let hidden = burn::tensor::activation::silu(g) * linear(&mlp.up_proj, m, mix)?;
-            x = x + linear(&mlp.down_proj, hidden, mix)?;
+            if let Some(mlp) = &layer.mlp {
+                let g = linear(&mlp.gate_proj, m.clone(), mix)?;
+                let hidden = burn::tensor::activation::silu(g) * linear(&mlp.up_proj, m, mix)?;
+                x = x + linear(&mlp.down_proj, hidden, mix)?;
+            } else if let Some(moe) = &layer.block_sparse_moe {
+                let d = c.hidden_size;
+                let (y, _) = moe.forward(m.reshape([b * s, d]))?;
+                x = x + y.reshape([b, s, d]);
+            }
         }
         cache.length = t;
         let x = if last_only && s > 1 {
@@ -767,62 +781,6 @@ impl LinearLayers for LlamaForCausalLm {
     }
 }
 
-/// A mixed-adapter batch: the adapter of each sequence, and one plan per set of adapter
-/// names a layer can hold (layers that hold the same adapters share it).
-struct Mix<'a> {
-    adapters: &'a [Option<&'a str>],
-    plans: RefCell<HashMap<Vec<String>, DispatchPlan>>,
-}
-
-/// `layer(x)` for `x: [batch, seq, d_in]`, each sequence through its own adapter under `mix`.
-fn linear(layer: &LoraLinear, x: Tensor<3>, mix: Option<&Mix<'_>>) -> Result<Tensor<3>> {
-    let [b, s, d_in] = x.dims();
-    let names = layer.names();
-    let Some(mix) = mix.filter(|_| !names.is_empty()) else {
-        // One [b·s, d_in] product, the rows the mixed path sees too.
-        let y = layer.forward(x.reshape([b * s, d_in]))?;
-        return Ok(y.reshape([b, s, layer.d_out()]));
-    };
-    let mut plans = mix.plans.borrow_mut();
-    let plan = match plans.entry(names.to_vec()) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => {
-            // A sequence whose adapter this layer lacks takes the base output (-1), as PEFT.
-            let ids: Vec<i64> = mix
-                .adapters
-                .iter()
-                .map(|a| {
-                    a.and_then(|a| names.iter().position(|n| n == a))
-                        .map_or(-1, |i| i as i64)
-                })
-                .collect();
-            let routing = Routing::one_per_row(&ids, names.len(), &x.device())?;
-            e.insert(DispatchPlan::per_sequence(&routing, s)?)
-        }
-    };
-    let y = layer.forward_planned(x.reshape([b * s, d_in]), plan)?;
-    Ok(y.reshape([b, s, layer.d_out()]))
-}
-
-/// The 0/1 values of an `attention_mask` of shape `dims`.
-fn mask_values(mask: Tensor<2, Int>, dims: [usize; 2]) -> Result<Vec<i64>> {
-    if mask.dims() != dims {
-        return Err(Error::shape(
-            "attention_mask (the shape of input_ids)",
-            format!("{dims:?}"),
-            format!("{:?}", mask.dims()),
-        ));
-    }
-    let values = to_vec_i64(mask);
-    if let Some(v) = values.iter().find(|&&v| v != 0 && v != 1) {
-        return Err(Error::invalid(
-            "attention_mask",
-            format!("{v}: the mask holds 1 for tokens and 0 for padding"),
-        ));
-    }
-    Ok(values)
-}
-
 /// Reads tensors from a [`WeightSource`], checking each against the shape the config implies.
 struct Loader<'a> {
     src: &'a dyn WeightSource,
@@ -891,6 +849,46 @@ impl Loader<'_> {
             weight: Param::from_tensor(w),
             bias: b,
         }))
+    }
+
+    /// Mixtral's `block_sparse_moe` at `prefix`: the router `gate` (`[E, d]`) and E SwiGLU
+    /// experts (`w1` gate and `w3` up `[ff, d]`, `w2` down `[d, ff]`), in burn's layouts.
+    fn moe(&self, prefix: &str, e: usize, k: usize) -> Result<MoeLayer> {
+        let gate: Tensor<2> = self.tensor(&format!("{prefix}.gate.weight"))?;
+        let d = gate.dims()[1];
+        let mut router = TopKRouterConfig::new(d, e)
+            .with_k(k)
+            .with_renormalize(true)
+            .with_load_balance_coef(0.0)
+            .with_z_loss_coef(0.0)
+            .init(self.device)?;
+        router.gate = Linear {
+            weight: Param::from_tensor(gate.transpose()),
+            bias: None,
+        };
+        let experts = (0..e)
+            .map(|j| {
+                let p = format!("{prefix}.experts.{j}");
+                let w = |n: &str| self.tensor::<2>(&format!("{p}.{n}.weight"));
+                let (w1, w2, w3) = (w("w1")?, w("w2")?, w("w3")?);
+                Ok(Expert {
+                    w_in: Linear {
+                        weight: Param::from_tensor(Tensor::cat(
+                            vec![w1.transpose(), w3.transpose()],
+                            1,
+                        )),
+                        bias: None,
+                    },
+                    w_out: Linear {
+                        weight: Param::from_tensor(w2.transpose()),
+                        bias: None,
+                    },
+                    kind: ExpertKind::SwiGlu,
+                    activation: AdapterActivation::Swish,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MoeLayer::with_router(router, experts)?.no_grad())
     }
 
     fn norm(&self, prefix: &str) -> Result<RmsNorm> {

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod generate;
 pub mod llama;
+mod mixed;
 pub mod rope;
 
 use crate::error::{Error, Result, Scope};

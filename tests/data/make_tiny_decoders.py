@@ -5,7 +5,9 @@ Writes tests/data/tiny_decoders/<name>/{config.json, model.safetensors, golden.s
 - llama: GQA (4 query heads, 2 key/value heads), head_dim 12 != hidden/heads, Llama-3 RoPE
   scaling, untied output layer, attention and MLP biases;
 - qwen2: q/k/v biases, tied embeddings;
-- mistral: a sliding window of 3 over 6 tokens.
+- mistral: a sliding window of 3 over 6 tokens;
+- mixtral: 4 SwiGLU experts, top-2 (saved by transformers 5 in the checkpoint layout,
+  block_sparse_moe.experts.j.w1/w2/w3).
 golden.safetensors holds input_ids (as F32, exact) and the logits. Then:
 - <name>_sharded_bf16: the same model in BF16, in shards of at most 20 kB with
   model.safetensors.index.json, and config.json rewritten in transformers 4's layout (top-level
@@ -26,7 +28,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
@@ -37,6 +40,8 @@ MODELS = {
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(COMMON, tie_word_embeddings=True, rope_theta=1000000.0)),
     "mistral": (MistralConfig, MistralForCausalLM, dict(COMMON, sliding_window=3, rope_theta=10000.0)),
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                                        rope_theta=1000000.0)),
 }
 
 
@@ -59,7 +64,12 @@ def main():
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        save_file(state, str(out / "model.safetensors"))
+        if name == "mixtral":
+            # transformers 5 holds the experts fused; save_pretrained writes the checkpoint
+            # layout every Mixtral checkpoint has (block_sparse_moe.experts.j.w1/w2/w3).
+            model.save_pretrained(out)
+        else:
+            save_file(state, str(out / "model.safetensors"))
         save_file({"input_ids": ids.float(), "logits": logits.contiguous()}, str(out / "golden.safetensors"))
         print(f"wrote {out}: {sum(v.numel() for v in state.values())} parameters")
         sharded_bf16(root, name, model, ids)
