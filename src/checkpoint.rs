@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::io::{HostTensor, atomic_write};
 use crate::library::LoraExpert;
-use crate::models::{DecoderConfig, LlamaForCausalLm, WeightSource};
+use crate::models::{BertConfig, BertModel, DecoderConfig, LlamaForCausalLm, WeightSource};
 use crate::peft::PeftLora;
 
 /// The index file of a sharded checkpoint.
@@ -78,12 +78,20 @@ fn st_error(path: &Path, why: impl Into<String>) -> Error {
     }
 }
 
+/// A dtype and its size; integer dtypes are accepted in headers (buffers such as BERT's
+/// `position_ids`) but cannot be read as weights.
 fn dtype_of(name: &str) -> Option<(Dtype, u64)> {
     Some(match name {
         "F32" => (Dtype::F32, 4),
         "F16" => (Dtype::F16, 2),
         "BF16" => (Dtype::BF16, 2),
         "F64" => (Dtype::F64, 8),
+        "I64" => (Dtype::I64, 8),
+        "I32" => (Dtype::I32, 4),
+        "I16" => (Dtype::I16, 2),
+        "I8" => (Dtype::I8, 1),
+        "U8" => (Dtype::U8, 1),
+        "BOOL" => (Dtype::BOOL, 1),
         _ => return None,
     })
 }
@@ -214,7 +222,8 @@ impl Checkpoint {
                 st_error(
                     path,
                     format!(
-                        "tensor `{name}` has dtype {} (modula reads F32, F16, BF16 and F64)",
+                        "tensor `{name}` has dtype {} (modula reads F32, F16, BF16 and F64 \
+                         weights, and skips integer buffers)",
                         e.dtype
                     ),
                 )
@@ -336,11 +345,17 @@ impl Checkpoint {
                 }
                 v
             }
-            dtype => {
+            dtype @ (Dtype::F16 | Dtype::BF16 | Dtype::F64) => {
                 let mut raw = vec![0u8; bytes];
                 read_at(&shard.file, &mut raw, e.start).map_err(io)?;
                 crate::io::decode_le(dtype, &raw)
                     .map_err(|why| st_error(&shard.path, format!("tensor `{name}`: {why}")))?
+            }
+            other => {
+                return Err(st_error(
+                    &shard.path,
+                    format!("tensor `{name}` has dtype {other:?}, not a float weight"),
+                ));
             }
         };
         Ok(HostTensor {
@@ -412,6 +427,54 @@ pub fn read_decoder_config(dir: impl AsRef<Path>) -> Result<DecoderConfig> {
     let path = dir.as_ref().join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     DecoderConfig::from_json(&text, &path.display().to_string())
+}
+
+/// Loads a BERT Hugging Face or sentence-transformers folder (`config.json`, its weights,
+/// and `modules.json` with the pooling module's config when present) onto `device`. Returns
+/// the encoder and whether sentence embeddings are L2-normalised (a `Normalize` module).
+///
+/// # Errors
+/// As [`Checkpoint::open`] and [`BertModel::from_weights`]; config errors naming the file and
+/// key; a pooling mode other than the mean.
+pub fn load_encoder(dir: impl AsRef<Path>, device: &Device) -> Result<(BertModel, bool)> {
+    let dir = dir.as_ref();
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let config = BertConfig::from_json(&text, &path.display().to_string())?;
+    let weights = Checkpoint::open(dir)?;
+    let model = BertModel::from_weights(&config, &weights, device)?;
+    let read_json = |p: &Path| -> Result<Option<Value>> {
+        if !p.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Json {
+                path: p.to_path_buf(),
+                source: e,
+            })
+    };
+    let modules = read_json(&dir.join("modules.json"))?.unwrap_or(Value::Null);
+    // The pooling module's folder, as modules.json names it.
+    let pool_dir = modules.as_array().and_then(|m| {
+        m.iter().find_map(|e| {
+            let t = e.get("type")?.as_str()?;
+            t.ends_with("models.Pooling")
+                .then(|| e.get("path")?.as_str().map(str::to_string))?
+        })
+    });
+    let pool_path = pool_dir.map(|p| dir.join(p).join("config.json"));
+    let pooling = match &pool_path {
+        Some(p) => read_json(p)?,
+        None => None,
+    };
+    let normalize = crate::models::bert::sentence_pooling(
+        &modules,
+        pooling.as_ref().and_then(Value::as_object),
+        &pool_path.map_or_else(String::new, |p| p.display().to_string()),
+    )?;
+    Ok((model, normalize))
 }
 
 /// Loads a Llama-family Hugging Face folder (`config.json` and its safetensors weights,

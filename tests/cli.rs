@@ -542,3 +542,73 @@ fn score_and_generate_reject_bad_input_with_status_2() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("none"), "{err}");
 }
+
+/// `embed` on the tiny sentence-transformers BERT with a PEFT LoRA loaded: a mixed batch gives
+/// row 0 PEFT's hidden states and embedding, row 1 the base model's; bad ids exit with 2.
+#[test]
+fn embed_writes_hidden_states_and_sentence_embeddings() {
+    let root = data("tiny_bert");
+    let tmp = tempfile::tempdir().unwrap();
+    let g = TensorFile::open(root.join("golden.safetensors")).unwrap();
+    let lg = TensorFile::open(data("tiny_bert_lora").join("golden.safetensors")).unwrap();
+    let ints = |k: &str| -> Vec<Vec<i64>> {
+        g.get(k)
+            .unwrap()
+            .data
+            .chunks(6)
+            .map(|r| r.iter().map(|v| *v as i64).collect())
+            .collect()
+    };
+    // The interface has no token types (all 0): compare with the goldens' `_types0` embeddings.
+    let ids = ints("input_ids");
+    let input = write_json(
+        &tmp.path().join("in.json"),
+        serde_json::json!({"input_ids": ids, "attention_mask": ints("attention_mask"),
+                           "adapters": ["lora", null]}),
+    );
+    let out = tmp.path().join("emb.safetensors");
+    let (ok, _, err) = modula(&[
+        "embed",
+        "--model",
+        root.to_str().unwrap(),
+        "--adapter",
+        &format!("lora={}", data("tiny_bert_lora").display()),
+        "--input",
+        &input,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got = TensorFile::open(&out).unwrap();
+    assert_eq!(got.get("last_hidden_state").unwrap().shape, vec![2, 6, 32]);
+    let e = got.get("sentence_embedding").unwrap();
+    assert_eq!(e.shape, vec![2, 32]);
+    let want = |f: &TensorFile, r: usize| {
+        f.get("sentence_embedding_types0").unwrap().data[r * 32..(r + 1) * 32].to_vec()
+    };
+    for (r, w) in [(0, want(&lg, 0)), (1, want(&g, 1))] {
+        let diff = e.data[r * 32..(r + 1) * 32]
+            .iter()
+            .zip(&w)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff < 1e-5, "row {r}: {diff}");
+    }
+    let bad = write_json(
+        &tmp.path().join("bad.json"),
+        serde_json::json!({"input_ids": [[1, 99]]}),
+    );
+    let (code, err) = modula_code(&[
+        "embed",
+        "--model",
+        root.to_str().unwrap(),
+        "--input",
+        &bad,
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("input_ids[0][1]") && err.contains("99"),
+        "{err}"
+    );
+}

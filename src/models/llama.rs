@@ -30,8 +30,8 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use super::LinearLayers;
-use super::mixed::{Mix, linear, mask_values};
 use super::config::DecoderConfig;
+use super::mixed::{Mix, linear, mask_values};
 use super::rope::Rope;
 use crate::error::{Error, Result};
 use crate::modules::adapter::AdapterActivation;

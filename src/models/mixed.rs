@@ -106,4 +106,3 @@ pub(crate) fn mask_values(mask: Tensor<2, Int>, dims: [usize; 2]) -> Result<Vec<
     }
     Ok(values)
 }
-

@@ -3,6 +3,7 @@
 //!
 //! [`LoraLinear`]: crate::LoraLinear
 //!
+//! - [`bert`]: BERT encoders (`BertModel`) with sentence-transformers' mean pooling.
 //! - [`config`]: a Llama-family decoder's `config.json` (Llama 2/3, Mistral, Qwen2, Mixtral),
 //!   in transformers 4's and 5's layouts, with transformers' defaults.
 //! - [`llama`]: the Llama-family causal LM (Llama 2/3, Mistral, Qwen2) with [`LoraLinear`]
@@ -11,6 +12,7 @@
 //! - [`rope`]: rotary position embeddings in Hugging Face's rotate-half layout, with Llama-3
 //!   frequency scaling.
 
+pub mod bert;
 pub mod config;
 pub mod generate;
 pub mod llama;
@@ -21,6 +23,7 @@ use crate::error::{Error, Result, Scope};
 use crate::library::{LoraExpert, LoraFactors, MergeOptions, merge_experts};
 use crate::modules::lora::{LoraConfig, LoraLinear};
 
+pub use bert::{BertConfig, BertModel, mean_pooling};
 pub use config::{DecoderConfig, DecoderFamily};
 pub use generate::{Decoding, GenerationConfig, causal_lm_loss};
 pub use llama::{KvCache, LlamaForCausalLm, PROJECTIONS, WeightSource, checkpoint_shapes};
