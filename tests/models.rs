@@ -299,7 +299,7 @@ fn peft_folders_that_do_not_fit_the_model_are_errors_and_attach_nothing() {
     });
     let e = p.attach_to_model(&mut model, "a").unwrap_err().to_string();
     assert!(
-        e.contains("model.layers.0.self_attn.q_proj") && e.contains("no LoRA factors"),
+        e.contains("model.layers.0.self_attn.q_proj") && e.contains("has no weights for it"),
         "{e}"
     );
     // The rules leave out down_proj, for which the folder has factors.
@@ -1273,4 +1273,35 @@ fn all_minilm_l6_v2_gives_sentence_transformers_embeddings_when_present() {
     let e = modula::models::mean_pooling(h, Some(mask), normalize).unwrap();
     let want: Tensor<2> = golden.tensor("sentence_embedding", &device).unwrap();
     assert_close(e, want, 1e-4, "MiniLM sentence embedding");
+}
+
+/// A PEFT IA3 folder on the tiny Llama (tests/data/tiny_decoders/llama_ia3: output-side k and
+/// v, input-side down_proj, random vectors), merged into the model by PEFT's target rules,
+/// gives PEFT's logits; a folder that does not fit changes nothing.
+#[test]
+fn peft_ia3_folders_merge_into_a_model_with_peft_logits() {
+    let root = common::data("tiny_decoders");
+    let golden = modula::TensorFile::open(root.join("llama_ia3/golden.safetensors")).unwrap();
+    for device in devices() {
+        let mut model = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+        let ia3 = modula::PeftIa3::load(root.join("llama_ia3"), &device).unwrap();
+        let merged = ia3.merge_into_model(&mut model).unwrap();
+        assert_eq!(merged.len(), 6, "{merged:?}");
+        let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+        let want: Tensor<3> = golden.tensor("logits", &device).unwrap();
+        assert_close(
+            model.forward(ids).unwrap(),
+            want,
+            1e-4,
+            &format!("{device:?}"),
+        );
+    }
+    // On Qwen2 the widths differ (no head_dim 12): an error naming the layer, nothing merged.
+    let device = burn::tensor::Device::flex();
+    let mut qwen = modula::checkpoint::load_decoder(root.join("qwen2"), &device).unwrap();
+    let before = qwen.base_weights();
+    let ia3 = modula::PeftIa3::load(root.join("llama_ia3"), &device).unwrap();
+    let e = ia3.merge_into_model(&mut qwen).unwrap_err().to_string();
+    assert!(e.contains("ia3_l has") && e.contains("proj"), "{e}");
+    assert_eq!(before, qwen.base_weights());
 }

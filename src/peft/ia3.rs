@@ -10,9 +10,12 @@ use super::PEFT_VERSION;
 use super::config::{PeftConfig, PeftType};
 use super::folder::{read_folder, write_folder};
 use super::keys::{KEY_PREFIX, split_key};
+use super::lora::select_layers;
 use crate::error::{Error, Result, Scope};
 use crate::io::HostTensor;
+use crate::models::LinearLayers;
 use crate::modules::ia3::Ia3Linear;
+use burn::module::Param;
 
 /// An IA3 adapter read from (or to be written as) a PEFT folder.
 #[derive(Debug)]
@@ -92,6 +95,71 @@ impl PeftIa3 {
                 known: self.modules.keys().cloned().collect(),
             })?;
         Ia3Linear::with_scale(base, v.clone(), *ff)
+    }
+
+    /// Merges this folder into every layer of `model` that PEFT's target rules select (PEFT's
+    /// IA3 `merge_and_unload`, exact): an input-side (feedforward) vector scales the weight's
+    /// input rows, `W ← diag(l) W` in burn's `[in, out]` layout; an output-side one scales its
+    /// output columns and the bias, `W ← W diag(l)`, `b ← l ⊙ b`, as PEFT scales the layer's
+    /// whole output. Returns the merged paths. The merge is permanent (reload the model to
+    /// remove it); IA3 is not a switchable adapter of the model layers yet.
+    ///
+    /// # Errors
+    /// As [`PeftLora::attach_to_model`](crate::PeftLora::attach_to_model) for the target
+    /// rules; [`Error::Peft`] for a vector whose length does not fit its layer or a selected
+    /// layer that holds LoRA adapters. Nothing changes on error.
+    pub fn merge_into_model(&self, model: &mut dyn LinearLayers) -> Result<Vec<String>> {
+        let origin = std::path::PathBuf::from("<PEFT IA3>");
+        let output = model.output_layer().map(str::to_string);
+        let mut layers = model.linear_layers_mut();
+        let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
+        let selected = select_layers(
+            &self.config,
+            &paths,
+            output.as_deref(),
+            self.modules.keys().map(String::as_str),
+            &origin,
+        )?;
+        for &i in &selected {
+            let (path, layer) = &layers[i];
+            let (v, ff) = &self.modules[path];
+            let want = if *ff { layer.d_in() } else { layer.d_out() };
+            if v.dims()[0] != want {
+                return Err(Error::peft(
+                    &origin,
+                    format!(
+                        "`{path}`: ia3_l has {} values, the layer needs {want}",
+                        v.dims()[0]
+                    ),
+                ));
+            }
+            if !layer.names().is_empty() {
+                return Err(Error::peft(
+                    &origin,
+                    format!("`{path}` holds LoRA adapters; merge IA3 into a model without them"),
+                ));
+            }
+        }
+        let mut merged = Vec::with_capacity(selected.len());
+        for &i in &selected {
+            let (path, layer) = &mut layers[i];
+            let (v, ff) = &self.modules[path.as_str()];
+            let v = v.clone().to_device(&layer.base.weight.device());
+            let w = layer.base.weight.val();
+            let base = &mut layer.base;
+            if *ff {
+                base.weight =
+                    Param::from_tensor(w * v.unsqueeze_dim::<2>(1)).set_require_grad(false);
+            } else {
+                base.weight =
+                    Param::from_tensor(w * v.clone().unsqueeze_dim::<2>(0)).set_require_grad(false);
+                if let Some(b) = &base.bias {
+                    base.bias = Some(Param::from_tensor(b.val() * v).set_require_grad(false));
+                }
+            }
+            merged.push(path.clone());
+        }
+        Ok(merged)
     }
 
     /// Builds a PEFT IA3 adapter from layers by module path.

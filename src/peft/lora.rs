@@ -29,6 +29,58 @@ pub struct PeftLora {
     pub source: Option<PathBuf>,
 }
 
+/// The indices of `paths` (a model's linear layers) that PEFT's target rules in `config`
+/// select, after checking that they are exactly the `folder`'s module paths: the one check
+/// behind LoRA and IA3 attachment.
+///
+/// # Errors
+/// [`Error::Peft`] naming `origin` when the rules select nothing, select a layer the folder
+/// lacks, or the folder holds a path that is not a selected layer; the rules' own errors.
+pub(super) fn select_layers<'a>(
+    config: &PeftConfig,
+    paths: &[String],
+    output: Option<&str>,
+    folder: impl Iterator<Item = &'a str>,
+    origin: &Path,
+) -> Result<Vec<usize>> {
+    let mut rules =
+        TargetRules::from_config(&config.raw).map_err(|e| Error::peft(origin, e.to_string()))?;
+    if rules.is_all_linear() {
+        rules.resolve_all_linear(paths.iter().map(String::as_str), output);
+    }
+    let selected: Vec<usize> = (0..paths.len())
+        .filter(|&i| rules.decide(&paths[i]) == TargetDecision::Target)
+        .collect();
+    if selected.is_empty() {
+        return Err(Error::peft(
+            origin,
+            "target_modules selects no linear layer of this model",
+        ));
+    }
+    let folder: BTreeSet<&str> = folder.collect();
+    for &i in &selected {
+        if !folder.contains(paths[i].as_str()) {
+            return Err(Error::peft(
+                origin,
+                format!(
+                    "the rules select `{}`, but the folder has no weights for it",
+                    paths[i]
+                ),
+            ));
+        }
+    }
+    let chosen: BTreeSet<&str> = selected.iter().map(|&i| paths[i].as_str()).collect();
+    if let Some(extra) = folder.iter().find(|p| !chosen.contains(**p)) {
+        return Err(Error::peft(
+            origin,
+            format!(
+                "the folder has weights for `{extra}`, which is not a selected linear layer of this model"
+            ),
+        ));
+    }
+    Ok(selected)
+}
+
 /// Reads and validates a PEFT LoRA folder and calls `f(config, path, lora_A, lora_B)` for each
 /// adapted module, with A `[r, in]` and B `[out, r]` already checked 2-D and of the config's
 /// rank (PyTorch layout). Returns the config and the paths that adapt embedding tables. The one
@@ -196,37 +248,24 @@ impl PeftLora {
             .source
             .clone()
             .unwrap_or_else(|| PathBuf::from("<PEFT LoRA>"));
-        let mut rules = TargetRules::from_config(&self.config.raw)
-            .map_err(|e| Error::peft(&origin, e.to_string()))?;
         let output = model.output_layer().map(str::to_string);
         let mut layers = model.linear_layers_mut();
-        if rules.is_all_linear() {
-            rules.resolve_all_linear(layers.iter().map(|(p, _)| p.as_str()), output.as_deref());
-        }
-        let selected: Vec<usize> = (0..layers.len())
-            .filter(|&i| rules.decide(&layers[i].0) == TargetDecision::Target)
-            .collect();
-        if selected.is_empty() {
-            return Err(Error::peft(
-                &origin,
-                "target_modules selects no linear layer of this model",
-            ));
-        }
-        for &i in &selected {
-            let path = &layers[i].0;
-            if !self.modules.contains_key(path) || self.embeddings.contains(path) {
-                return Err(Error::peft(
-                    &origin,
-                    format!("the rules select `{path}`, but the folder has no LoRA factors for it"),
-                ));
-            }
-        }
-        let chosen: BTreeSet<&str> = selected.iter().map(|&i| layers[i].0.as_str()).collect();
-        if let Some(extra) = self.modules.keys().find(|p| !chosen.contains(p.as_str())) {
+        let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
+        let selected = select_layers(
+            &self.config,
+            &paths,
+            output.as_deref(),
+            self.modules
+                .keys()
+                .filter(|p| !self.embeddings.contains(*p))
+                .map(String::as_str),
+            &origin,
+        )?;
+        if let Some(e) = self.embeddings.iter().next() {
             return Err(Error::peft(
                 &origin,
                 format!(
-                    "the folder has factors for `{extra}`, which is not a selected linear layer of this model"
+                    "the folder adapts the embedding `{e}`, which attach_to_model does not attach yet"
                 ),
             ));
         }

@@ -17,7 +17,8 @@ golden.safetensors holds input_ids (as F32, exact) and the logits. Then:
 - generate.json: greedy generations (8 new tokens) of the llama, base and with llama_lora_qvd,
   from a left-padded batch, with the top-1/top-2 logit gap of every step (a test compares a
   token only while every gap so far is clear);
-- loss.json: transformers' causal-LM loss on a left-padded batch.
+- loss.json: transformers' causal-LM loss on a left-padded batch;
+- llama_ia3: a PEFT IA3 folder (k, v output-side, down_proj input-side) and PEFT's logits.
 Run with the peers' virtual environment (PYTHONHASHSEED fixes the order PEFT writes
 target_modules in):
 
@@ -155,6 +156,30 @@ def generations():
     print(f"wrote {root / 'generate.json'}")
 
 
+def ia3():
+    """A PEFT IA3 folder on the tiny llama (output-side k/v, input-side down_proj) with random
+    (non-one) vectors, and PEFT's logits with it: tests/data/tiny_decoders/llama_ia3."""
+    from peft import IA3Config, get_peft_model
+
+    root = Path(__file__).with_name("tiny_decoders")
+    torch.manual_seed(2)
+    model = LlamaForCausalLM.from_pretrained(root / "llama", attn_implementation="eager").eval()
+    pm = get_peft_model(model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                         feedforward_modules=["down_proj"])).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    ids = torch.tensor([[1, 5, 9, 63, 0, 7], [2, 2, 40, 11, 30, 62]])
+    with torch.no_grad():
+        logits = pm(input_ids=ids).logits
+    out = root / "llama_ia3"
+    pm.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)
+    save_file({"input_ids": ids.float(), "logits": logits.contiguous()}, str(out / "golden.safetensors"))
+    print(f"wrote {out}")
+
+
 def loss():
     """transformers' causal-LM loss of the tiny llama on a left-padded batch (labels = ids with
     padding at -100, positions counted over unmasked tokens as generation does):
@@ -176,3 +201,4 @@ if __name__ == "__main__":
     adapters()
     generations()
     loss()
+    ia3()
