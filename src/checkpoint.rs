@@ -27,7 +27,10 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::io::{HostTensor, atomic_write};
 use crate::library::LoraExpert;
-use crate::models::{BertConfig, BertModel, DecoderConfig, LlamaForCausalLm, WeightSource};
+use crate::models::{
+    BertConfig, BertModel, DecoderConfig, Gpt2Config, Gpt2LmHeadModel, LlamaForCausalLm,
+    WeightSource,
+};
 use crate::peft::PeftLora;
 
 /// The index file of a sharded checkpoint.
@@ -475,6 +478,20 @@ pub fn load_encoder(dir: impl AsRef<Path>, device: &Device) -> Result<(BertModel
         &pool_path.map_or_else(String::new, |p| p.display().to_string()),
     )?;
     Ok((model, normalize))
+}
+
+/// Loads a GPT-2 Hugging Face folder (`config.json` and its safetensors weights) onto
+/// `device`.
+///
+/// # Errors
+/// As [`Checkpoint::open`] and [`Gpt2LmHeadModel::from_weights`]; config errors naming the
+/// file and key.
+pub fn load_gpt2(dir: impl AsRef<Path>, device: &Device) -> Result<Gpt2LmHeadModel> {
+    let dir = dir.as_ref();
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let config = Gpt2Config::from_json(&text, &path.display().to_string())?;
+    Gpt2LmHeadModel::from_weights(&config, &Checkpoint::open(dir)?, device)
 }
 
 /// Loads a Llama-family Hugging Face folder (`config.json` and its safetensors weights,

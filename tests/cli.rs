@@ -612,3 +612,52 @@ fn embed_writes_hidden_states_and_sentence_embeddings() {
         "{err}"
     );
 }
+
+/// `score` reads a GPT-2 folder too: with its PEFT LoRA (fan_in_fan_out) on a left-padded
+/// batch, the unpadded logits equal PEFT's.
+#[test]
+fn score_reads_gpt2_folders() {
+    let root = data("tiny_decoders");
+    let tmp = tempfile::tempdir().unwrap();
+    let g = TensorFile::open(root.join("gpt2/golden.safetensors")).unwrap();
+    let rows = |k: &str| -> Vec<Vec<i64>> {
+        g.get(k)
+            .unwrap()
+            .data
+            .chunks(6)
+            .map(|r| r.iter().map(|v| *v as i64).collect())
+            .collect()
+    };
+    let mask = rows("attention_mask");
+    let input = write_json(
+        &tmp.path().join("in.json"),
+        serde_json::json!({"input_ids": rows("input_ids"), "attention_mask": mask}),
+    );
+    let out = tmp.path().join("l.safetensors");
+    let (ok, _, err) = modula(&[
+        "score",
+        "--model",
+        root.join("gpt2").to_str().unwrap(),
+        "--adapter",
+        &format!("l={}", root.join("gpt2_lora").display()),
+        "--input",
+        &input,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got = TensorFile::open(&out).unwrap();
+    let got = got.get("logits").unwrap();
+    let want = TensorFile::open(root.join("gpt2_lora/golden.safetensors")).unwrap();
+    let want = want.get("logits").unwrap();
+    let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in got.data.iter().zip(&want.data).enumerate() {
+        let (r, t) = (i / (6 * 64), (i / 64) % 6);
+        if mask[r][t] == 1 {
+            assert!(
+                (a - b).abs() <= 1e-4 * scale,
+                "row {r} token {t}: {a} vs {b}"
+            );
+        }
+    }
+}

@@ -1305,3 +1305,76 @@ fn peft_ia3_folders_merge_into_a_model_with_peft_logits() {
     assert!(e.contains("ia3_l has") && e.contains("proj"), "{e}");
     assert_eq!(before, qwen.base_weights());
 }
+
+/// A tiny GPT-2 saved by transformers (tests/data/tiny_decoders/gpt2: `transformer.*` names,
+/// Conv1D weights, tied head) gives transformers' logits on a left-padded batch, and a PEFT
+/// LoRA on c_attn and mlp.c_fc (`fan_in_fan_out`) gives PEFT's; a mixed batch gives each row
+/// its own.
+#[test]
+fn tiny_gpt2_gives_transformers_and_peft_logits() {
+    let root = common::data("tiny_decoders");
+    let golden = modula::TensorFile::open(root.join("gpt2/golden.safetensors")).unwrap();
+    let lora = modula::TensorFile::open(root.join("gpt2_lora/golden.safetensors")).unwrap();
+    for device in devices() {
+        let mut model = modula::checkpoint::load_gpt2(root.join("gpt2"), &device).unwrap();
+        let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+        let mask: Tensor<2, Int> = golden.tensor::<2>("attention_mask", &device).unwrap().int();
+        // Padded positions are meaningless in both: compare the tokens only.
+        let keep: Tensor<3> = golden
+            .tensor::<2>("attention_mask", &device)
+            .unwrap()
+            .unsqueeze_dim(2);
+        let base: Tensor<3> = golden.tensor("logits", &device).unwrap();
+        let got = model
+            .forward(ids.clone(), Some(mask.clone()), None)
+            .unwrap();
+        assert_close(
+            got * keep.clone(),
+            base.clone() * keep.clone(),
+            1e-4,
+            "gpt2",
+        );
+        let adapted = modula::PeftLora::load(root.join("gpt2_lora"), &device)
+            .unwrap()
+            .attach_to_model(&mut model, "lora")
+            .unwrap();
+        assert_eq!(adapted.len(), 4, "{adapted:?}");
+        let want: Tensor<3> = lora.tensor("logits", &device).unwrap();
+        let got = model
+            .forward(ids.clone(), Some(mask.clone()), None)
+            .unwrap();
+        assert_close(
+            got * keep.clone(),
+            want.clone() * keep.clone(),
+            1e-4,
+            "gpt2 + LoRA",
+        );
+        let mixed = model
+            .forward(ids, Some(mask), Some(&[None, Some("lora")]))
+            .unwrap()
+            * keep.clone();
+        let row = |t: Tensor<3>, r: usize| t.slice([r..r + 1, 0..6]);
+        assert_close(
+            row(mixed.clone(), 0),
+            row(base * keep.clone(), 0),
+            1e-4,
+            "row 0 base",
+        );
+        assert_close(row(mixed, 1), row(want * keep, 1), 1e-4, "row 1 LoRA");
+    }
+    // Baked into the Conv1D weights ([in, out], fan_in_fan_out), the folder gives PEFT's logits.
+    let device = burn::tensor::Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("baked");
+    modula::checkpoint::bake(&root.join("gpt2"), &root.join("gpt2_lora"), &out, |_, _| {}).unwrap();
+    let baked = modula::checkpoint::load_gpt2(&out, &device).unwrap();
+    let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+    let mask: Tensor<2, Int> = golden.tensor::<2>("attention_mask", &device).unwrap().int();
+    let keep: Tensor<3> = golden
+        .tensor::<2>("attention_mask", &device)
+        .unwrap()
+        .unsqueeze_dim(2);
+    let want: Tensor<3> = lora.tensor("logits", &device).unwrap();
+    let got = baked.forward(ids, Some(mask), None).unwrap();
+    assert_close(got * keep.clone(), want * keep, 1e-4, "gpt2 baked");
+}

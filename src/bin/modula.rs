@@ -99,7 +99,7 @@ enum Command {
         #[arg(required = true)]
         adapters: Vec<PathBuf>,
     },
-    /// Logits of a decoder (a Hugging Face folder) for a batch of token ids, each row through
+    /// Logits of a decoder (a Hugging Face folder: Llama, Mistral, Qwen2, Mixtral, GPT-2) for a batch of token ids, each row through
     /// its adapter: writes the safetensors key `logits`, F32 [rows, seq, vocab].
     Score {
         #[command(flatten)]
@@ -394,15 +394,28 @@ fn load_model(
     adapters: &[String],
     device: &Device,
 ) -> Result<Loaded<modula::models::LlamaForCausalLm>> {
-    let mut m = modula::checkpoint::load_decoder(model, device)?;
-    let names = attach_adapters(&mut m, adapters, device)?;
+    let m = modula::checkpoint::load_decoder(model, device)?;
     let (vocab, positions) = (m.config.vocab_size, m.config.max_position_embeddings);
-    Ok(Loaded {
-        model: m,
-        names,
-        vocab,
-        positions,
-    })
+    Loaded::new(m, adapters, device, vocab, positions)
+}
+
+impl<M: modula::models::LinearLayers> Loaded<M> {
+    /// `model` with each `NAME=DIR` adapter attached, and its vocabulary and positions.
+    fn new(
+        mut model: M,
+        adapters: &[String],
+        device: &Device,
+        vocab: usize,
+        positions: usize,
+    ) -> Result<Self> {
+        let names = attach_adapters(&mut model, adapters, device)?;
+        Ok(Self {
+            model,
+            names,
+            vocab,
+            positions,
+        })
+    }
 }
 
 /// Attaches each `NAME=DIR` PEFT LoRA folder to `m` by its target rules; returns the names.
@@ -573,12 +586,30 @@ fn read_batch<M>(
     Ok((to_tensor(&ids), mask, adapters))
 }
 
+/// Whether `dir/config.json` declares `model_type: gpt2` (unreadable configs are reported by
+/// the loader that follows).
+fn is_gpt2(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["model_type"] == "gpt2")
+}
+
 fn run_score(batch: &BatchArgs, out: &Path) -> Result<()> {
     let device = Device::flex();
-    let loaded = load_model(&batch.model, &batch.adapters, &device)?;
-    let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
-    let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
-    let logits = loaded.model.forward_mixed(ids, mask, &names)?;
+    let logits = if is_gpt2(&batch.model) {
+        let model = modula::checkpoint::load_gpt2(&batch.model, &device)?;
+        let (vocab, positions) = (model.config.vocab_size, model.config.n_positions);
+        let loaded = Loaded::new(model, &batch.adapters, &device, vocab, positions)?;
+        let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
+        let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
+        loaded.model.forward(ids, mask, Some(&names))?
+    } else {
+        let loaded = load_model(&batch.model, &batch.adapters, &device)?;
+        let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
+        let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
+        loaded.model.forward_mixed(ids, mask, &names)?
+    };
     let mut tensors = BTreeMap::new();
     tensors.insert("logits".to_string(), HostTensor::from_tensor(logits));
     write_safetensors(out, &tensors, None)?;
@@ -637,18 +668,12 @@ fn invalid(what: impl Into<String>, why: impl Into<String>) -> Error {
 
 fn run_embed(batch: &BatchArgs, out: &Path) -> Result<()> {
     let device = Device::flex();
-    let (mut model, normalize) = modula::checkpoint::load_encoder(&batch.model, &device)?;
-    let names = attach_adapters(&mut model, &batch.adapters, &device)?;
+    let (model, normalize) = modula::checkpoint::load_encoder(&batch.model, &device)?;
     let (vocab, positions) = (
         model.config.vocab_size,
         model.config.max_position_embeddings,
     );
-    let loaded = Loaded {
-        model,
-        names,
-        vocab,
-        positions,
-    };
+    let loaded = Loaded::new(model, &batch.adapters, &device, vocab, positions)?;
     let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
     let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
     let hidden = loaded

@@ -23,8 +23,8 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde_json::{Map, Value};
 
 use super::LinearLayers;
-use super::config::Reader;
-use super::llama::WeightSource;
+use super::config::{Reader, config_object};
+use super::llama::{WeightSource, check_no_extra, read_checked};
 use super::mixed::{Mix, linear, mask_values};
 use crate::error::{Error, Result};
 use crate::modules::lora::LoraLinear;
@@ -59,19 +59,8 @@ impl BertConfig {
     /// activation other than `gelu`, a `position_embedding_type` other than `absolute`, a
     /// value of the wrong type, or a width the heads do not divide.
     pub fn from_json(text: &str, path: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::invalid(path, format!("not JSON: {e}")))?;
-        let Value::Object(c) = value else {
-            return Err(Error::invalid(path, "a config.json must be a JSON object"));
-        };
+        let (c, _) = config_object(text, path, &["bert"])?;
         let r = Reader::new(&c, path);
-        let model_type = r.string("model_type")?.unwrap_or_default();
-        if model_type != "bert" {
-            return Err(r.bad(
-                "model_type",
-                format!("`{model_type}` is not an encoder modula reads (bert)"),
-            ));
-        }
         for (key, want) in [
             ("hidden_act", "gelu"),
             ("position_embedding_type", "absolute"),
@@ -241,31 +230,12 @@ impl BertModel {
             .into_iter()
             .map(|(n, s)| (format!("{prefix}{n}"), s))
             .collect();
-        if let Some(extra) = names
-            .iter()
-            .find(|n| !expected.contains_key(*n) && !n.ends_with("embeddings.position_ids"))
-        {
-            return Err(Error::invalid(
-                format!("{}: key `{extra}`", weights.describe()),
-                "the checkpoint holds a tensor this encoder does not take; is config.json the \
-                 checkpoint's own?",
-            ));
-        }
+        check_no_extra(weights, &names, |n| {
+            expected.contains_key(n) || n.ends_with("embeddings.position_ids")
+        })?;
         let load = |name: &str| -> Result<TensorData> {
             let key = format!("{prefix}{name}");
-            let what = || format!("{}: key `{key}`", weights.describe());
-            let data = weights
-                .weight(&key)?
-                .ok_or_else(|| Error::invalid(what(), "missing from the checkpoint"))?;
-            let want = &expected[&key];
-            if data.shape().as_slice() != want.as_slice() {
-                return Err(Error::shape(
-                    format!("{} (from config.json)", what()),
-                    format!("{want:?}"),
-                    format!("{:?}", data.shape().as_slice()),
-                ));
-            }
-            Ok(data)
+            read_checked(weights, &key, expected.get(&key).map(Vec::as_slice))
         };
         let tensor1 =
             |name: &str| -> Result<Tensor<1>> { Ok(Tensor::from_data(load(name)?, device)) };

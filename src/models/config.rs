@@ -119,21 +119,10 @@ impl DecoderConfig {
     /// other than `default` and `llama3`, Qwen2's `use_sliding_window`, or head counts that
     /// do not divide (`num_attention_heads` by `num_key_value_heads`).
     pub fn from_json(text: &str, path: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::invalid(path, format!("not JSON: {e}")))?;
-        let Value::Object(c) = value else {
-            return Err(Error::invalid(path, "a config.json must be a JSON object"));
-        };
+        let (c, model_type) = config_object(text, path, &["llama", "mistral", "qwen2", "mixtral"])?;
         let r = Reader { c: &c, path };
-        let model_type = r.string("model_type")?.unwrap_or_default();
-        let family = DecoderFamily::from_model_type(&model_type).ok_or_else(|| {
-            r.bad(
-                "model_type",
-                format!(
-                    "`{model_type}` is not a decoder modula reads (llama, mistral, qwen2, mixtral)"
-                ),
-            )
-        })?;
+        let family = DecoderFamily::from_model_type(&model_type)
+            .ok_or_else(|| r.bad("model_type", format!("`{model_type}`")))?;
         let d = family.defaults();
         let hidden_size = r.usize("hidden_size")?.unwrap_or(4096);
         let heads = r.usize("num_attention_heads")?.unwrap_or(32);
@@ -209,6 +198,37 @@ impl DecoderConfig {
             eos_token_ids: r.ids("eos_token_id")?,
         })
     }
+}
+
+/// The JSON object of the `config.json` text `text` (`path` names it in errors), after
+/// checking that its `model_type` is one of `types`; returns the object and the type.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the file (and key) for text that is not a JSON object or another
+/// `model_type`.
+pub(super) fn config_object(
+    text: &str,
+    path: &str,
+    types: &[&str],
+) -> Result<(Map<String, Value>, String)> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| Error::invalid(path, format!("not JSON: {e}")))?;
+    let Value::Object(c) = value else {
+        return Err(Error::invalid(path, "a config.json must be a JSON object"));
+    };
+    let model_type = Reader::new(&c, path)
+        .string("model_type")?
+        .unwrap_or_default();
+    if !types.contains(&model_type.as_str()) {
+        return Err(Reader::new(&c, path).bad(
+            "model_type",
+            format!(
+                "`{model_type}` is not a model modula reads here ({})",
+                types.join(", ")
+            ),
+        ));
+    }
+    Ok((c, model_type))
 }
 
 /// Typed access to the keys of one config object; `null` reads as absent.

@@ -277,17 +277,9 @@ impl LlamaForCausalLm {
         let ignored = |n: &str| {
             (c.tie_word_embeddings && n == "lm_head.weight") || n.ends_with("rotary_emb.inv_freq")
         };
-        if let Some(extra) = weights
-            .names()
-            .into_iter()
-            .find(|n| !shapes.contains_key(n) && !ignored(n))
-        {
-            return Err(Error::invalid(
-                format!("{}: key `{extra}`", weights.describe()),
-                "the checkpoint holds a tensor this model does not take; is config.json the \
-                 checkpoint's own?",
-            ));
-        }
+        check_no_extra(weights, &weights.names(), |n| {
+            shapes.contains_key(n) || ignored(n)
+        })?;
         let w = Loader {
             src: weights,
             shapes: &shapes,
@@ -781,6 +773,49 @@ impl LinearLayers for LlamaForCausalLm {
     }
 }
 
+/// Tensor `key` of `weights`, checked against the shape `want` the config implies (`None`: the
+/// model does not take it). The one shape check every model's loader uses.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the checkpoint and key for a tensor the model does not take or
+/// one the checkpoint lacks; [`Error::Shape`] for another shape.
+pub(super) fn read_checked(
+    weights: &dyn WeightSource,
+    key: &str,
+    want: Option<&[usize]>,
+) -> Result<TensorData> {
+    let what = || format!("{}: key `{key}`", weights.describe());
+    let want = want.ok_or_else(|| Error::invalid(what(), "not a tensor of this model"))?;
+    let data = weights
+        .weight(key)?
+        .ok_or_else(|| Error::invalid(what(), "missing from the checkpoint"))?;
+    if data.shape().as_slice() != want {
+        return Err(Error::shape(
+            format!("{} (from config.json)", what()),
+            format!("{want:?}"),
+            format!("{:?}", data.shape().as_slice()),
+        ));
+    }
+    Ok(data)
+}
+
+/// An error naming the first of `names` that `takes` refuses: a checkpoint must hold no
+/// tensor its model does not take.
+pub(super) fn check_no_extra(
+    weights: &dyn WeightSource,
+    names: &[String],
+    takes: impl Fn(&str) -> bool,
+) -> Result<()> {
+    match names.iter().find(|n| !takes(n)) {
+        Some(extra) => Err(Error::invalid(
+            format!("{}: key `{extra}`", weights.describe()),
+            "the checkpoint holds a tensor this model does not take; is config.json the \
+             checkpoint's own?",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Reads tensors from a [`WeightSource`], checking each against the shape the config implies.
 struct Loader<'a> {
     src: &'a dyn WeightSource,
@@ -805,23 +840,7 @@ impl Loader<'_> {
         name: &str,
         f: impl FnOnce(TensorData) -> TensorData,
     ) -> Result<Tensor<D>> {
-        let missing =
-            |why: &str| Error::invalid(format!("{}: key `{name}`", self.src.describe()), why);
-        let shape = self
-            .shapes
-            .get(name)
-            .ok_or_else(|| missing("not a tensor of this model"))?;
-        let data = self
-            .src
-            .weight(name)?
-            .ok_or_else(|| missing("missing from the checkpoint"))?;
-        if data.shape().as_slice() != shape.as_slice() {
-            return Err(Error::shape(
-                format!("{}: `{name}` (from config.json)", self.src.describe()),
-                format!("{shape:?}"),
-                format!("{:?}", data.shape().as_slice()),
-            ));
-        }
+        let data = read_checked(self.src, name, self.shapes.get(name).map(Vec::as_slice))?;
         Ok(Tensor::from_data(f(data), self.device))
     }
 

@@ -8,6 +8,7 @@
 //!   in transformers 4's and 5's layouts, with transformers' defaults.
 //! - [`llama`]: the Llama-family causal LM (Llama 2/3, Mistral, Qwen2) with [`LoraLinear`]
 //!   projections at transformers' module paths, built from any [`WeightSource`].
+//! - [`gpt2`]: GPT-2 with its tied head, `Conv1D` layers as [`LoraLinear`]s.
 //! - [`generate`]: greedy and sampled generation with a key/value cache, streamed.
 //! - [`rope`]: rotary position embeddings in Hugging Face's rotate-half layout, with Llama-3
 //!   frequency scaling.
@@ -15,6 +16,7 @@
 pub mod bert;
 pub mod config;
 pub mod generate;
+pub mod gpt2;
 pub mod llama;
 mod mixed;
 pub mod rope;
@@ -26,6 +28,7 @@ use crate::modules::lora::{LoraConfig, LoraLinear};
 pub use bert::{BertConfig, BertModel, mean_pooling};
 pub use config::{DecoderConfig, DecoderFamily};
 pub use generate::{Decoding, GenerationConfig, causal_lm_loss};
+pub use gpt2::{Gpt2Config, Gpt2LmHeadModel};
 pub use llama::{KvCache, LlamaForCausalLm, PROJECTIONS, WeightSource, checkpoint_shapes};
 pub use rope::{Rope, RopeScaling};
 

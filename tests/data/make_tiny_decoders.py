@@ -18,6 +18,8 @@ golden.safetensors holds input_ids (as F32, exact) and the logits. Then:
   from a left-padded batch, with the top-1/top-2 logit gap of every step (a test compares a
   token only while every gap so far is clear);
 - loss.json: transformers' causal-LM loss on a left-padded batch;
+- gpt2, gpt2_lora: a tiny GPT-2 and a PEFT LoRA on c_attn / c_fc (fan_in_fan_out), logits
+  on a left-padded batch;
 - llama_ia3: a PEFT IA3 folder (k, v output-side, down_proj input-side) and PEFT's logits.
 Run with the peers' virtual environment (PYTHONHASHSEED fixes the order PEFT writes
 target_modules in):
@@ -180,6 +182,44 @@ def ia3():
     print(f"wrote {out}")
 
 
+def gpt2():
+    """A tiny random GPT-2 (tiny_decoders/gpt2, saved by save_pretrained: transformer.* names,
+    Conv1D weights [in, out], tied lm_head) with its logits on a left-padded batch (positions
+    counted over unmasked tokens, as generate passes them), and a PEFT LoRA on c_attn and
+    mlp.c_fc (fan_in_fan_out) with PEFT's logits (tiny_decoders/gpt2_lora)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = Path(__file__).with_name("tiny_decoders")
+    torch.manual_seed(3)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                        eos_token_id=0)
+    config._attn_implementation = "eager"
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = torch.tensor([[0, 0, 5, 9, 63, 7], [2, 40, 11, 30, 62, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    out = root / "gpt2"
+    model.save_pretrained(out)
+    save_file({"input_ids": ids.float(), "attention_mask": mask.float(), "logits": logits.contiguous()},
+              str(out / "golden.safetensors"))
+    torch.manual_seed(4)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                          fan_in_fan_out=True, init_lora_weights=False)).eval()
+    with torch.no_grad():
+        logits = pm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    lora = root / "gpt2_lora"
+    pm.save_pretrained(lora)
+    (lora / "README.md").unlink(missing_ok=True)
+    save_file({"logits": logits.contiguous()}, str(lora / "golden.safetensors"))
+    print(f"wrote {out} and {lora}")
+
+
 def loss():
     """transformers' causal-LM loss of the tiny llama on a left-padded batch (labels = ids with
     padding at -100, positions counted over unmasked tokens as generation does):
@@ -202,3 +242,4 @@ if __name__ == "__main__":
     generations()
     loss()
     ia3()
+    gpt2()
