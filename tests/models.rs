@@ -1378,3 +1378,42 @@ fn tiny_gpt2_gives_transformers_and_peft_logits() {
     let got = baked.forward(ids, Some(mask), None).unwrap();
     assert_close(got * keep.clone(), want * keep, 1e-4, "gpt2 baked");
 }
+
+/// GPT-2's greedy generation with the key/value cache equals transformers' `generate` on a
+/// left-padded batch (tests/data/tiny_decoders/gpt2/generate.json) while the logit gaps are
+/// clear.
+#[test]
+fn gpt2_greedy_generation_equals_transformers() {
+    use modula::models::{Decoding, GenerationConfig};
+    let root = common::data("tiny_decoders/gpt2");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("generate.json")).unwrap())
+            .unwrap();
+    let golden = modula::TensorFile::open(root.join("golden.safetensors")).unwrap();
+    for device in devices() {
+        let model = modula::checkpoint::load_gpt2(&root, &device).unwrap();
+        let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+        let mask: Tensor<2, Int> = golden.tensor::<2>("attention_mask", &device).unwrap().int();
+        let config = GenerationConfig {
+            max_new_tokens: 8,
+            decoding: Decoding::Greedy,
+            eos_token_ids: vec![g["eos_token_id"].as_i64().unwrap()],
+        };
+        let got = model
+            .generate(ids, Some(mask), None, &config, |_| {})
+            .unwrap();
+        for (r, row) in got.iter().enumerate() {
+            let gaps = g["gaps"][r].as_array().unwrap();
+            let clear = gaps
+                .iter()
+                .take_while(|v| v.as_f64().unwrap() > 1e-3)
+                .count();
+            assert!(clear >= 4, "row {r}: {clear} clear steps");
+            let want: Vec<i64> = g["new_tokens"][r].as_array().unwrap()[..clear]
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect();
+            assert_eq!(row[..clear], want[..], "row {r} on {device:?}");
+        }
+    }
+}

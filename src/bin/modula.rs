@@ -119,7 +119,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Generate tokens after each row of a batch (greedy unless --temperature is given), each
+    /// Generate tokens with a decoder (Llama family or GPT-2) after each row of a batch (greedy
+    /// unless --temperature is given), each
     /// row through its adapter: writes {"new_tokens": [[...], ...]}.
     Generate {
         #[command(flatten)]
@@ -627,7 +628,7 @@ fn run_generate(
     seed: u64,
     out: &Path,
 ) -> Result<()> {
-    use modula::models::{Decoding, GenerationConfig};
+    use modula::models::{CausalLm, Decoding, GenerationConfig};
     let device = Device::flex();
     if temperature.is_none() && (top_k.is_some() || top_p.is_some()) {
         return Err(invalid(
@@ -635,10 +636,29 @@ fn run_generate(
             "they shape sampling; add --temperature T to sample (greedy decoding ignores them)",
         ));
     }
-    let loaded = load_model(&batch.model, &batch.adapters, &device)?;
+    // Either decoder family, behind the one generation loop.
+    let loaded: Loaded<Box<dyn CausalLm>> = if is_gpt2(&batch.model) {
+        let m = modula::checkpoint::load_gpt2(&batch.model, &device)?;
+        let (vocab, positions) = (m.config.vocab_size, m.config.n_positions);
+        let l = Loaded::new(m, &batch.adapters, &device, vocab, positions)?;
+        Loaded {
+            model: Box::new(l.model),
+            names: l.names,
+            vocab,
+            positions,
+        }
+    } else {
+        let l = load_model(&batch.model, &batch.adapters, &device)?;
+        Loaded {
+            model: Box::new(l.model),
+            names: l.names,
+            vocab: l.vocab,
+            positions: l.positions,
+        }
+    };
     let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
     let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
-    let mut config = GenerationConfig::greedy(&loaded.model, max_new_tokens);
+    let mut config = GenerationConfig::greedy(loaded.model.as_ref(), max_new_tokens);
     if let Some(temperature) = temperature {
         config.decoding = Decoding::Sample {
             temperature,
@@ -648,9 +668,14 @@ fn run_generate(
         };
     }
     let pb = bar(max_new_tokens, "tokens");
-    let new_tokens = loaded
-        .model
-        .generate(ids, mask, Some(&names), &config, |_| pb.inc(1))?;
+    let new_tokens = modula::models::generate(
+        loaded.model.as_ref(),
+        ids,
+        mask,
+        Some(&names),
+        &config,
+        |_| pb.inc(1),
+    )?;
     pb.finish_and_clear();
     let json = serde_json::json!({ "new_tokens": new_tokens });
     modula::io::atomic_write(out, format!("{json}\n").as_bytes())?;

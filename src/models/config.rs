@@ -273,7 +273,7 @@ impl<'a> Reader<'a> {
     }
 
     /// One token id or a list of them (none when absent).
-    fn ids(&self, key: &str) -> Result<Vec<i64>> {
+    pub(super) fn ids(&self, key: &str) -> Result<Vec<i64>> {
         fn one(v: &Value) -> Option<i64> {
             v.as_i64().filter(|&i| i >= 0)
         }

@@ -53,11 +53,11 @@ pub struct GenerationConfig {
 
 impl GenerationConfig {
     /// Greedy decoding of up to `max_new_tokens`, ending at `model`'s EOS ids.
-    pub fn greedy(model: &LlamaForCausalLm, max_new_tokens: usize) -> Self {
+    pub fn greedy(model: &dyn CausalLm, max_new_tokens: usize) -> Self {
         Self {
             max_new_tokens,
             decoding: Decoding::Greedy,
-            eos_token_ids: model.config.eos_token_ids.clone(),
+            eos_token_ids: model.eos_token_ids(),
         }
     }
 
@@ -166,73 +166,141 @@ fn argmax(v: &[f32]) -> usize {
     best
 }
 
-impl LlamaForCausalLm {
-    /// Generates up to `config.max_new_tokens` tokens after each sequence of `input_ids`
-    /// (left-padded when `attention_mask` marks padding with 0), sequence `i` through adapter
-    /// `adapters[i]` when given (as [`forward_mixed`](Self::forward_mixed); `None`: the active
-    /// adapters). The prompt is one forward pass that fills a [`KvCache`]; every later step
-    /// feeds one token per sequence. `on_step` sees each step's tokens as they are produced
-    /// (`None` for a sequence that has ended), for streaming.
+/// A causal language model that decodes incrementally over a [`KvCache`]: what
+/// [`generate`] drives (the Llama family and GPT-2 implement it).
+pub trait CausalLm {
+    /// Logits for the new tokens after those `cache` holds, which then holds these too; only
+    /// the last position's when `last_only` (see
+    /// [`LlamaForCausalLm::forward_cached`]).
     ///
     /// # Errors
-    /// As [`forward_cached`](Self::forward_cached) (token ids outside the vocabulary, a mask
-    /// of another shape, unknown adapters, a prompt plus `max_new_tokens` longer than
-    /// `max_position_embeddings`); [`Error::Invalid`] for a temperature, `top_k` or `top_p`
-    /// out of range.
+    /// The model's input errors.
+    fn forward_cached(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        adapters: Option<&[Option<&str>]>,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor<3>>;
+
+    /// The longest sequence its positions cover.
+    fn max_positions(&self) -> usize;
+
+    /// The token ids that end a generated sequence (its config's `eos_token_id`).
+    fn eos_token_ids(&self) -> Vec<i64>;
+}
+
+impl CausalLm for LlamaForCausalLm {
+    fn forward_cached(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        adapters: Option<&[Option<&str>]>,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor<3>> {
+        LlamaForCausalLm::forward_cached(
+            self,
+            input_ids,
+            attention_mask,
+            adapters,
+            cache,
+            last_only,
+        )
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    fn eos_token_ids(&self) -> Vec<i64> {
+        self.config.eos_token_ids.clone()
+    }
+}
+
+impl LlamaForCausalLm {
+    /// [`generate`] with this model.
+    ///
+    /// # Errors
+    /// As [`generate`].
     pub fn generate(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         adapters: Option<&[Option<&str>]>,
         config: &GenerationConfig,
-        mut on_step: impl FnMut(&[Option<i64>]),
+        on_step: impl FnMut(&[Option<i64>]),
     ) -> Result<Vec<Vec<i64>>> {
-        config.check()?;
-        let [b, s] = input_ids.dims();
-        let limit = self.config.max_position_embeddings;
-        if s + config.max_new_tokens > limit + 1 {
-            return Err(Error::invalid(
-                "max_new_tokens",
-                format!(
-                    "{} prompt positions + {} new tokens exceed max_position_embeddings = {limit}",
-                    s, config.max_new_tokens
-                ),
-            ));
-        }
-        let device = input_ids.device();
-        let mut cache = KvCache::new();
-        let mut chooser = Chooser::new(&config.decoding);
-        let mut out: Vec<Vec<i64>> = vec![Vec::new(); b];
-        let mut done = vec![false; b];
-        let mut logits =
-            self.forward_cached(input_ids, attention_mask, adapters, &mut cache, true)?;
-        for step in 0..config.max_new_tokens {
-            let vocab = logits.dims()[2];
-            let values = to_vec_f32(logits);
-            let mut tokens = vec![None; b];
-            let mut next = Vec::with_capacity(b);
-            for r in 0..b {
-                let row = &values[r * vocab..(r + 1) * vocab];
-                if done[r] {
-                    // An ended sequence keeps feeding its last token; its outputs are unused.
-                    next.push(*out[r].last().unwrap_or(&0));
-                    continue;
-                }
-                let t = chooser.choose(row);
-                out[r].push(t);
-                tokens[r] = Some(t);
-                done[r] = config.eos_token_ids.contains(&t);
-                next.push(t);
-            }
-            on_step(&tokens);
-            if step + 1 == config.max_new_tokens || done.iter().all(|d| *d) {
-                break;
-            }
-            let ids = int_tensor(&next, &device).reshape([b, 1]);
-            logits = self.forward_cached(ids, None, adapters, &mut cache, true)?;
-        }
-        Ok(out)
+        generate(self, input_ids, attention_mask, adapters, config, on_step)
     }
+}
+
+/// Generates up to `config.max_new_tokens` tokens after each sequence of `input_ids` with
+/// `model` (left-padded when `attention_mask` marks padding with 0), sequence `i` through
+/// adapter `adapters[i]` when given (as
+/// [`LlamaForCausalLm::forward_mixed`]; `None`: the active adapters). The prompt is one forward
+/// pass that fills a [`KvCache`]; every later step feeds one token per sequence. `on_step`
+/// sees each step's tokens as they are produced (`None` for a sequence that has ended), for
+/// streaming.
+///
+/// # Errors
+/// As [`CausalLm::forward_cached`] (token ids outside the vocabulary, a mask of another shape,
+/// unknown adapters, a prompt plus `max_new_tokens` longer than the model's positions);
+/// [`Error::Invalid`] for a temperature, `top_k` or `top_p` out of range.
+pub fn generate(
+    model: &dyn CausalLm,
+    input_ids: Tensor<2, Int>,
+    attention_mask: Option<Tensor<2, Int>>,
+    adapters: Option<&[Option<&str>]>,
+    config: &GenerationConfig,
+    mut on_step: impl FnMut(&[Option<i64>]),
+) -> Result<Vec<Vec<i64>>> {
+    config.check()?;
+    let [b, s] = input_ids.dims();
+    let limit = model.max_positions();
+    if s + config.max_new_tokens > limit + 1 {
+        return Err(Error::invalid(
+            "max_new_tokens",
+            format!(
+                "{} prompt positions + {} new tokens exceed the model's {limit} positions \
+                     (max_position_embeddings)",
+                s, config.max_new_tokens
+            ),
+        ));
+    }
+    let device = input_ids.device();
+    let mut cache = KvCache::new();
+    let mut chooser = Chooser::new(&config.decoding);
+    let mut out: Vec<Vec<i64>> = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    let mut logits = model.forward_cached(input_ids, attention_mask, adapters, &mut cache, true)?;
+    for step in 0..config.max_new_tokens {
+        let vocab = logits.dims()[2];
+        let values = to_vec_f32(logits);
+        let mut tokens = vec![None; b];
+        let mut next = Vec::with_capacity(b);
+        for r in 0..b {
+            let row = &values[r * vocab..(r + 1) * vocab];
+            if done[r] {
+                // An ended sequence keeps feeding its last token; its outputs are unused.
+                next.push(*out[r].last().unwrap_or(&0));
+                continue;
+            }
+            let t = chooser.choose(row);
+            out[r].push(t);
+            tokens[r] = Some(t);
+            done[r] = config.eos_token_ids.contains(&t);
+            next.push(t);
+        }
+        on_step(&tokens);
+        if step + 1 == config.max_new_tokens || done.iter().all(|d| *d) {
+            break;
+        }
+        let ids = int_tensor(&next, &device).reshape([b, 1]);
+        logits = model.forward_cached(ids, None, adapters, &mut cache, true)?;
+    }
+    Ok(out)
 }
 
 /// The causal language-modelling loss of transformers' `*ForCausalLM` with `labels =

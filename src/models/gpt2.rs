@@ -20,15 +20,16 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu_approximate, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::LinearLayers;
 use super::config::{Reader, config_object};
-use super::llama::{WeightSource, check_no_extra, read_checked};
-use super::mixed::{Mix, linear, mask_values};
+use super::generate::{CausalLm, GenerationConfig};
+use super::llama::{KvCache, WeightSource, check_no_extra, read_checked};
+use super::mixed::{Mix, linear};
 use crate::error::{Error, Result};
 use crate::modules::lora::LoraLinear;
-use crate::tensor_util::{int_tensor, to_vec_i64};
+use crate::tensor_util::to_vec_i64;
 
 /// The values a GPT-2 model is built from (`config.json` of `model_type: gpt2`).
 #[derive(Clone, Debug, PartialEq)]
@@ -47,6 +48,8 @@ pub struct Gpt2Config {
     pub n_inner: usize,
     /// LayerNorm epsilon.
     pub layer_norm_epsilon: f64,
+    /// The token ids that end a generated sequence (`eos_token_id`).
+    pub eos_token_ids: Vec<i64>,
 }
 
 impl Gpt2Config {
@@ -95,6 +98,7 @@ impl Gpt2Config {
             n_positions: r.usize("n_positions")?.unwrap_or(1024),
             n_inner: r.usize("n_inner")?.unwrap_or(4 * n_embd),
             layer_norm_epsilon: r.f64("layer_norm_epsilon")?.unwrap_or(1e-5),
+            eos_token_ids: r.ids("eos_token_id")?,
         })
     }
 }
@@ -250,6 +254,29 @@ impl Gpt2LmHeadModel {
         attention_mask: Option<Tensor<2, Int>>,
         adapters: Option<&[Option<&str>]>,
     ) -> Result<Tensor<3>> {
+        self.forward_cached(
+            input_ids,
+            attention_mask,
+            adapters,
+            &mut KvCache::new(),
+            false,
+        )
+    }
+
+    /// Logits for the new tokens after those `cache` holds, which then holds these too
+    /// (incremental decoding, as [`LlamaForCausalLm::forward_cached`](super::LlamaForCausalLm::forward_cached));
+    /// only the last position's when `last_only`.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward); a cache of another batch size.
+    pub fn forward_cached(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        adapters: Option<&[Option<&str>]>,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor<3>> {
         let [b, s] = input_ids.dims();
         let c = &self.config;
         let device = input_ids.device();
@@ -264,30 +291,9 @@ impl Gpt2LmHeadModel {
                 bound: c.vocab_size,
             });
         }
-        if s > c.n_positions {
-            return Err(Error::invalid(
-                "sequence length",
-                format!("{s} tokens exceed n_positions = {}", c.n_positions),
-            ));
-        }
-        let mask = match attention_mask {
-            Some(m) => mask_values(m, [b, s])?,
-            None => vec![1; b * s],
-        };
-        let mut positions = Vec::with_capacity(b * s);
-        let mut blocked = Vec::with_capacity(b * s * s);
-        for row in mask.chunks(s.max(1)) {
-            let mut seen = 0i64;
-            for &m in row {
-                seen += m;
-                positions.push(if m == 0 { 1 } else { seen - 1 });
-            }
-            for i in 0..s {
-                blocked.extend((0..s).map(|j| j > i || row[j] == 0));
-            }
-        }
-        let positions = int_tensor(&positions, &device).reshape([b, s]);
-        let blocked = Tensor::<3, Bool>::from_data(TensorData::new(blocked, [b, s, s]), &device);
+        let (positions, blocked) =
+            cache.advance(attention_mask, [b, s], c.n_positions, None, &device)?;
+        let t = cache.len();
         let mix = match adapters {
             Some(names) => Some(Mix::new(self, b, names)?),
             None => None,
@@ -295,7 +301,7 @@ impl Gpt2LmHeadModel {
         let mix = mix.as_ref();
         let (heads, hd) = (c.n_head, c.n_embd / c.n_head);
         let mut x = self.wte.forward(input_ids) + self.wpe.forward(positions);
-        for block in &self.blocks {
+        for (l, block) in self.blocks.iter().enumerate() {
             let qkv = linear(&block.c_attn, block.ln_1.forward(x.clone()), mix)?;
             let part = |k: usize| {
                 qkv.clone()
@@ -303,12 +309,13 @@ impl Gpt2LmHeadModel {
                     .reshape([b, s, heads, hd])
                     .swap_dims(1, 2)
             };
-            let (q, k, v) = (part(0), part(1), part(2));
+            let (k, v) = cache.append(l, part(1), part(2));
+            let q = part(0);
             let scores = (q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt()).mask_fill(
                 blocked
                     .clone()
                     .unsqueeze_dim::<4>(1)
-                    .expand([b, heads, s, s]),
+                    .expand([b, heads, s, t]),
                 f32::MIN,
             );
             let ctx = softmax(scores, 3)
@@ -319,8 +326,49 @@ impl Gpt2LmHeadModel {
             let h = gelu_approximate(linear(&block.c_fc, block.ln_2.forward(x.clone()), mix)?);
             x = x + linear(&block.mlp_proj, h, mix)?;
         }
+        let x = if last_only && s > 1 {
+            x.slice([0..b, s - 1..s])
+        } else {
+            x
+        };
         let x = self.ln_f.forward(x);
         Ok(x.matmul(self.wte.weight.val().transpose().unsqueeze::<3>()))
+    }
+
+    /// [`generate`](super::generate::generate) with this model.
+    ///
+    /// # Errors
+    /// As [`generate`](super::generate::generate).
+    pub fn generate(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        adapters: Option<&[Option<&str>]>,
+        config: &GenerationConfig,
+        on_step: impl FnMut(&[Option<i64>]),
+    ) -> Result<Vec<Vec<i64>>> {
+        super::generate::generate(self, input_ids, attention_mask, adapters, config, on_step)
+    }
+}
+
+impl CausalLm for Gpt2LmHeadModel {
+    fn forward_cached(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        adapters: Option<&[Option<&str>]>,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor<3>> {
+        Gpt2LmHeadModel::forward_cached(self, input_ids, attention_mask, adapters, cache, last_only)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.n_positions
+    }
+
+    fn eos_token_ids(&self) -> Vec<i64> {
+        self.config.eos_token_ids.clone()
     }
 }
 

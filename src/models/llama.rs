@@ -549,75 +549,19 @@ impl LlamaForCausalLm {
                 bound: c.vocab_size,
             });
         }
-        let t0 = cache.len();
-        if t0 + s > c.max_position_embeddings {
-            return Err(Error::invalid(
-                "sequence length",
-                format!(
-                    "{} tokens exceed max_position_embeddings = {}",
-                    t0 + s,
-                    c.max_position_embeddings
-                ),
-            ));
-        }
-        if t0 > 0 && cache.batch != b {
-            return Err(Error::shape(
-                "LlamaForCausalLm::forward_cached batch (the cache's)",
-                cache.batch.to_string(),
-                b.to_string(),
-            ));
-        }
         let device = input_ids.device();
-        let mask = match attention_mask {
-            None => vec![1; b * s],
-            Some(m) => mask_values(m, [b, s])?,
-        };
-        if t0 == 0 {
-            cache.batch = b;
-            cache.seen = vec![0; b];
-        }
-        // Positions count the unmasked tokens so far (1 on padding, as transformers).
-        let mut positions = Vec::with_capacity(b * s);
-        for (r, row) in mask.chunks(s.max(1)).enumerate() {
-            for &m in row {
-                cache.seen[r] += m;
-                positions.push(if m == 0 { 1 } else { cache.seen[r] - 1 });
-            }
-        }
-        // Key padding over the cache and the new tokens, then the attention mask
-        // [b, s, t]: true where query t0+i may not see key j.
-        let t = t0 + s;
-        let mut padded = Vec::with_capacity(b * t);
-        for r in 0..b {
-            padded.extend_from_slice(&cache.padding[r * t0..(r + 1) * t0]);
-            padded.extend(mask[r * s..(r + 1) * s].iter().map(|&m| m == 0));
-        }
-        let window = c.sliding_window;
-        let blocked: Vec<bool> = (0..b)
-            .flat_map(|r| {
-                let padded = &padded[r * t..(r + 1) * t];
-                (0..s).flat_map(move |i| {
-                    let q = t0 + i;
-                    (0..t).map(move |j| j > q || window.is_some_and(|w| j + w <= q) || padded[j])
-                })
-            })
-            .collect();
-        cache.padding = padded;
-        let blocked = Tensor::<3, Bool>::from_data(TensorData::new(blocked, [b, s, t]), &device);
-        let positions = crate::tensor_util::int_tensor(&positions, &device).reshape([b, s]);
+        let (positions, blocked) = cache.advance(
+            attention_mask,
+            [b, s],
+            c.max_position_embeddings,
+            c.sliding_window,
+            &device,
+        )?;
         let (cos, sin) = self.rope.cos_sin(positions);
         let mut x = self.model.embed_tokens.forward(input_ids);
         for (l, layer) in self.model.layers.iter().enumerate() {
             let a = layer.input_layernorm.forward(x.clone());
-            let past = cache.layers.get_mut(l);
-            let (attn, kv) =
-                self.attention(&layer.self_attn, a, &cos, &sin, &blocked, mix, past)?;
-            if l >= cache.layers.len() {
-                cache.layers.push(kv);
-            } else {
-                cache.layers[l] = kv;
-            }
-            x = x + attn;
+            x = x + self.attention(&layer.self_attn, a, &cos, &sin, &blocked, mix, cache, l)?;
             let m = layer.post_attention_layernorm.forward(x.clone());
             if let Some(mlp) = &layer.mlp {
                 let g = linear(&mlp.gate_proj, m.clone(), mix)?;
@@ -629,7 +573,6 @@ impl LlamaForCausalLm {
                 x = x + y.reshape([b, s, d]);
             }
         }
-        cache.length = t;
         let x = if last_only && s > 1 {
             x.slice([0..b, s - 1..s])
         } else {
@@ -651,8 +594,8 @@ impl LlamaForCausalLm {
         }
     }
 
-    /// Attention of the new positions over the cached and new keys; returns the output and
-    /// the layer's keys and values with the new ones appended.
+    /// Attention of the new positions over the cached and new keys of layer `l` (the new keys
+    /// and values are appended to `cache`).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -662,8 +605,9 @@ impl LlamaForCausalLm {
         sin: &Tensor<3>,
         blocked: &Tensor<3, Bool>,
         mix: Option<&Mix<'_>>,
-        past: Option<&mut (Tensor<4>, Tensor<4>)>,
-    ) -> Result<(Tensor<3>, (Tensor<4>, Tensor<4>))> {
+        cache: &mut KvCache,
+        l: usize,
+    ) -> Result<Tensor<3>> {
         let [b, s, _] = x.dims();
         let t = blocked.dims()[2];
         let c = &self.config;
@@ -674,14 +618,8 @@ impl LlamaForCausalLm {
         let v = heads(linear(&attn.v_proj, x, mix)?, kv);
         let q = self.rope.apply(heads(q, h), cos, sin)?;
         let k = self.rope.apply(heads(k, kv), cos, sin)?;
-        let (k, v) = match past {
-            Some((pk, pv)) => (
-                Tensor::cat(vec![pk.clone(), k], 2),
-                Tensor::cat(vec![pv.clone(), v], 2),
-            ),
-            None => (k, v),
-        };
-        let kept = (k.clone(), v.clone());
+        let (k, v) = cache.append(l, k, v);
+
         // Key/value head j serves query heads j·g .. (j+1)·g (transformers' repeat_kv).
         let g = h / kv;
         let repeat = |x: Tensor<4>| {
@@ -698,12 +636,11 @@ impl LlamaForCausalLm {
             f32::MIN,
         );
         let out = softmax(scores, 3).matmul(v);
-        let y = linear(
+        linear(
             &attn.o_proj,
             out.swap_dims(1, 2).reshape([b, s, h * hd]),
             mix,
-        )?;
-        Ok((y, kept))
+        )
     }
 }
 
@@ -728,6 +665,104 @@ impl KvCache {
     /// An empty cache.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Takes `dims = [batch, new]` new positions (padding where `attention_mask` holds 0):
+    /// returns their positions (unmasked tokens counted so far, 1 on padding, as transformers'
+    /// generation) and the attention mask `[batch, new, len]`, true where new query `i` may
+    /// not see key `j` (a later key, a padded key, or one `window` or more behind), and
+    /// extends the cache's bookkeeping (the layers' keys and values are the model's to append).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when the cache and the new positions exceed `max_positions`;
+    /// [`Error::Shape`] for another batch size than the cache's or a mask of another shape;
+    /// mask values other than 0 and 1.
+    pub(super) fn advance(
+        &mut self,
+        attention_mask: Option<Tensor<2, Int>>,
+        dims: [usize; 2],
+        max_positions: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<(Tensor<2, Int>, Tensor<3, Bool>)> {
+        let [b, s] = dims;
+        let t0 = self.length;
+        if t0 + s > max_positions {
+            return Err(Error::invalid(
+                "sequence length",
+                format!(
+                    "{} tokens exceed the model's {max_positions} positions \
+                     (max_position_embeddings)",
+                    t0 + s
+                ),
+            ));
+        }
+        if t0 > 0 && self.batch != b {
+            return Err(Error::shape(
+                "forward_cached batch (the cache's)",
+                self.batch.to_string(),
+                b.to_string(),
+            ));
+        }
+        let mask = match attention_mask {
+            None => vec![1; b * s],
+            Some(m) => mask_values(m, [b, s])?,
+        };
+        if t0 == 0 {
+            self.batch = b;
+            self.seen = vec![0; b];
+        }
+        let mut positions = Vec::with_capacity(b * s);
+        for (r, row) in mask.chunks(s.max(1)).enumerate() {
+            for &m in row {
+                self.seen[r] += m;
+                positions.push(if m == 0 { 1 } else { self.seen[r] - 1 });
+            }
+        }
+        let t = t0 + s;
+        let mut padded = Vec::with_capacity(b * t);
+        for r in 0..b {
+            padded.extend_from_slice(&self.padding[r * t0..(r + 1) * t0]);
+            padded.extend(mask[r * s..(r + 1) * s].iter().map(|&m| m == 0));
+        }
+        let blocked: Vec<bool> = (0..b)
+            .flat_map(|r| {
+                let padded = &padded[r * t..(r + 1) * t];
+                (0..s).flat_map(move |i| {
+                    let q = t0 + i;
+                    (0..t).map(move |j| j > q || window.is_some_and(|w| j + w <= q) || padded[j])
+                })
+            })
+            .collect();
+        self.padding = padded;
+        self.length = t;
+        Ok((
+            crate::tensor_util::int_tensor(&positions, device).reshape([b, s]),
+            Tensor::<3, Bool>::from_data(TensorData::new(blocked, [b, s, t]), device),
+        ))
+    }
+
+    /// Layer `l`'s keys and values with `k`, `v` (`[batch, kv_heads, new, head_dim]`)
+    /// appended; the cache keeps them.
+    pub(super) fn append(
+        &mut self,
+        l: usize,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let (k, v) = match self.layers.get(l) {
+            Some((pk, pv)) => (
+                Tensor::cat(vec![pk.clone(), k], 2),
+                Tensor::cat(vec![pv.clone(), v], 2),
+            ),
+            None => (k, v),
+        };
+        if l < self.layers.len() {
+            self.layers[l] = (k.clone(), v.clone());
+        } else {
+            self.layers.push((k.clone(), v.clone()));
+        }
+        (k, v)
     }
 
     /// The positions cached (padding included).

@@ -27,7 +27,7 @@ use crate::modules::lora::{LoraConfig, LoraLinear};
 
 pub use bert::{BertConfig, BertModel, mean_pooling};
 pub use config::{DecoderConfig, DecoderFamily};
-pub use generate::{Decoding, GenerationConfig, causal_lm_loss};
+pub use generate::{CausalLm, Decoding, GenerationConfig, causal_lm_loss, generate};
 pub use gpt2::{Gpt2Config, Gpt2LmHeadModel};
 pub use llama::{KvCache, LlamaForCausalLm, PROJECTIONS, WeightSource, checkpoint_shapes};
 pub use rope::{Rope, RopeScaling};

@@ -19,7 +19,7 @@ golden.safetensors holds input_ids (as F32, exact) and the logits. Then:
   token only while every gap so far is clear);
 - loss.json: transformers' causal-LM loss on a left-padded batch;
 - gpt2, gpt2_lora: a tiny GPT-2 and a PEFT LoRA on c_attn / c_fc (fan_in_fan_out), logits
-  on a left-padded batch;
+  on a left-padded batch, and gpt2/generate.json: greedy generations from that batch;
 - llama_ia3: a PEFT IA3 folder (k, v output-side, down_proj input-side) and PEFT's logits.
 Run with the peers' virtual environment (PYTHONHASHSEED fixes the order PEFT writes
 target_modules in):
@@ -206,6 +206,13 @@ def gpt2():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     out = root / "gpt2"
     model.save_pretrained(out)
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    gaps = [(torch.topk(sc.float(), 2, dim=-1).values @ torch.tensor([1.0, -1.0])).tolist() for sc in gen.scores]
+    (out / "generate.json").write_text(json.dumps(
+        {"new_tokens": gen.sequences[:, ids.shape[1]:].tolist(), "gaps": [list(g) for g in zip(*gaps)],
+         "eos_token_id": 0}, indent=1) + "\n")
     save_file({"input_ids": ids.float(), "attention_mask": mask.float(), "logits": logits.contiguous()},
               str(out / "golden.safetensors"))
     torch.manual_seed(4)
