@@ -9,7 +9,7 @@
 //! - [`llama`]: the Llama-family causal LM (Llama 2/3, Mistral, Qwen2) with [`LoraLinear`]
 //!   projections at transformers' module paths, built from any [`WeightSource`].
 //! - [`gpt2`]: GPT-2 with its tied head, `Conv1D` layers as [`LoraLinear`]s.
-//! - [`generate`]: greedy and sampled generation with a key/value cache, streamed.
+//! - [`generate`](mod@generate): greedy and sampled generation with a key/value cache, streamed.
 //! - [`rope`]: rotary position embeddings in Hugging Face's rotate-half layout, with Llama-3
 //!   frequency scaling.
 
