@@ -318,3 +318,77 @@ fn prefix_projection_matches_peft() {
         assert_close(frozen.kv_flat(), expected, ATOL, "frozen projected prefix");
     }
 }
+
+/// A plain burn model (two `burn::nn::Linear`s, no modula layer) with PEFT's TinyMLP folders
+/// applied through burn's own reparameterization hooks (`PeftLora::apply_to_module`): the
+/// outputs equal PEFT's, every base parameter is frozen, and `materialize` folds the update
+/// into PEFT's merged weights. A folder for other paths or widths is an error and the model is
+/// left as it was.
+#[test]
+fn peft_folders_apply_to_plain_burn_modules_through_reparameterization() {
+    use burn::module::Module;
+    #[derive(Module, Debug)]
+    struct Plain {
+        fc1: Linear,
+        fc2: Linear,
+    }
+    let base = golden("tiny_mlp_base.safetensors");
+    for device in devices() {
+        let model = Plain {
+            fc1: base.linear_torch("fc1", &device).unwrap(),
+            fc2: base.linear_torch("fc2", &device).unwrap(),
+        };
+        let run = |m: &Plain, x: Tensor<2>| {
+            m.fc2
+                .forward(burn::tensor::activation::relu(m.fc1.forward(x)))
+        };
+        for (dir, expected) in [
+            (
+                "peft_lora_tiny_mlp",
+                "peft_lora_tiny_mlp_expected.safetensors",
+            ),
+            (
+                "peft_rslora_tiny_mlp",
+                "peft_rslora_tiny_mlp_expected.safetensors",
+            ),
+        ] {
+            let g = golden(expected);
+            let peft = PeftLora::load(data(dir), &device).unwrap();
+            let adapted = peft.apply_to_module(&model).unwrap();
+            let x: Tensor<2> = g.tensor("x", &device).unwrap();
+            let want: Tensor<2> = g.tensor("expected_out", &device).unwrap();
+            assert_close(run(&adapted, x.clone()), want.clone(), ATOL, dir);
+            assert!(!adapted.fc1.bias.as_ref().unwrap().is_require_grad());
+            // The original model is untouched.
+            let plain: Tensor<2> = base.tensor("expected_out_base", &device).unwrap();
+            assert_close(run(&model, x.clone()), plain, ATOL, "original");
+            let merged = adapted.materialize();
+            assert_close(
+                merged.fc1.weight.val().transpose(),
+                g.tensor("expected_merged_fc1_weight", &device).unwrap(),
+                ATOL,
+                "materialized fc1",
+            );
+            assert_close(run(&merged, x), want, ATOL, "materialized output");
+        }
+    }
+    // Paths the module does not have.
+    #[derive(Module, Debug)]
+    struct Other {
+        first: Linear,
+    }
+    let device = burn::tensor::Device::flex();
+    let other = Other {
+        first: base.linear_torch("fc1", &device).unwrap(),
+    };
+    let peft = PeftLora::load(data("peft_lora_tiny_mlp"), &device).unwrap();
+    let e = peft.apply_to_module(&other).unwrap_err().to_string();
+    assert!(e.contains("`fc1`") && e.contains("field paths"), "{e}");
+    // Widths that disagree: fc2's factors on a layer of fc1's shape.
+    let swapped = Plain {
+        fc1: base.linear_torch("fc2", &device).unwrap(),
+        fc2: base.linear_torch("fc1", &device).unwrap(),
+    };
+    let e = peft.apply_to_module(&swapped).unwrap_err().to_string();
+    assert!(e.contains("factors are for"), "{e}");
+}

@@ -350,6 +350,111 @@ impl PeftLora {
         Ok(out)
     }
 
+    /// This folder on any burn module, through burn 0.22's own reparameterization hooks
+    /// (`Module::apply_reparameterization` with burn's `LoraAdapter`): every 2-D parameter
+    /// `{path}.weight` whose `path` is one of the folder's modules gets that module's factors
+    /// (`a = lora_Aᵀ`, `b = lora_Bᵀ`, scale `alpha/r` or rsLoRA's), and every parameter of the
+    /// module is frozen, so training moves the factors only. The user's model code does not
+    /// change: a burn `Linear` at that path computes with `W + s·A B`. Returns the adapted
+    /// module; `module` itself is left as it was.
+    ///
+    /// The limits of that route, which [`attach_to_model`](Self::attach_to_model) on modula's
+    /// own models does not have: burn re-forms the dense `W + s·A B` on every forward (a
+    /// `d_in × d_out` product per layer and call), one adapter per weight, no mixed-adapter
+    /// batches, no unmerge (`Module::materialize` folds the update in for good). The folder's
+    /// module paths must equal the burn module's field paths (`fc1`, `encoder.layers.0.q`).
+    ///
+    /// # Errors
+    /// [`Error::Peft`] naming the folder for a module path the burn module has no 2-D
+    /// `{path}.weight` for, a weight whose shape disagrees with the factors (burn's `[in,
+    /// out]`), or an embedding adapter.
+    pub fn apply_to_module<M: burn::module::Module>(&self, module: &M) -> Result<M> {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+
+        use burn::module::{LoraAdapter, Param, Reparameterizer};
+        use burn::tensor::Tensor;
+
+        let origin = self
+            .source
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<PEFT LoRA>"));
+        if let Some(e) = self.embeddings.iter().next() {
+            return Err(Error::peft(
+                &origin,
+                format!(
+                    "the folder adapts the embedding `{e}`; apply_to_module adapts 2-D weights of Linear layers"
+                ),
+            ));
+        }
+        /// What the walk saw: the modules it adapted and the shape mismatches.
+        #[derive(Default)]
+        struct Seen {
+            used: BTreeSet<String>,
+            problems: Vec<String>,
+        }
+        struct Peft<'a> {
+            modules: &'a BTreeMap<String, LoraModule>,
+            seen: Rc<RefCell<Seen>>,
+        }
+        impl Reparameterizer for Peft<'_> {
+            type Reparam = LoraAdapter;
+
+            fn reparameterize<const D: usize>(
+                &mut self,
+                path: &str,
+                param: Param<Tensor<D>>,
+            ) -> (Param<Tensor<D>>, Option<LoraAdapter>) {
+                let param = param.set_require_grad(false);
+                let Some(m) = path
+                    .strip_suffix(".weight")
+                    .filter(|_| D == 2)
+                    .and_then(|p| self.modules.get_key_value(p))
+                else {
+                    return (param, None);
+                };
+                let (name, adapter) = m;
+                let dims = param.shape().dims::<D>().to_vec();
+                let mut seen = self.seen.borrow_mut();
+                if dims != [adapter.d_in(), adapter.d_out()] {
+                    seen.problems.push(format!(
+                        "`{name}`: the weight is {dims:?} ([in, out]) but the factors are for \
+                         {} -> {}",
+                        adapter.d_in(),
+                        adapter.d_out()
+                    ));
+                    return (param, None);
+                }
+                seen.used.insert(name.clone());
+                let lora = LoraAdapter {
+                    a: Param::from_tensor(adapter.a.val()),
+                    b: Param::from_tensor(adapter.b.val()),
+                    scale: adapter.scaling(),
+                };
+                (param, Some(lora))
+            }
+        }
+        let seen = Rc::new(RefCell::new(Seen::default()));
+        let adapted = module.clone().apply_reparameterization(Peft {
+            modules: &self.modules,
+            seen: Rc::clone(&seen),
+        });
+        let seen = seen.borrow();
+        if let Some(p) = seen.problems.first() {
+            return Err(Error::peft(&origin, p.clone()));
+        }
+        if let Some(missing) = self.modules.keys().find(|k| !seen.used.contains(*k)) {
+            return Err(Error::peft(
+                &origin,
+                format!(
+                    "module `{missing}` has no 2-D parameter `{missing}.weight` in this burn \
+                     module; the folder's paths must equal the module's field paths"
+                ),
+            ));
+        }
+        Ok(adapted)
+    }
+
     /// Inserts a copy of embedding module `path`'s adapter into `layer` under `name`.
     ///
     /// # Errors
