@@ -271,6 +271,36 @@ fn modula_code(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// Rows of `width` token ids from the tensor `key` of a golden file (ids stored as F32).
+fn golden_rows(g: &TensorFile, key: &str, width: usize) -> Vec<Vec<i64>> {
+    g.get(key)
+        .unwrap()
+        .data
+        .chunks(width)
+        .map(|r| r.iter().map(|v| *v as i64).collect())
+        .collect()
+}
+
+/// Each generated row equals transformers' for as long as its top-1/top-2 logit gap is clear
+/// (> 1e-3), which must cover at least 4 steps.
+fn assert_clear_prefix_equal(
+    got: &serde_json::Value,
+    want: &serde_json::Value,
+    gaps: &serde_json::Value,
+) {
+    for (r, gaps) in gaps.as_array().unwrap().iter().enumerate() {
+        let clear = gaps
+            .as_array()
+            .unwrap()
+            .iter()
+            .take_while(|v| v.as_f64().unwrap() > 1e-3)
+            .count();
+        assert!(clear >= 4, "row {r}: {clear} clear steps");
+        let row = |v: &serde_json::Value| v.as_array().unwrap()[..clear].to_vec();
+        assert_eq!(row(&got[r]), row(&want[r]), "row {r}");
+    }
+}
+
 fn write_json(path: &Path, v: serde_json::Value) -> String {
     std::fs::write(path, v.to_string()).unwrap();
     path.to_str().unwrap().to_string()
@@ -362,21 +392,7 @@ fn generate_and_bake_a_model_folder() {
     let got: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let case = &g["cases"]["llama_lora_qvd"];
-    for r in 0..2 {
-        let clear = case["gaps"][r]
-            .as_array()
-            .unwrap()
-            .iter()
-            .take_while(|v| v.as_f64().unwrap() > 1e-3)
-            .count();
-        assert!(clear >= 4);
-        let row = |v: &serde_json::Value| v.as_array().unwrap()[..clear].to_vec();
-        assert_eq!(
-            row(&got["new_tokens"][r]),
-            row(&case["new_tokens"][r]),
-            "row {r}"
-        );
-    }
+    assert_clear_prefix_equal(&got["new_tokens"], &case["new_tokens"], &case["gaps"]);
     // bake --base DIR --out DIR, then score the baked folder without the adapter.
     let baked = tmp.path().join("baked");
     let (ok, _, err) = modula(&[
@@ -551,14 +567,7 @@ fn embed_writes_hidden_states_and_sentence_embeddings() {
     let tmp = tempfile::tempdir().unwrap();
     let g = TensorFile::open(root.join("golden.safetensors")).unwrap();
     let lg = TensorFile::open(data("tiny_bert_lora").join("golden.safetensors")).unwrap();
-    let ints = |k: &str| -> Vec<Vec<i64>> {
-        g.get(k)
-            .unwrap()
-            .data
-            .chunks(6)
-            .map(|r| r.iter().map(|v| *v as i64).collect())
-            .collect()
-    };
+    let ints = |k: &str| golden_rows(&g, k, 6);
     // The interface has no token types (all 0): compare with the goldens' `_types0` embeddings.
     let ids = ints("input_ids");
     let input = write_json(
@@ -620,14 +629,7 @@ fn score_reads_gpt2_folders() {
     let root = data("tiny_decoders");
     let tmp = tempfile::tempdir().unwrap();
     let g = TensorFile::open(root.join("gpt2/golden.safetensors")).unwrap();
-    let rows = |k: &str| -> Vec<Vec<i64>> {
-        g.get(k)
-            .unwrap()
-            .data
-            .chunks(6)
-            .map(|r| r.iter().map(|v| *v as i64).collect())
-            .collect()
-    };
+    let rows = |k: &str| golden_rows(&g, k, 6);
     let mask = rows("attention_mask");
     let input = write_json(
         &tmp.path().join("in.json"),
@@ -669,14 +671,7 @@ fn generate_reads_gpt2_folders() {
     let root = data("tiny_decoders/gpt2");
     let tmp = tempfile::tempdir().unwrap();
     let g = TensorFile::open(root.join("golden.safetensors")).unwrap();
-    let rows = |k: &str| -> Vec<Vec<i64>> {
-        g.get(k)
-            .unwrap()
-            .data
-            .chunks(6)
-            .map(|r| r.iter().map(|v| *v as i64).collect())
-            .collect()
-    };
+    let rows = |k: &str| golden_rows(&g, k, 6);
     let input = write_json(
         &tmp.path().join("in.json"),
         serde_json::json!({"input_ids": rows("input_ids"), "attention_mask": rows("attention_mask")}),
@@ -699,18 +694,5 @@ fn generate_reads_gpt2_folders() {
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("generate.json")).unwrap())
             .unwrap();
-    for r in 0..2 {
-        let clear = want["gaps"][r]
-            .as_array()
-            .unwrap()
-            .iter()
-            .take_while(|v| v.as_f64().unwrap() > 1e-3)
-            .count();
-        let row = |v: &serde_json::Value| v.as_array().unwrap()[..clear].to_vec();
-        assert_eq!(
-            row(&got["new_tokens"][r]),
-            row(&want["new_tokens"][r]),
-            "row {r}"
-        );
-    }
+    assert_clear_prefix_equal(&got["new_tokens"], &want["new_tokens"], &want["gaps"]);
 }

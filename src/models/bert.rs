@@ -25,10 +25,10 @@ use serde_json::{Map, Value};
 use super::LinearLayers;
 use super::config::{Reader, config_object};
 use super::llama::{WeightSource, check_no_extra, read_checked};
-use super::mixed::{Mix, linear, mask_values};
+use super::mixed::{Mix, check_ids, linear, mask_values};
 use crate::error::{Error, Result};
 use crate::modules::lora::LoraLinear;
-use crate::tensor_util::{to_vec_i64, transpose_host};
+use crate::tensor_util::transpose_host;
 
 /// The values a BERT encoder is built from (`config.json` of `model_type: bert`).
 #[derive(Clone, Debug, PartialEq)]
@@ -479,26 +479,6 @@ pub fn sentence_pooling(
                 .is_some_and(|t| t.ends_with("models.Normalize"))
         })
     }))
-}
-
-fn check_ids(
-    t: Tensor<2, Int>,
-    what: &'static str,
-    within: &'static str,
-    bound: usize,
-) -> Result<()> {
-    if let Some(&bad) = to_vec_i64(t)
-        .iter()
-        .find(|&&v| v < 0 || v as usize >= bound)
-    {
-        return Err(Error::IdOutOfRange {
-            what,
-            within,
-            id: bad,
-            bound,
-        });
-    }
-    Ok(())
 }
 
 impl LinearLayers for BertModel {

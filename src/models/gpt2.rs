@@ -26,10 +26,9 @@ use super::LinearLayers;
 use super::config::{Reader, config_object};
 use super::generate::{CausalLm, GenerationConfig};
 use super::llama::{KvCache, WeightSource, check_no_extra, read_checked};
-use super::mixed::{Mix, linear};
-use crate::error::{Error, Result};
+use super::mixed::{Mix, check_ids, linear};
+use crate::error::Result;
 use crate::modules::lora::LoraLinear;
-use crate::tensor_util::to_vec_i64;
 
 /// The values a GPT-2 model is built from (`config.json` of `model_type: gpt2`).
 #[derive(Clone, Debug, PartialEq)]
@@ -56,10 +55,10 @@ impl Gpt2Config {
     /// Reads a `config.json` document; `path` names the file in errors.
     ///
     /// # Errors
-    /// [`Error::Invalid`] naming the file and key for a `model_type` other than `gpt2`, an
-    /// activation other than `gelu_new`, the attention variants modula does not compute
-    /// (`scale_attn_by_inverse_layer_idx`, `reorder_and_upcast_attn`, unscaled attention), a
-    /// value of the wrong type, or a width the heads do not divide.
+    /// [`Error::Invalid`](crate::Error::Invalid) naming the file and key for a `model_type` other
+    /// than `gpt2`, an activation other than `gelu_new`, the attention variants modula does not
+    /// compute (`scale_attn_by_inverse_layer_idx`, `reorder_and_upcast_attn`, unscaled attention),
+    /// a value of the wrong type, or a width the heads do not divide.
     pub fn from_json(text: &str, path: &str) -> Result<Self> {
         let (c, _) = config_object(text, path, &["gpt2"])?;
         let r = Reader::new(&c, path);
@@ -145,8 +144,9 @@ impl Gpt2LmHeadModel {
     /// buffers and a tied `lm_head.weight` are ignored).
     ///
     /// # Errors
-    /// [`Error::Invalid`] naming the checkpoint and key for a missing tensor or one the model
-    /// does not take; [`Error::Shape`] for a shape the config disagrees with.
+    /// [`Error::Invalid`](crate::Error::Invalid) naming the checkpoint and key for a missing tensor
+    /// or one the model does not take; [`Error::Shape`](crate::Error::Shape) for a shape the config
+    /// disagrees with.
     pub fn from_weights(
         config: &Gpt2Config,
         weights: &dyn WeightSource,
@@ -245,9 +245,10 @@ impl Gpt2LmHeadModel {
     /// and per-sequence adapters (PEFT's `adapter_names`; otherwise the active adapters).
     ///
     /// # Errors
-    /// [`Error::IdOutOfRange`] for a token id outside the vocabulary; [`Error::Invalid`] for
-    /// a sequence longer than `n_positions` or mask values other than 0/1; [`Error::Shape`]
-    /// for a mask of another shape; unknown adapter names.
+    /// [`Error::IdOutOfRange`](crate::Error::IdOutOfRange) for a token id outside the vocabulary;
+    /// [`Error::Invalid`](crate::Error::Invalid) for a sequence longer than `n_positions` or mask
+    /// values other than 0/1; [`Error::Shape`](crate::Error::Shape) for a mask of another shape;
+    /// unknown adapter names.
     pub fn forward(
         &self,
         input_ids: Tensor<2, Int>,
@@ -263,8 +264,8 @@ impl Gpt2LmHeadModel {
         )
     }
 
-    /// Logits for the new tokens after those `cache` holds, which then holds these too
-    /// (incremental decoding, as [`LlamaForCausalLm::forward_cached`](super::LlamaForCausalLm::forward_cached));
+    /// Logits for the new tokens after those `cache` holds, which then holds these too (incremental
+    /// decoding, as [`LlamaForCausalLm::forward_cached`](super::LlamaForCausalLm::forward_cached));
     /// only the last position's when `last_only`.
     ///
     /// # Errors
@@ -280,17 +281,12 @@ impl Gpt2LmHeadModel {
         let [b, s] = input_ids.dims();
         let c = &self.config;
         let device = input_ids.device();
-        if let Some(&bad) = to_vec_i64(input_ids.clone())
-            .iter()
-            .find(|&&t| t < 0 || t as usize >= c.vocab_size)
-        {
-            return Err(Error::IdOutOfRange {
-                what: "token id",
-                within: "the model's vocabulary",
-                id: bad,
-                bound: c.vocab_size,
-            });
-        }
+        check_ids(
+            input_ids.clone(),
+            "token id",
+            "the model's vocabulary",
+            c.vocab_size,
+        )?;
         let (positions, blocked) =
             cache.advance(attention_mask, [b, s], c.n_positions, None, &device)?;
         let t = cache.len();

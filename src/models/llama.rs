@@ -31,7 +31,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use super::LinearLayers;
 use super::config::DecoderConfig;
-use super::mixed::{Mix, linear, mask_values};
+use super::mixed::{Mix, check_ids, linear, mask_values};
 use super::rope::Rope;
 use crate::error::{Error, Result};
 use crate::modules::adapter::AdapterActivation;
@@ -40,7 +40,7 @@ use crate::moe::MoeLayer;
 use crate::moe::experts::{Expert, ExpertKind};
 use crate::rng::SplitMix64;
 use crate::routers::TopKRouterConfig;
-use crate::tensor_util::{to_vec_i64, transpose_host};
+use crate::tensor_util::transpose_host;
 
 /// Where a model's weights come from: a checkpoint by its Hugging Face names, in PyTorch's
 /// layouts (`Linear` weights `[out, in]`). The `io` layer implements it for safetensors files.
@@ -540,15 +540,12 @@ impl LlamaForCausalLm {
     ) -> Result<Tensor<3>> {
         let [b, s] = input_ids.dims();
         let c = &self.config;
-        let ids = to_vec_i64(input_ids.clone());
-        if let Some(&bad) = ids.iter().find(|&&t| t < 0 || t as usize >= c.vocab_size) {
-            return Err(Error::IdOutOfRange {
-                what: "token id",
-                within: "the model's vocabulary",
-                id: bad,
-                bound: c.vocab_size,
-            });
-        }
+        check_ids(
+            input_ids.clone(),
+            "token id",
+            "the model's vocabulary",
+            c.vocab_size,
+        )?;
         let device = input_ids.device();
         let (positions, blocked) = cache.advance(
             attention_mask,

@@ -1,5 +1,6 @@
-//! Mixed-adapter batches inside a transformer: each sequence names its adapter (PEFT's
-//! `adapter_names`), and every linear layer runs each adapter on its own sequences in one
+//! What every transformer's forward pass shares: the checks of its integer inputs (ids in
+//! range, 0/1 masks) and mixed-adapter batches, where each sequence names its adapter (PEFT's
+//! `adapter_names`) and every linear layer runs each adapter on its own sequences in one
 //! gathered pass, with one dispatch plan per set of adapter names, shared by every layer that
 //! holds that set.
 
@@ -105,4 +106,26 @@ pub(crate) fn mask_values(mask: Tensor<2, Int>, dims: [usize; 2]) -> Result<Vec<
         ));
     }
     Ok(values)
+}
+
+/// [`Error::IdOutOfRange`] for the first of the ids `t` outside `0..bound` (`what` and
+/// `within` name the id and its table in the message).
+pub(crate) fn check_ids(
+    t: Tensor<2, Int>,
+    what: &'static str,
+    within: &'static str,
+    bound: usize,
+) -> Result<()> {
+    match to_vec_i64(t)
+        .into_iter()
+        .find(|&v| v < 0 || v as usize >= bound)
+    {
+        Some(bad) => Err(Error::IdOutOfRange {
+            what,
+            within,
+            id: bad,
+            bound,
+        }),
+        None => Ok(()),
+    }
 }
