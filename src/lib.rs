@@ -141,7 +141,7 @@ pub use modules::adapter::{
     AdapterActivation, AdapterForm, AdapterPlacement, BlockAdapters, BottleneckAdapter,
     BottleneckConfig,
 };
-pub use modules::ia3::Ia3Linear;
+pub use modules::ia3::{Ia3Linear, Ia3Vector};
 pub use modules::lora::{
     AdapterSlots, LoraConfig, LoraEmbedding, LoraForward, LoraInit, LoraLinear, LoraModule,
 };

@@ -360,6 +360,74 @@ fn score_gives_each_row_the_logits_of_its_adapter() {
     }
 }
 
+/// `--adapter NAME=DIR` takes IA3 folders too: the tiny Llama's IA3 folder gives PEFT's
+/// logits on the rows that name it and the base model's where a row names none.
+#[test]
+fn score_takes_ia3_folders() {
+    let root = data("tiny_decoders");
+    let tmp = tempfile::tempdir().unwrap();
+    let g = TensorFile::open(root.join("llama_ia3/golden.safetensors")).unwrap();
+    let rows = golden_rows(&g, "input_ids", 6);
+    let input = write_json(
+        &tmp.path().join("in.json"),
+        serde_json::json!({"input_ids": [rows[0], rows[1]], "adapters": ["ia3", null]}),
+    );
+    let out = tmp.path().join("logits.safetensors");
+    let (ok, _, err) = modula(&[
+        "score",
+        "--model",
+        root.join("llama").to_str().unwrap(),
+        "--adapter",
+        &format!("ia3={}", root.join("llama_ia3").display()),
+        "--input",
+        &input,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got = TensorFile::open(&out).unwrap();
+    let got = &got.get("logits").unwrap().data;
+    let want = &g.get("logits").unwrap().data;
+    let n = 6 * 64;
+    let scale = want[..n].iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = got[..n]
+        .iter()
+        .zip(&want[..n])
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-4 * scale, "row 0 vs PEFT's IA3 logits: {diff}");
+    // Row 1 names no adapter: it is the base model's row, as `score` without adapters gives.
+    let plain = write_json(
+        &tmp.path().join("plain.json"),
+        serde_json::json!({"input_ids": [rows[0], rows[1]]}),
+    );
+    let base_out = tmp.path().join("base.safetensors");
+    let (ok, _, err) = modula(&[
+        "score",
+        "--model",
+        root.join("llama").to_str().unwrap(),
+        "--input",
+        &plain,
+        "--out",
+        base_out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let base = TensorFile::open(&base_out).unwrap();
+    let base = &base.get("logits").unwrap().data;
+    let diff = got[n..]
+        .iter()
+        .zip(&base[n..])
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-5 * scale, "row 1 vs the base model: {diff}");
+    let adapted = got[..n]
+        .iter()
+        .zip(&base[..n])
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        adapted > 1e-2 * scale,
+        "the adapter changes row 0: {adapted}"
+    );
+}
+
 /// `generate` is greedy and equals transformers' `generate` on a left-padded batch
 /// (tests/data/tiny_decoders/generate.json) while the logit gaps are clear; `bake` on a model
 /// folder gives a folder `score` reads as the adapted model.

@@ -1306,6 +1306,142 @@ fn peft_ia3_folders_merge_into_a_model_with_peft_logits() {
     assert_eq!(before, qwen.base_weights());
 }
 
+/// The same IA3 folder attached as a switchable adapter (PEFT's `load_adapter`): PEFT's logits
+/// unmerged and merged, the base logits when inactive or unmerged, per sequence in a mixed
+/// batch, saved back to a folder with PEFT's tensors, and refused beside LoRA adapters.
+#[test]
+fn peft_ia3_folders_attach_as_switchable_adapters() {
+    use modula::models::LinearLayers;
+    let root = common::data("tiny_decoders");
+    let golden = modula::TensorFile::open(root.join("llama_ia3/golden.safetensors")).unwrap();
+    for device in devices() {
+        let ids: Tensor<2, Int> = golden.tensor::<2>("input_ids", &device).unwrap().int();
+        let want: Tensor<3> = golden.tensor("logits", &device).unwrap();
+        let mut model = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+        let base = model.forward(ids.clone()).unwrap();
+        let base_weights = model.base_weights();
+        let adapter = modula::PeftAdapter::load(root.join("llama_ia3"), &device).unwrap();
+        let adapted = adapter.attach_to_model(&mut model, "ia3").unwrap();
+        assert_eq!(adapted.len(), 6, "{adapted:?}");
+        assert_eq!(model.adapter_names(), ["ia3"]);
+        let at = |what: &str| format!("{what} on {device:?}");
+        assert_close(
+            model.forward(ids.clone()).unwrap(),
+            want.clone(),
+            1e-4,
+            &at("active"),
+        );
+        model.set_active_adapters(&[]).unwrap();
+        assert_close(
+            model.forward(ids.clone()).unwrap(),
+            base.clone(),
+            1e-5,
+            &at("inactive"),
+        );
+        model.set_active_adapters(&["ia3"]).unwrap();
+        model.merge_adapter("ia3").unwrap();
+        assert_ne!(
+            model.base_weights(),
+            base_weights,
+            "the merge changes the weights"
+        );
+        assert_close(
+            model.forward(ids.clone()).unwrap(),
+            want.clone(),
+            1e-4,
+            &at("merged"),
+        );
+        assert!(model.merge_adapter("ia3").is_err());
+        let e = model
+            .forward_mixed(ids.clone(), None, &[Some("ia3"), None])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ia3") && e.contains("merged"), "{e}");
+        model.unmerge_adapter("ia3").unwrap();
+        assert_close(
+            model.forward(ids.clone()).unwrap(),
+            want.clone(),
+            1e-4,
+            &at("unmerged"),
+        );
+        // Unmerging divides by l: the base weights come back to f32 rounding.
+        for ((name, got), (_, before)) in model.base_weights().iter().zip(&base_weights) {
+            let (got, before) = (
+                got.try_to_vec::<f32>().unwrap(),
+                before.try_to_vec::<f32>().unwrap(),
+            );
+            let worst = got
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{name}: {worst}");
+        }
+        // Per sequence: row 0 through the adapter, row 1 the base, and the other way round.
+        for adapters in [[Some("ia3"), None], [None, Some("ia3")]] {
+            let y = model.forward_mixed(ids.clone(), None, &adapters).unwrap();
+            let [_, s, v] = y.dims();
+            for (i, a) in adapters.iter().enumerate() {
+                let expect = if a.is_some() { &want } else { &base };
+                assert_close(
+                    y.clone().slice([i..i + 1, 0..s, 0..v]),
+                    expect.clone().slice([i..i + 1, 0..s, 0..v]),
+                    1e-4,
+                    &at(&format!("row {i} of {adapters:?}")),
+                );
+            }
+        }
+        // A LoRA adapter cannot join a layer that holds IA3 vectors, nor the other way round.
+        let lora = modula::PeftLora::load(root.join("llama_lora_qvd"), &device).unwrap();
+        let e = lora
+            .attach_to_model(&mut model, "lora")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IA3") && e.contains("ia3"), "{e}");
+        assert_eq!(model.adapter_names(), ["ia3"]);
+        let cat = modula::library::MergeOptions::new(modula::library::Combination::Cat);
+        let e = model
+            .add_weighted_adapter(&["ia3"], &[1.0], &cat, "w")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IA3"), "{e}");
+        // Saved: the folder holds PEFT's own vectors and placements.
+        let tmp = tempfile::tempdir().unwrap();
+        modula::PeftIa3::from_model(&model, "ia3")
+            .unwrap()
+            .save(tmp.path())
+            .unwrap();
+        let (saved, orig) = (
+            modula::PeftIa3::load(tmp.path(), &device).unwrap(),
+            modula::PeftIa3::load(root.join("llama_ia3"), &device).unwrap(),
+        );
+        assert_eq!(
+            saved.modules.keys().collect::<Vec<_>>(),
+            orig.modules.keys().collect::<Vec<_>>()
+        );
+        for (path, (v, ff)) in &orig.modules {
+            let (w, wff) = &saved.modules[path];
+            assert_eq!((vals(v.clone()), ff), (vals(w.clone()), wff), "{path}");
+        }
+        model.delete_adapter("ia3").unwrap();
+        assert!(model.adapter_names().is_empty());
+        assert_close(
+            model.forward(ids.clone()).unwrap(),
+            base.clone(),
+            1e-5,
+            &at("deleted"),
+        );
+        let mut with_lora = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+        lora.attach_to_model(&mut with_lora, "lora").unwrap();
+        let e = adapter
+            .attach_to_model(&mut with_lora, "ia3")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LoRA") && e.contains("proj"), "{e}");
+        assert_eq!(with_lora.adapter_names(), ["lora"]);
+    }
+}
+
 /// A tiny GPT-2 saved by transformers (tests/data/tiny_decoders/gpt2: `transformer.*` names,
 /// Conv1D weights, tied head) gives transformers' logits on a left-padded batch, and a PEFT
 /// LoRA on c_attn and mlp.c_fc (`fan_in_fan_out`) gives PEFT's; a mixed batch gives each row

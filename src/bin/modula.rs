@@ -419,7 +419,8 @@ impl<M: modula::models::LinearLayers> Loaded<M> {
     }
 }
 
-/// Attaches each `NAME=DIR` PEFT LoRA folder to `m` by its target rules; returns the names.
+/// Attaches each `NAME=DIR` PEFT folder (LoRA or IA3) to `m` by its target rules; returns the
+/// names.
 fn attach_adapters(
     m: &mut dyn modula::models::LinearLayers,
     adapters: &[String],
@@ -442,7 +443,7 @@ fn attach_adapters(
                 format!("the name `{name}` is given twice"),
             ));
         }
-        let peft = PeftLora::load(dir, device)?;
+        let peft = modula::PeftAdapter::load(dir, device)?;
         peft.attach_to_model(m, name)
             .map_err(|e| in_file(Path::new(dir), e))?;
         names.push(name.to_string());

@@ -62,6 +62,15 @@ impl<'a> Mix<'a> {
 /// `layer(x)` for `x: [batch, seq, d_in]`, each sequence through its own adapter under `mix`.
 pub(crate) fn linear(layer: &LoraLinear, x: Tensor<3>, mix: Option<&Mix<'_>>) -> Result<Tensor<3>> {
     let [b, s, d_in] = x.dims();
+    if let Some(mix) = mix.filter(|_| !layer.ia3_names().is_empty()) {
+        // A sequence whose adapter this layer lacks takes the base output, as PEFT.
+        let held: Vec<Option<&str>> = mix
+            .adapters
+            .iter()
+            .map(|a| a.filter(|a| layer.ia3_names().iter().any(|n| n == a)))
+            .collect();
+        return layer.forward_ia3_seqs(x, &held);
+    }
     let names = layer.names();
     let Some(mix) = mix.filter(|_| !names.is_empty()) else {
         // One [b·s, d_in] product, the rows the mixed path sees too.

@@ -67,10 +67,7 @@ pub trait LinearLayers {
                 "the selection matches no linear layer of the model",
             ));
         }
-        if layers
-            .iter()
-            .any(|(_, l)| l.names().iter().any(|n| n == name))
-        {
+        if layers.iter().any(|(_, l)| l.holds(name)) {
             return Err(Error::DuplicateAdapter {
                 name: name.to_string(),
                 scope: Scope::Model,
@@ -84,11 +81,11 @@ pub trait LinearLayers {
         Ok(paths)
     }
 
-    /// Every adapter name some layer holds, in the order first met.
+    /// Every adapter name (LoRA or IA3) some layer holds, in the order first met.
     fn adapter_names(&self) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
         for (_, layer) in self.linear_layers() {
-            for n in layer.names() {
+            for n in layer.names().iter().chain(layer.ia3_names()) {
                 if !names.contains(n) {
                     names.push(n.clone());
                 }
@@ -106,12 +103,16 @@ pub trait LinearLayers {
     fn set_active_adapters(&mut self, names: &[&str]) -> Result<()> {
         self.check_adapters(names)?;
         for (_, layer) in self.linear_layers_mut() {
-            let held: Vec<&str> = names
-                .iter()
-                .copied()
-                .filter(|n| layer.names().iter().any(|h| h == n))
-                .collect();
-            layer.set_active(&held)?;
+            let held = |have: &[String]| -> Vec<&str> {
+                names
+                    .iter()
+                    .copied()
+                    .filter(|n| have.iter().any(|h| h == n))
+                    .collect()
+            };
+            let (lora, ia3) = (held(layer.names()), held(layer.ia3_names()));
+            layer.set_active(&lora)?;
+            layer.set_active_ia3(&ia3)?;
         }
         Ok(())
     }
@@ -120,19 +121,29 @@ pub trait LinearLayers {
     /// merged), as PEFT's `delete_adapter`.
     ///
     /// # Errors
-    /// [`Error::UnknownAdapter`] for a name no layer holds.
+    /// [`Error::UnknownAdapter`] for a name no layer holds; [`Error::Invalid`] for a merged
+    /// IA3 adapter whose merge cannot be undone (a vector entry near zero; nothing changes).
     fn delete_adapter(&mut self, name: &str) -> Result<()> {
         self.check_adapters(&[name])?;
-        for (_, layer) in self.linear_layers_mut() {
+        let mut layers = self.linear_layers_mut();
+        for (_, layer) in &layers {
+            if layer.ia3_names().iter().any(|n| n == name) && layer.is_ia3_merged(name)? {
+                crate::modules::ia3::check_invertible(&layer.ia3(name)?.scale.val())?;
+            }
+        }
+        for (_, layer) in &mut layers {
             if layer.names().iter().any(|n| n == name) {
                 layer.remove_adapter(name)?;
+            } else if layer.ia3_names().iter().any(|n| n == name) {
+                layer.remove_ia3(name)?;
             }
         }
         Ok(())
     }
 
-    /// Merges adapter `name` into the base weight of every layer that holds it (`W ← W + s·A
-    /// B`): the same outputs at the base model's cost, until [`unmerge_adapter`](Self::unmerge_adapter).
+    /// Merges adapter `name` into the base weight of every layer that holds it (LoRA: `W ← W
+    /// + s·A B`; IA3: the vector folded into `W` and, output-side, the bias): the same outputs
+    /// at the base model's cost, until [`unmerge_adapter`](Self::unmerge_adapter).
     ///
     /// # Errors
     /// [`Error::UnknownAdapter`]; [`Error::AlreadyMerged`] (nothing changes).
@@ -140,7 +151,7 @@ pub trait LinearLayers {
         self.check_adapters(&[name])?;
         let mut layers = self.linear_layers_mut();
         for (_, layer) in &layers {
-            if layer.names().iter().any(|n| n == name) && layer.is_merged(name)? {
+            if merge_state(layer, name)? == Some(true) {
                 return Err(Error::AlreadyMerged {
                     name: name.to_string(),
                     operation: "merging it again",
@@ -150,28 +161,37 @@ pub trait LinearLayers {
         for (_, layer) in &mut layers {
             if layer.names().iter().any(|n| n == name) {
                 layer.merge(name)?;
+            } else if layer.ia3_names().iter().any(|n| n == name) {
+                layer.merge_ia3(name)?;
             }
         }
         Ok(())
     }
 
-    /// Undoes [`merge_adapter`](Self::merge_adapter) in every layer that holds `name`.
+    /// Undoes [`merge_adapter`](Self::merge_adapter) in every layer that holds `name` (IA3:
+    /// dividing by the vector, to f32 rounding).
     ///
     /// # Errors
-    /// [`Error::UnknownAdapter`]; [`Error::NotMerged`] (nothing changes).
+    /// [`Error::UnknownAdapter`]; [`Error::NotMerged`]; [`Error::Invalid`] for an IA3 vector
+    /// with an entry near zero (nothing changes).
     fn unmerge_adapter(&mut self, name: &str) -> Result<()> {
         self.check_adapters(&[name])?;
         let mut layers = self.linear_layers_mut();
         for (_, layer) in &layers {
-            if layer.names().iter().any(|n| n == name) && !layer.is_merged(name)? {
+            if merge_state(layer, name)? == Some(false) {
                 return Err(Error::NotMerged {
                     name: name.to_string(),
                 });
+            }
+            if layer.ia3_names().iter().any(|n| n == name) {
+                crate::modules::ia3::check_invertible(&layer.ia3(name)?.scale.val())?;
             }
         }
         for (_, layer) in &mut layers {
             if layer.names().iter().any(|n| n == name) {
                 layer.unmerge(name)?;
+            } else if layer.ia3_names().iter().any(|n| n == name) {
+                layer.unmerge_ia3(name)?;
             }
         }
         Ok(())
@@ -195,6 +215,17 @@ pub trait LinearLayers {
         new_name: &str,
     ) -> Result<()> {
         self.check_adapters(adapters)?;
+        for (_, layer) in self.linear_layers() {
+            if let Some(a) = adapters
+                .iter()
+                .find(|a| layer.ia3_names().iter().any(|n| n == *a))
+            {
+                return Err(Error::invalid(
+                    format!("add_weighted_adapter: adapter `{a}`"),
+                    "it is an IA3 adapter; add_weighted_adapter combines LoRA adapters",
+                ));
+            }
+        }
         if self.adapter_names().iter().any(|n| n == new_name) {
             return Err(Error::DuplicateAdapter {
                 name: new_name.to_string(),
@@ -261,4 +292,15 @@ pub trait LinearLayers {
             None => Ok(()),
         }
     }
+}
+
+/// Whether `layer`'s adapter `name` (of either kind) is merged; `None` when it lacks it.
+fn merge_state(layer: &LoraLinear, name: &str) -> Result<Option<bool>> {
+    if layer.names().iter().any(|n| n == name) {
+        return layer.is_merged(name).map(Some);
+    }
+    if layer.ia3_names().iter().any(|n| n == name) {
+        return layer.is_ia3_merged(name).map(Some);
+    }
+    Ok(None)
 }

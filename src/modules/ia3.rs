@@ -19,6 +19,20 @@ use burn::tensor::Tensor;
 use super::{ComputeModule, check_last_dim};
 use crate::error::{Error, Result};
 
+/// One named (IA)³ adapter as a [`LoraLinear`](super::lora::LoraLinear) holds it (see
+/// [`LoraLinear::insert_ia3`](super::lora::LoraLinear::insert_ia3)): the vector `l` and its
+/// placement.
+///
+/// # Shapes
+/// `scale: [d_in]` when `feedforward` (input-side), `[d_out]` otherwise.
+#[derive(Module, Debug)]
+pub struct Ia3Vector {
+    /// The vector `l` (trainable unless frozen).
+    pub scale: Param<Tensor<1>>,
+    /// Input-side (PEFT's `feedforward_modules`) rather than output-side.
+    pub feedforward: bool,
+}
+
 /// A frozen [`Linear`] rescaled by an (IA)³ vector.
 #[derive(Module, Debug)]
 pub struct Ia3Linear {
@@ -125,35 +139,48 @@ impl Ia3Linear {
         if !self.merged {
             return Err(Error::NotMerged { name: "ia3".into() });
         }
-        let min_abs = self.scale.val().abs().min().into_scalar::<f32>();
-        if min_abs < 1e-8 {
-            return Err(Error::invalid(
-                "IA3 unmerge",
-                format!(
-                    "the vector has an entry of magnitude {min_abs:e} < 1e-8, so the merge cannot be undone; keep the unmerged layer instead"
-                ),
-            ));
-        }
+        check_invertible(&self.scale.val())?;
         self.fold(true);
         self.merged = false;
         Ok(())
     }
 
     fn fold(&mut self, inverse: bool) {
-        let l = self.scale.val().detach();
-        let l = if inverse { l.recip() } else { l };
-        let (d_in, d_out) = (self.d_in(), self.d_out());
-        if self.feedforward {
-            let lw = l.reshape([d_in, 1]);
-            self.base.weight = self.base.weight.clone().map(|w| (w * lw).detach());
-        } else {
-            let lw = l.clone().reshape([1, d_out]);
-            self.base.weight = self.base.weight.clone().map(|w| (w * lw).detach());
-            if let Some(b) = self.base.bias.take() {
-                self.base.bias = Some(b.map(|b| (b * l).detach()));
-            }
+        fold_ia3(&mut self.base, self.scale.val(), self.feedforward, inverse);
+    }
+}
+
+/// Folds an IA3 vector `l` into a frozen layer (`inverse`: its reciprocal, to undo a fold):
+/// input-side `W ← diag(l) W`; output-side `W ← W diag(l)`, `b ← l ⊙ b`.
+pub(crate) fn fold_ia3(base: &mut Linear, l: Tensor<1>, feedforward: bool, inverse: bool) {
+    let l = l.detach();
+    let l = if inverse { l.recip() } else { l };
+    let n = l.dims()[0];
+    if feedforward {
+        let lw = l.reshape([n, 1]);
+        base.weight = base.weight.clone().map(|w| (w * lw).detach());
+    } else {
+        let lw = l.clone().reshape([1, n]);
+        base.weight = base.weight.clone().map(|w| (w * lw).detach());
+        if let Some(b) = base.bias.take() {
+            base.bias = Some(b.map(|b| (b * l).detach()));
         }
     }
+}
+
+/// [`Error::Invalid`] when `l` has an entry of magnitude below `1e-8`, whose fold cannot be
+/// undone by dividing (PEFT adds `1e-8` to the divisor instead, which is not exact).
+pub(crate) fn check_invertible(l: &Tensor<1>) -> Result<()> {
+    let min_abs = l.clone().abs().min().into_scalar::<f32>();
+    if min_abs < 1e-8 {
+        return Err(Error::invalid(
+            "IA3 unmerge",
+            format!(
+                "the vector has an entry of magnitude {min_abs:e} < 1e-8, so the merge cannot be undone; keep the unmerged layer instead"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl ComputeModule for Ia3Linear {

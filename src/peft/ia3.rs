@@ -15,7 +15,6 @@ use crate::error::{Error, Result, Scope};
 use crate::io::HostTensor;
 use crate::models::LinearLayers;
 use crate::modules::ia3::Ia3Linear;
-use burn::module::Param;
 
 /// An IA3 adapter read from (or to be written as) a PEFT folder.
 #[derive(Debug)]
@@ -97,19 +96,24 @@ impl PeftIa3 {
         Ia3Linear::with_scale(base, v.clone(), *ff)
     }
 
-    /// Merges this folder into every layer of `model` that PEFT's target rules select (PEFT's
-    /// IA3 `merge_and_unload`, exact): an input-side (feedforward) vector scales the weight's
-    /// input rows, `W ← diag(l) W` in burn's `[in, out]` layout; an output-side one scales its
-    /// output columns and the bias, `W ← W diag(l)`, `b ← l ⊙ b`, as PEFT scales the layer's
-    /// whole output. Returns the merged paths. The merge is permanent (reload the model to
-    /// remove it); IA3 is not a switchable adapter of the model layers yet.
+    /// Attaches this folder's vectors to every layer of `model` that PEFT's target rules
+    /// select, as IA3 adapter `name` (active, unmerged; trainable): PEFT's `load_adapter` for
+    /// an IA3 folder. Manage it with the model's [`LinearLayers`] methods (activate, merge,
+    /// unmerge, delete) and serve it per sequence in mixed batches. Returns the adapted paths.
     ///
     /// # Errors
     /// As [`PeftLora::attach_to_model`](crate::PeftLora::attach_to_model) for the target
     /// rules; [`Error::Peft`] for a vector whose length does not fit its layer or a selected
-    /// layer that holds LoRA adapters. Nothing changes on error.
-    pub fn merge_into_model(&self, model: &mut dyn LinearLayers) -> Result<Vec<String>> {
+    /// layer that holds LoRA adapters; [`Error::DuplicateAdapter`] when the model holds
+    /// `name`. Nothing changes on error.
+    pub fn attach_to_model(&self, model: &mut dyn LinearLayers, name: &str) -> Result<Vec<String>> {
         let origin = std::path::PathBuf::from("<PEFT IA3>");
+        if model.adapter_names().iter().any(|n| n == name) {
+            return Err(Error::DuplicateAdapter {
+                name: name.to_string(),
+                scope: Scope::Model,
+            });
+        }
         let output = model.output_layer().map(str::to_string);
         let mut layers = model.linear_layers_mut();
         let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
@@ -136,41 +140,99 @@ impl PeftIa3 {
             if !layer.names().is_empty() {
                 return Err(Error::peft(
                     &origin,
-                    format!("`{path}` holds LoRA adapters; merge IA3 into a model without them"),
+                    format!(
+                        "`{path}` holds LoRA adapters; a layer holds one kind of adapter, as a PEFT model does"
+                    ),
                 ));
             }
         }
-        let mut merged = Vec::with_capacity(selected.len());
+        let mut attached = Vec::with_capacity(selected.len());
         for &i in &selected {
             let (path, layer) = &mut layers[i];
             let (v, ff) = &self.modules[path.as_str()];
-            let v = v.clone().to_device(&layer.base.weight.device());
-            let w = layer.base.weight.val();
-            let base = &mut layer.base;
-            if *ff {
-                base.weight =
-                    Param::from_tensor(w * v.unsqueeze_dim::<2>(1)).set_require_grad(false);
-            } else {
-                base.weight =
-                    Param::from_tensor(w * v.clone().unsqueeze_dim::<2>(0)).set_require_grad(false);
-                if let Some(b) = &base.bias {
-                    base.bias = Some(Param::from_tensor(b.val() * v).set_require_grad(false));
-                }
+            layer.insert_ia3(name, v.clone(), *ff)?;
+            attached.push(path.clone());
+        }
+        Ok(attached)
+    }
+
+    /// Merges this folder into every layer of `model` that PEFT's target rules select and
+    /// keeps no adapter (PEFT's IA3 `merge_and_unload`, exact): an input-side (feedforward)
+    /// vector scales the weight's input rows, `W ← diag(l) W` in burn's `[in, out]` layout;
+    /// an output-side one scales its output columns and the bias, `W ← W diag(l)`, `b ← l ⊙
+    /// b`, as PEFT scales the layer's whole output. Returns the merged paths. To keep the
+    /// adapter switchable, [`attach_to_model`](Self::attach_to_model) instead.
+    ///
+    /// # Errors
+    /// As [`attach_to_model`](Self::attach_to_model). Nothing changes on error.
+    pub fn merge_into_model(&self, model: &mut dyn LinearLayers) -> Result<Vec<String>> {
+        let name = (0..)
+            .map(|i| format!("__merged_ia3_{i}"))
+            .find(|n| !model.adapter_names().contains(n))
+            .unwrap_or_default();
+        let merged = self.attach_to_model(model, &name)?;
+        for (_, layer) in model.linear_layers_mut() {
+            if layer.ia3_names().contains(&name) {
+                layer.merge_ia3(&name)?;
+                layer.unload_ia3(&name)?;
             }
-            merged.push(path.clone());
         }
         Ok(merged)
     }
 
+    /// The IA3 adapter `name` of every layer of `model` that holds it, as a PEFT IA3 whose
+    /// [`save`](Self::save) writes a folder PEFT loads onto the same Hugging Face model with
+    /// the same outputs (trained vectors included).
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] when no layer holds `name` as an IA3 adapter.
+    pub fn from_model(model: &dyn LinearLayers, name: &str) -> Result<Self> {
+        let layers = model.linear_layers();
+        let mut held = Vec::new();
+        for (path, layer) in &layers {
+            if layer.ia3_names().iter().any(|n| n == name) {
+                held.push((path.as_str(), layer.ia3(name)?));
+            }
+        }
+        if held.is_empty() {
+            let mut known: Vec<String> = Vec::new();
+            for (_, layer) in &layers {
+                for n in layer.ia3_names() {
+                    if !known.contains(n) {
+                        known.push(n.clone());
+                    }
+                }
+            }
+            return Err(Error::UnknownAdapter {
+                name: name.to_string(),
+                scope: Scope::Model,
+                known,
+            });
+        }
+        Ok(Self::from_vectors(
+            held.into_iter()
+                .map(|(p, v)| (p, v.scale.val(), v.feedforward)),
+        ))
+    }
+
     /// Builds a PEFT IA3 adapter from layers by module path.
     pub fn from_layers<'a>(layers: impl IntoIterator<Item = (&'a str, &'a Ia3Linear)>) -> Self {
+        Self::from_vectors(
+            layers
+                .into_iter()
+                .map(|(p, l)| (p, l.scale.val(), l.feedforward)),
+        )
+    }
+
+    /// Builds a PEFT IA3 adapter from `(module path, l, input-side)` triples.
+    fn from_vectors<'a>(vectors: impl IntoIterator<Item = (&'a str, Tensor<1>, bool)>) -> Self {
         let mut modules = BTreeMap::new();
         let mut ff = Vec::new();
-        for (path, l) in layers {
-            if l.feedforward {
+        for (path, l, is_ff) in vectors {
+            if is_ff {
                 ff.push(path.to_string());
             }
-            modules.insert(path.to_string(), (l.scale.val(), l.feedforward));
+            modules.insert(path.to_string(), (l, is_ff));
         }
         let text = json!({"peft_type": "IA3", "feedforward_modules": ff}).to_string();
         let config = PeftConfig::from_json(&text, "<new>").unwrap_or_else(|_| unreachable!());

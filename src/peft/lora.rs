@@ -285,11 +285,20 @@ impl PeftLora {
                     ),
                 ));
             }
-            if layer.names().iter().any(|n| n == name) {
+            if layer.holds(name) {
                 return Err(Error::DuplicateAdapter {
                     name: name.to_string(),
                     scope: Scope::Layer,
                 });
+            }
+            if !layer.ia3_names().is_empty() {
+                return Err(Error::peft(
+                    &origin,
+                    format!(
+                        "`{path}` holds IA3 adapters ({}); a layer holds one kind of adapter, as a PEFT model does",
+                        layer.ia3_names().join(", ")
+                    ),
+                ));
             }
         }
         let mut attached = Vec::with_capacity(selected.len());

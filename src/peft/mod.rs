@@ -77,6 +77,23 @@ impl PeftAdapter {
             PeftType::Ia3 => PeftIa3::load(dir, device).map(Self::Ia3),
         }
     }
+
+    /// Attaches the adapter to `model` as `name` by PEFT's target rules (PEFT's
+    /// `load_adapter`): [`PeftLora::attach_to_model`] or [`PeftIa3::attach_to_model`].
+    /// Returns the adapted paths.
+    ///
+    /// # Errors
+    /// As those. Nothing changes on error.
+    pub fn attach_to_model(
+        &self,
+        model: &mut dyn crate::models::LinearLayers,
+        name: &str,
+    ) -> Result<Vec<String>> {
+        match self {
+            Self::Lora(a) => a.attach_to_model(model, name),
+            Self::Ia3(a) => a.attach_to_model(model, name),
+        }
+    }
 }
 
 #[cfg(test)]

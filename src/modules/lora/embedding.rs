@@ -41,6 +41,11 @@ impl LoraEmbedding {
         (n, d)
     }
 
+    /// An embedding holds LoRA adapters only, so any may join.
+    fn accepts_lora(&self, _name: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Adds a new adapter of rank `rank` with PEFT's embedding initialisation (`A = 0`,
     /// `B ~ N(0, 1)`).
     ///

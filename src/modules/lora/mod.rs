@@ -37,9 +37,11 @@
 //! - `slots.rs`: [`AdapterSlots`] and the adapter-management API of the host layers;
 //! - this file: [`LoraLinear`] and [`LoraForward`];
 //! - `mixed.rs`: mixed-adapter batches on [`LoraLinear`];
+//! - `ia3.rs`: (IA)³ adapters on [`LoraLinear`] (a layer holds LoRA or IA3 adapters);
 //! - `embedding.rs`: [`LoraEmbedding`].
 
 mod embedding;
+mod ia3;
 mod mixed;
 pub(crate) mod module;
 mod slots;
@@ -48,6 +50,7 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::Tensor;
 
+use super::ia3::Ia3Vector;
 use super::{ComputeModule, check_last_dim};
 use crate::error::{Error, Result};
 use slots::{adapter_host_api, fold_delta};
@@ -85,14 +88,21 @@ pub enum LoraForward {
 ///
 /// The base parameters never receive gradients; each adapter's factors do. Adapters can be
 /// activated in any combination, merged into the base weight for inference and unmerged again.
+///
+/// The layer can hold named (IA)³ vectors instead of LoRA adapters, managed the same way
+/// ([`insert_ia3`](Self::insert_ia3) and the methods beside it); never both kinds at once.
 #[derive(Module, Debug)]
 pub struct LoraLinear {
     /// The frozen host layer (`weight: [d_in, d_out]`).
     pub base: Linear,
     /// The adapters, in insertion order (their names are in [`names`](Self::names)).
     pub adapters: Vec<LoraModule>,
+    /// The IA3 adapters, in insertion order (names in [`ia3_names`](Self::ia3_names)).
+    pub ia3: Vec<Ia3Vector>,
     #[module(skip)]
     slots: AdapterSlots,
+    #[module(skip)]
+    ia3_slots: AdapterSlots,
     #[module(skip)]
     mode: LoraForward,
 }
@@ -105,7 +115,9 @@ impl LoraLinear {
         Self {
             base: base.no_grad(),
             adapters: Vec::new(),
+            ia3: Vec::new(),
             slots: AdapterSlots::default(),
+            ia3_slots: AdapterSlots::default(),
             mode: LoraForward::Auto,
         }
     }
@@ -122,6 +134,20 @@ impl LoraLinear {
 
     fn host_dims(&self) -> (usize, usize) {
         (self.d_in(), self.d_out())
+    }
+
+    /// A LoRA adapter `name` may join the layer: it holds no IA3 adapters.
+    fn accepts_lora(&self, name: &str) -> Result<()> {
+        if self.ia3.is_empty() {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            format!("LoRA adapter `{name}`"),
+            format!(
+                "the layer holds IA3 adapters ({}); a layer holds one kind of adapter, as a PEFT model does",
+                self.ia3_slots.names().join(", ")
+            ),
+        ))
     }
 
     /// Input width of the host layer.
@@ -164,6 +190,9 @@ impl LoraLinear {
     }
 
     fn forward_unchecked<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if !self.ia3.is_empty() {
+            return self.ia3_forward(x);
+        }
         let live: Vec<&LoraModule> = self.live_adapters().collect();
         if live.is_empty() {
             return self.base.forward(x);
@@ -202,12 +231,16 @@ impl LoraLinear {
         }
     }
 
-    /// PEFT's `merge_and_unload`: merges the active adapters and returns the plain layer.
+    /// PEFT's `merge_and_unload`: merges the active adapters (LoRA or IA3) and returns the
+    /// plain layer.
     ///
     /// # Errors
     /// None in practice (the names come from the layer).
     pub fn merge_and_unload(mut self) -> Result<Linear> {
         self.merge_active()?;
+        for n in self.ia3_slots.active_unmerged() {
+            self.merge_ia3(&n)?;
+        }
         Ok(self.base)
     }
 }

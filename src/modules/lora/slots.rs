@@ -132,8 +132,10 @@ macro_rules! adapter_host_api {
             ///
             /// # Errors
             /// [`Error::DuplicateAdapter`] if the name exists; [`Error::Shape`] if its widths
-            /// differ from the host layer's.
+            /// differ from the host layer's; [`Error::Invalid`] if the layer holds IA3
+            /// adapters.
             pub fn insert_adapter(&mut self, name: &str, adapter: LoraModule) -> Result<()> {
+                self.accepts_lora(name)?;
                 let (d_in, d_out) = self.host_dims();
                 if adapter.d_in() != d_in || adapter.d_out() != d_out {
                     return Err(Error::shape(
