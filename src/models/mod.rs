@@ -127,16 +127,10 @@ pub trait LinearLayers {
         self.check_adapters(&[name])?;
         let mut layers = self.linear_layers_mut();
         for (_, layer) in &layers {
-            if layer.ia3_names().iter().any(|n| n == name) && layer.is_ia3_merged(name)? {
-                crate::modules::ia3::check_invertible(&layer.ia3(name)?.scale.val())?;
-            }
+            layer.check_undoable(name)?;
         }
         for (_, layer) in &mut layers {
-            if layer.names().iter().any(|n| n == name) {
-                layer.remove_adapter(name)?;
-            } else if layer.ia3_names().iter().any(|n| n == name) {
-                layer.remove_ia3(name)?;
-            }
+            layer.remove_named(name)?;
         }
         Ok(())
     }
@@ -151,7 +145,7 @@ pub trait LinearLayers {
         self.check_adapters(&[name])?;
         let mut layers = self.linear_layers_mut();
         for (_, layer) in &layers {
-            if merge_state(layer, name)? == Some(true) {
+            if layer.merged_named(name) == Some(true) {
                 return Err(Error::AlreadyMerged {
                     name: name.to_string(),
                     operation: "merging it again",
@@ -159,11 +153,7 @@ pub trait LinearLayers {
             }
         }
         for (_, layer) in &mut layers {
-            if layer.names().iter().any(|n| n == name) {
-                layer.merge(name)?;
-            } else if layer.ia3_names().iter().any(|n| n == name) {
-                layer.merge_ia3(name)?;
-            }
+            layer.merge_named(name)?;
         }
         Ok(())
     }
@@ -178,21 +168,15 @@ pub trait LinearLayers {
         self.check_adapters(&[name])?;
         let mut layers = self.linear_layers_mut();
         for (_, layer) in &layers {
-            if merge_state(layer, name)? == Some(false) {
+            if layer.merged_named(name) == Some(false) {
                 return Err(Error::NotMerged {
                     name: name.to_string(),
                 });
             }
-            if layer.ia3_names().iter().any(|n| n == name) {
-                crate::modules::ia3::check_invertible(&layer.ia3(name)?.scale.val())?;
-            }
+            layer.check_undoable(name)?;
         }
         for (_, layer) in &mut layers {
-            if layer.names().iter().any(|n| n == name) {
-                layer.unmerge(name)?;
-            } else if layer.ia3_names().iter().any(|n| n == name) {
-                layer.unmerge_ia3(name)?;
-            }
+            layer.unmerge_named(name)?;
         }
         Ok(())
     }
@@ -292,15 +276,4 @@ pub trait LinearLayers {
             None => Ok(()),
         }
     }
-}
-
-/// Whether `layer`'s adapter `name` (of either kind) is merged; `None` when it lacks it.
-fn merge_state(layer: &LoraLinear, name: &str) -> Result<Option<bool>> {
-    if layer.names().iter().any(|n| n == name) {
-        return layer.is_merged(name).map(Some);
-    }
-    if layer.ia3_names().iter().any(|n| n == name) {
-        return layer.is_ia3_merged(name).map(Some);
-    }
-    Ok(None)
 }

@@ -12,7 +12,7 @@
 use burn::module::Param;
 use burn::tensor::Tensor;
 
-use super::LoraLinear;
+use super::{AdapterSlots, LoraLinear};
 use crate::error::{Error, Result};
 use crate::modules::check_last_dim;
 use crate::modules::ia3::{Ia3Vector, check_invertible, fold_ia3};
@@ -155,6 +155,58 @@ impl LoraLinear {
             .iter()
             .chain(self.ia3_names())
             .any(|n| n == name)
+    }
+
+    /// Whether the layer's adapter `name` (LoRA or IA3) is merged; `None` when it lacks it.
+    pub(crate) fn merged_named(&self, name: &str) -> Option<bool> {
+        let at = |slots: &AdapterSlots| slots.index(name).ok().map(|i| slots.merged[i]);
+        at(&self.slots).or_else(|| at(&self.ia3_slots))
+    }
+
+    /// [`Error::Invalid`] when `name` is a merged IA3 adapter whose merge cannot be undone
+    /// (see [`unmerge_ia3`](Self::unmerge_ia3)); checked before a model-wide unmerge or
+    /// delete touches any layer.
+    pub(crate) fn check_undoable(&self, name: &str) -> Result<()> {
+        match self.ia3_slots.index(name) {
+            Ok(i) if self.ia3_slots.merged[i] => check_invertible(&self.ia3[i].scale.val()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Merges adapter `name` of whichever kind the layer holds it as (nothing when it lacks
+    /// it).
+    pub(crate) fn merge_named(&mut self, name: &str) -> Result<()> {
+        if self.slots.index(name).is_ok() {
+            self.merge(name)
+        } else if self.ia3_slots.index(name).is_ok() {
+            self.merge_ia3(name)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Unmerges adapter `name` of whichever kind the layer holds it as (nothing when it lacks
+    /// it).
+    pub(crate) fn unmerge_named(&mut self, name: &str) -> Result<()> {
+        if self.slots.index(name).is_ok() {
+            self.unmerge(name)
+        } else if self.ia3_slots.index(name).is_ok() {
+            self.unmerge_ia3(name)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Removes adapter `name` of whichever kind the layer holds it as, unmerging it first
+    /// (nothing when it lacks it).
+    pub(crate) fn remove_named(&mut self, name: &str) -> Result<()> {
+        if self.slots.index(name).is_ok() {
+            self.remove_adapter(name).map(drop)
+        } else if self.ia3_slots.index(name).is_ok() {
+            self.remove_ia3(name).map(drop)
+        } else {
+            Ok(())
+        }
     }
 
     /// The product of the live (active, unmerged) IA3 vectors of one placement, if any.
