@@ -133,6 +133,8 @@ pub mod routers;
 pub mod routing;
 pub mod store;
 pub(crate) mod tensor_util;
+#[cfg(feature = "tokenizers")]
+pub mod tokenizer;
 
 pub use aggregate::{AdapterFusion, AdapterFusionConfig, LoraFactorMix, LoraMix, lora_mixture};
 pub use error::{Error, Result, Scope};

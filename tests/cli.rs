@@ -764,3 +764,191 @@ fn generate_reads_gpt2_folders() {
             .unwrap();
     assert_clear_prefix_equal(&got["new_tokens"], &want["new_tokens"], &want["gaps"]);
 }
+
+/// `tokenize` writes the input file `score` / `generate` / `embed` read, with transformers'
+/// ids (tests/data/tiny_tokenizer, from make_tiny_tokenizer.py): left-padded by default for a
+/// folder that is not a BERT encoder, right-padded or truncated when asked, adapters passed
+/// through; `decode` gives transformers' texts back.
+#[test]
+fn tokenize_and_decode_follow_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = data("tiny_tokenizer");
+    let folder = folder.to_str().unwrap();
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data("tiny_tokenizer/tokens.json")).unwrap())
+            .unwrap();
+    let n = g["texts"].as_array().unwrap().len();
+    let adapters: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                "a".into()
+            } else {
+                serde_json::Value::Null
+            }
+        })
+        .collect();
+    let input = write_json(
+        &tmp.path().join("texts.json"),
+        serde_json::json!({ "texts": g["texts"], "adapters": adapters }),
+    );
+    let out = tmp.path().join("batch.json");
+    let out_s = out.to_str().unwrap();
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    for (extra, key) in [
+        (vec![], &g["padded"]["left"]),
+        (vec!["--padding-side", "right"], &g["padded"]["right"]),
+        (vec!["--max-length", "5"], &g["truncated_left_5"]),
+    ] {
+        let mut args = vec![
+            "tokenize", "--model", folder, "--input", &input, "--out", out_s,
+        ];
+        args.extend(&extra);
+        let (ok, _, err) = modula(&args);
+        assert!(ok, "{extra:?}: {err}");
+        let b = read(&out);
+        assert_eq!(b["input_ids"], key["input_ids"], "{extra:?}");
+        assert_eq!(b["attention_mask"], key["attention_mask"], "{extra:?}");
+        assert_eq!(b["adapters"], serde_json::json!(adapters), "{extra:?}");
+    }
+    // Without special tokens, one text per call so that nothing is padded.
+    let one = write_json(
+        &tmp.path().join("one.json"),
+        serde_json::json!({ "texts": [g["texts"][1]] }),
+    );
+    let (ok, _, err) = modula(&[
+        "tokenize",
+        "--model",
+        folder,
+        "--input",
+        &one,
+        "--out",
+        out_s,
+        "--no-special-tokens",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(read(&out)["input_ids"][0], g["no_special_tokens"][1]);
+    assert!(read(&out).get("adapters").is_none());
+
+    // decode: input_ids with their mask (padding left out), and generate's new_tokens.
+    let padded = write_json(&tmp.path().join("padded.json"), g["padded"]["left"].clone());
+    let texts = tmp.path().join("texts_out.json");
+    let texts_s = texts.to_str().unwrap();
+    for (flag, want) in [
+        (Some("--skip-special-tokens"), &g["decoded"]),
+        (None, &g["decoded_with_special_tokens"]),
+    ] {
+        let mut args = vec![
+            "decode", "--model", folder, "--input", &padded, "--out", texts_s,
+        ];
+        args.extend(flag);
+        let (ok, _, err) = modula(&args);
+        assert!(ok, "{err}");
+        assert_eq!(&read(&texts)["texts"], want, "{flag:?}");
+    }
+    let plain = g["no_special_tokens"].clone();
+    let gen_out = write_json(
+        &tmp.path().join("gen.json"),
+        serde_json::json!({ "new_tokens": plain }),
+    );
+    let (ok, _, err) = modula(&[
+        "decode", "--model", folder, "--input", &gen_out, "--out", texts_s,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(read(&texts)["texts"], g["decoded"]);
+
+    // Bad input: exit 2 naming the flag, file or key.
+    let bad_ids = write_json(
+        &tmp.path().join("bad_ids.json"),
+        serde_json::json!({ "new_tokens": [[1, 2], [5, 100000]] }),
+    );
+    let wrong_key = write_json(
+        &tmp.path().join("wrong.json"),
+        serde_json::json!({ "text": ["a"] }),
+    );
+    let short_adapters = write_json(
+        &tmp.path().join("short.json"),
+        serde_json::json!({ "texts": ["a", "b"], "adapters": ["x"] }),
+    );
+    let missing = tmp.path().join("no_such_dir");
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec![
+                "tokenize",
+                "--model",
+                folder,
+                "--input",
+                &input,
+                "--out",
+                out_s,
+                "--padding-side",
+                "up",
+            ],
+            vec!["--padding-side up", "left or right"],
+        ),
+        (
+            vec![
+                "tokenize",
+                "--model",
+                folder,
+                "--input",
+                &input,
+                "--out",
+                out_s,
+                "--max-length",
+                "0",
+            ],
+            vec!["max_length"],
+        ),
+        (
+            vec![
+                "tokenize", "--model", folder, "--input", &wrong_key, "--out", out_s,
+            ],
+            vec!["wrong.json", "text"],
+        ),
+        (
+            vec![
+                "tokenize",
+                "--model",
+                folder,
+                "--input",
+                &short_adapters,
+                "--out",
+                out_s,
+            ],
+            vec!["short.json", "adapters", "1 names but there are 2 texts"],
+        ),
+        (
+            vec![
+                "tokenize",
+                "--model",
+                missing.to_str().unwrap(),
+                "--input",
+                &input,
+                "--out",
+                out_s,
+            ],
+            vec!["no_such_dir", "tokenizer.json"],
+        ),
+        (
+            vec![
+                "decode", "--model", folder, "--input", &bad_ids, "--out", texts_s,
+            ],
+            vec!["bad_ids.json", "new_tokens[1]", "100000"],
+        ),
+        (
+            vec![
+                "decode", "--model", folder, "--input", &wrong_key, "--out", texts_s,
+            ],
+            vec!["wrong.json", "new_tokens", "input_ids"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let (code, err) = modula_code(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{args:?}: `{needle}` not in {err}");
+        }
+    }
+}

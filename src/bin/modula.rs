@@ -144,6 +144,48 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Text to token ids with the model folder's tokenizer.json (as transformers'
+    /// `tokenizer(texts, padding=True)`): reads {"texts": [...], "adapters": [...]} (adapters
+    /// optional, passed through) and writes the {"input_ids", "attention_mask"} file that
+    /// score, generate and embed read.
+    Tokenize {
+        /// The Hugging Face model folder holding tokenizer.json (and tokenizer_config.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// {"texts": ["...", ...], "adapters": [name or null, ...]}.
+        #[arg(long)]
+        input: PathBuf,
+        /// left or right (default: right for BERT encoders, left for decoders, which generate
+        /// after the last token).
+        #[arg(long)]
+        padding_side: Option<String>,
+        /// Truncate each row to at most this many ids, special tokens included.
+        #[arg(long)]
+        max_length: Option<usize>,
+        /// Leave out the special tokens the tokenizer adds (BOS, [CLS] ... [SEP]).
+        #[arg(long)]
+        no_special_tokens: bool,
+        /// Output JSON file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Token ids to text with the model folder's tokenizer.json (as transformers' `decode`):
+    /// reads the rows of `new_tokens` (generate's output) or of `input_ids` (padding left out
+    /// by `attention_mask`) and writes {"texts": [...]}.
+    Decode {
+        /// The Hugging Face model folder holding tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// A JSON file with `new_tokens`, or `input_ids` and optionally `attention_mask`.
+        #[arg(long)]
+        input: PathBuf,
+        /// Leave special tokens (BOS, EOS, padding) out of the text.
+        #[arg(long)]
+        skip_special_tokens: bool,
+        /// Output JSON file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Merge an adapter into base weights (PEFT's merge_and_unload): a Hugging Face model
     /// folder (sharded or not) into a folder that transformers and modula load, or one
     /// safetensors file into an F32 file with the same keys.
@@ -463,17 +505,7 @@ fn read_batch<M>(
     Option<burn::tensor::Tensor<2, burn::tensor::Int>>,
     Vec<Option<String>>,
 )> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
-    let batch: Batch = serde_path_to_error::deserialize(de).map_err(|e| {
-        invalid(
-            format!("{}: key `{}`", path.display(), e.path()),
-            e.inner().to_string(),
-        )
-    })?;
+    let batch: Batch = read_json(path)?;
     let bad = |key: String, why: String| invalid(format!("{}: key `{key}`", path.display()), why);
     let rows = batch.input_ids.len();
     let seq = batch.input_ids.first().map_or(0, Vec::len);
@@ -591,10 +623,15 @@ fn read_batch<M>(
 /// Whether `dir/config.json` declares `model_type: gpt2` (unreadable configs are reported by
 /// the loader that follows).
 fn is_gpt2(dir: &Path) -> bool {
+    is_model_type(dir, "gpt2")
+}
+
+/// Whether `dir/config.json` declares this `model_type`.
+fn is_model_type(dir: &Path, model_type: &str) -> bool {
     std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["model_type"] == "gpt2")
+        .is_some_and(|v| v["model_type"] == model_type)
 }
 
 fn run_score(batch: &BatchArgs, out: &Path) -> Result<()> {
@@ -720,6 +757,144 @@ fn run_embed(batch: &BatchArgs, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The JSON `tokenize` reads.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Texts {
+    texts: Vec<String>,
+    #[serde(default)]
+    adapters: Option<Vec<Option<String>>>,
+}
+
+/// The JSON `decode` reads.
+#[derive(serde::Deserialize)]
+struct IdRows {
+    #[serde(default)]
+    new_tokens: Option<Vec<Vec<i64>>>,
+    #[serde(default)]
+    input_ids: Option<Vec<Vec<i64>>>,
+    #[serde(default)]
+    attention_mask: Option<Vec<Vec<i64>>>,
+}
+
+/// Reads `path` as JSON into `T`, naming the file and the key that does not fit.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        invalid(
+            format!("{}: key `{}`", path.display(), e.path()),
+            e.inner().to_string(),
+        )
+    })
+}
+
+fn run_tokenize(
+    model: &Path,
+    input: &Path,
+    padding_side: Option<&str>,
+    max_length: Option<usize>,
+    no_special_tokens: bool,
+    out: &Path,
+) -> Result<()> {
+    use modula::tokenizer::{PaddingSide, Tokenizer};
+    let side = match padding_side {
+        Some("left") => PaddingSide::Left,
+        Some("right") => PaddingSide::Right,
+        Some(other) => {
+            return Err(invalid(
+                format!("--padding-side {other}"),
+                "write left or right",
+            ));
+        }
+        None if is_model_type(model, "bert") => PaddingSide::Right,
+        None => PaddingSide::Left,
+    };
+    let mut tok = Tokenizer::from_folder(model)?;
+    tok.set_max_length(max_length)
+        .map_err(|e| in_file(model, e))?;
+    let texts: Texts = read_json(input)?;
+    if texts.texts.is_empty() {
+        return Err(invalid(
+            format!("{}: key `texts`", input.display()),
+            "needs at least one text",
+        ));
+    }
+    if let Some(a) = &texts.adapters
+        && a.len() != texts.texts.len()
+    {
+        return Err(invalid(
+            format!("{}: key `adapters`", input.display()),
+            format!(
+                "{} names but there are {} texts",
+                a.len(),
+                texts.texts.len()
+            ),
+        ));
+    }
+    let refs: Vec<&str> = texts.texts.iter().map(String::as_str).collect();
+    let batch = tok.encode_batch(&refs, !no_special_tokens, side)?;
+    let mut json = serde_json::json!({
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+    });
+    if let Some(a) = texts.adapters {
+        json["adapters"] = serde_json::json!(a);
+    }
+    modula::io::atomic_write(out, format!("{json}\n").as_bytes())?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+fn run_decode(model: &Path, input: &Path, skip_special_tokens: bool, out: &Path) -> Result<()> {
+    let tok = modula::tokenizer::Tokenizer::from_folder(model)?;
+    let rows: IdRows = read_json(input)?;
+    let key = |k: &str| format!("{}: key `{k}`", input.display());
+    let (name, ids) = match (rows.new_tokens, rows.input_ids) {
+        (Some(r), _) => ("new_tokens", r),
+        (None, Some(r)) => ("input_ids", r),
+        (None, None) => {
+            return Err(invalid(
+                input.display().to_string(),
+                "has neither `new_tokens` (generate's output) nor `input_ids`",
+            ));
+        }
+    };
+    let mask = rows.attention_mask.filter(|_| name == "input_ids");
+    if let Some(m) = &mask {
+        let shape = |r: &[Vec<i64>]| r.iter().map(Vec::len).collect::<Vec<_>>();
+        if shape(m) != shape(&ids) {
+            return Err(invalid(
+                key("attention_mask"),
+                "its rows must have the lengths of the `input_ids` rows",
+            ));
+        }
+    }
+    let mut texts = Vec::with_capacity(ids.len());
+    for (r, row) in ids.iter().enumerate() {
+        let kept: Vec<i64> = match &mask {
+            Some(m) => row
+                .iter()
+                .zip(&m[r])
+                .filter(|(_, m)| **m != 0)
+                .map(|(t, _)| *t)
+                .collect(),
+            None => row.clone(),
+        };
+        let text = tok
+            .decode(&kept, skip_special_tokens)
+            .map_err(|e| invalid(key(&format!("{name}[{r}]")), e.to_string()))?;
+        texts.push(text);
+    }
+    let json = serde_json::json!({ "texts": texts });
+    modula::io::atomic_write(out, format!("{json}\n").as_bytes())?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { dir } => {
@@ -758,6 +933,27 @@ fn run(cli: Cli) -> Result<()> {
         } => println!("{}", run_cluster(k, sparsity, n_init, seed, &adapters)?),
         Command::Arrow { out, adapters } => run_arrow(&out, &adapters)?,
         Command::Bake { base, out, adapter } => run_bake(&base, &out, &adapter)?,
+        Command::Tokenize {
+            model,
+            input,
+            padding_side,
+            max_length,
+            no_special_tokens,
+            out,
+        } => run_tokenize(
+            &model,
+            &input,
+            padding_side.as_deref(),
+            max_length,
+            no_special_tokens,
+            &out,
+        )?,
+        Command::Decode {
+            model,
+            input,
+            skip_special_tokens,
+            out,
+        } => run_decode(&model, &input, skip_special_tokens, &out)?,
         Command::Score { batch, out } => run_score(&batch, &out)?,
         Command::Embed { batch, out } => run_embed(&batch, &out)?,
         Command::Generate {
