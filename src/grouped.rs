@@ -24,7 +24,11 @@
 //! (strided, so transposed weights are read in place), and SwiGLU's element-wise step fused in
 //! place into a hidden buffer reused by every group (and kept per thread between calls, so
 //! repeated forwards do not page-fault it in again). This is the "grouped GEMM" of MegaBlocks
-//! (Gale et al., arXiv 2211.15841) on the CPU. Everywhere else (wgpu, CUDA, and autodiff, so
+//! (Gale et al., arXiv 2211.15841) on the CPU. A product of at most 8 rows by a row-major
+//! weight (a decoding step; [`dense_linear`] sends every base projection of the models here)
+//! skips `gemm`'s packing: with so few rows the weight is the only large operand, so the
+//! product is bound by memory bandwidth, and a kernel that streams each weight row once, in
+//! column bands per thread, runs near it. Everywhere else (wgpu, CUDA, and autodiff, so
 //! that training differentiates through it) the same op runs as plain tensor ops, one group at
 //! a time, so every backend computes the same function.
 
@@ -108,6 +112,43 @@ pub fn grouped_linear(
             None => y,
         }
     }))
+}
+
+/// burn's [`linear`](burn::tensor::module::linear), `x W + b` over the last axis, with one
+/// group: on Flex, for `f32` tensors that do not track gradients and at most a few rows
+/// (decoding), it runs the weight-streaming kernel [`grouped_linear`] uses for small groups,
+/// which reads every weight element from memory once instead of packing it first; elsewhere
+/// it is burn's `linear`.
+///
+/// # Shapes
+/// - `x`: `[..., d_in]`; `weight`: `[d_in, d_out]`; `bias`: `[d_out]`; result: `[..., d_out]`
+pub fn dense_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    {
+        let dims = x.dims();
+        let [d_in, d_out] = weight.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        if rows <= host::STREAM_ROWS && dims[D - 1] == d_in {
+            let x2 = x.clone().reshape([rows, d_in]);
+            let biases = bias.clone().map(|b| [b]);
+            if let Some(y) = host::linear(
+                &x2,
+                &[rows],
+                std::slice::from_ref(&weight),
+                biases.as_ref().map(|b| &b[..]),
+                d_out,
+            ) {
+                let mut out = dims;
+                out[D - 1] = d_out;
+                return y.reshape(out);
+            }
+        }
+    }
+    burn::tensor::module::linear(x, weight, bias)
 }
 
 /// `y_g = ((x_g A_g) ⊙ s_g c_g) B_g` for every group `g` (see the [module docs](self)); `c`
@@ -292,6 +333,9 @@ mod host {
 
     use super::{LowRank, groups};
 
+    /// The most rows [`super::dense_linear`] sends to the host path.
+    pub(super) const STREAM_ROWS: usize = stream::MAX_ROWS;
+
     /// A 2-d `f32` matrix in a Flex buffer: the buffer, its element offset and strides.
     struct Mat {
         t: FlexTensor,
@@ -392,6 +436,19 @@ mod host {
         (lhs, lhs_rs, lhs_cs): (*const f32, isize, isize),
         w: &Mat,
     ) {
+        if m <= stream::MAX_ROWS && w.cs == 1 && w.rs >= n as isize && n >= stream::MIN_COLS {
+            // SAFETY: forwarded from the caller; `w` is row-major with row stride `w.rs`.
+            unsafe {
+                stream::times(
+                    (m, n, k),
+                    (dst, dst_rs),
+                    accumulate,
+                    (lhs, lhs_rs, lhs_cs),
+                    (w.row(0), w.rs as usize),
+                )
+            };
+            return;
+        }
         let par = if m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
             gemm::Parallelism::Rayon(0)
         } else {
@@ -584,5 +641,195 @@ mod host {
             });
         });
         Some(wrap(out))
+    }
+
+    /// Products of a few rows by a large row-major weight (decoding: one to a few tokens per
+    /// sequence) without `gemm`'s packing: the weight is the only large operand, so the
+    /// product is bound by how fast the weight streams from memory. Each thread owns a band
+    /// of output columns; it walks the weight eight rows at a time, each row a sequential
+    /// stream over its band, and adds `x[r, i..i+8] · W[i..i+8, band]` into the rows of the
+    /// output, which stay in cache. Every weight element is read from memory once.
+    mod stream {
+        use rayon::prelude::*;
+
+        /// The most rows that take this path (above it `gemm`'s packed kernel wins).
+        pub(in crate::grouped) const MAX_ROWS: usize = 8;
+        /// The fewest output columns that take this path (narrow products are `gemm`'s).
+        pub(in crate::grouped) const MIN_COLS: usize = 64;
+        /// Weight rows per pass.
+        const IB: usize = 8;
+        /// Output columns per cache block: `IB` weight rows of this width stay in L1 while
+        /// every output row is updated.
+        const CB: usize = 512;
+
+        /// A pointer that may cross to the worker threads (each writes its own columns).
+        #[derive(Clone, Copy)]
+        struct Out(*mut f32);
+        // SAFETY: the threads write disjoint column bands of the output.
+        unsafe impl Send for Out {}
+        unsafe impl Sync for Out {}
+
+        /// As [`super::times`] for a row-major `w` (`(pointer, row stride)`).
+        ///
+        /// # Safety
+        /// As [`super::times`].
+        pub(in crate::grouped) unsafe fn times(
+            (m, n, k): (usize, usize, usize),
+            (dst, dst_rs): (*mut f32, usize),
+            accumulate: bool,
+            (lhs, lhs_rs, lhs_cs): (*const f32, isize, isize),
+            (w, w_rs): (*const f32, usize),
+        ) {
+            // The left rows, contiguous (`m·k` values, small).
+            let mut x = vec![0.0f32; m * k];
+            for r in 0..m {
+                for i in 0..k {
+                    // SAFETY: lhs addresses an m × k matrix with these strides.
+                    x[r * k + i] =
+                        unsafe { *lhs.offset(r as isize * lhs_rs + i as isize * lhs_cs) };
+                }
+            }
+            // SAFETY: w addresses k rows of n at stride w_rs.
+            let w = unsafe { std::slice::from_raw_parts(w, (k - 1) * w_rs + n) };
+            let threads = rayon::current_num_threads().max(1);
+            // Bands of whole 16-column vectors, at least 256 columns each.
+            let band = n.div_ceil(threads).next_multiple_of(16).max(256);
+            let out = Out(dst);
+            let run = |c0: usize| {
+                let c1 = (c0 + band).min(n);
+                // SAFETY: each band writes columns c0..c1 of the m output rows only.
+                unsafe { band_times(&x, (m, k), w, w_rs, (c0, c1), out, dst_rs, accumulate) };
+            };
+            let starts: Vec<usize> = (0..n).step_by(band).collect();
+            if starts.len() == 1 || (m * n * k) < (1 << 18) {
+                starts.into_iter().for_each(run);
+            } else {
+                starts.into_par_iter().for_each(run);
+            }
+        }
+
+        /// One thread's band, on the widest vector unit this CPU has.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn band_times(
+            x: &[f32],
+            mk: (usize, usize),
+            w: &[f32],
+            w_rs: usize,
+            cols: (usize, usize),
+            out: Out,
+            dst_rs: usize,
+            accumulate: bool,
+        ) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (and so FMA); the rest as the caller's.
+                    return unsafe { band_avx512(x, mk, w, w_rs, cols, out, dst_rs, accumulate) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { band_avx2(x, mk, w, w_rs, cols, out, dst_rs, accumulate) };
+                }
+            }
+            // SAFETY: as the caller's.
+            unsafe { band_body(x, mk, w, w_rs, cols, out, dst_rs, accumulate) }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn band_avx512(
+            x: &[f32],
+            mk: (usize, usize),
+            w: &[f32],
+            w_rs: usize,
+            cols: (usize, usize),
+            out: Out,
+            dst_rs: usize,
+            accumulate: bool,
+        ) {
+            // SAFETY: as the caller's.
+            unsafe { band_body(x, mk, w, w_rs, cols, out, dst_rs, accumulate) }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn band_avx2(
+            x: &[f32],
+            mk: (usize, usize),
+            w: &[f32],
+            w_rs: usize,
+            cols: (usize, usize),
+            out: Out,
+            dst_rs: usize,
+            accumulate: bool,
+        ) {
+            // SAFETY: as the caller's.
+            unsafe { band_body(x, mk, w, w_rs, cols, out, dst_rs, accumulate) }
+        }
+
+        /// `out[r, c0..c1] (+)= Σ_i x[r, i] · w[i, c0..c1]`, compiled into each caller's
+        /// vector width.
+        ///
+        /// # Safety
+        /// `out` holds `m` rows at stride `dst_rs` with columns `c0..c1` written by this
+        /// call alone.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn band_body(
+            x: &[f32],
+            (m, k): (usize, usize),
+            w: &[f32],
+            w_rs: usize,
+            (c0, c1): (usize, usize),
+            out: Out,
+            dst_rs: usize,
+            accumulate: bool,
+        ) {
+            let len = c1 - c0;
+            // SAFETY: rows r < m of the output, columns c0..c1 (this band's alone).
+            let mut rows: Vec<&mut [f32]> = (0..m)
+                .map(|r| unsafe { std::slice::from_raw_parts_mut(out.0.add(r * dst_rs + c0), len) })
+                .collect();
+            if !accumulate {
+                for row in &mut rows {
+                    row.fill(0.0);
+                }
+            }
+            let wrow = |i: usize, a: usize, b: usize| &w[i * w_rs + c0 + a..i * w_rs + c0 + b];
+            let mut i0 = 0;
+            while i0 + IB <= k {
+                for a in (0..len).step_by(CB) {
+                    let b = (a + CB).min(len);
+                    let ws: [&[f32]; IB] = std::array::from_fn(|j| wrow(i0 + j, a, b));
+                    for (r, row) in rows.iter_mut().enumerate() {
+                        let xs: [f32; IB] = std::array::from_fn(|j| x[r * k + i0 + j]);
+                        let acc = &mut row[a..b];
+                        let n = acc.len();
+                        let ws: [&[f32]; IB] = std::array::from_fn(|j| &ws[j][..n]);
+                        for c in 0..n {
+                            let mut v = acc[c];
+                            for j in 0..IB {
+                                v = ws[j][c].mul_add(xs[j], v);
+                            }
+                            acc[c] = v;
+                        }
+                    }
+                }
+                i0 += IB;
+            }
+            for i in i0..k {
+                let wi = wrow(i, 0, len);
+                for (r, row) in rows.iter_mut().enumerate() {
+                    let xi = x[r * k + i];
+                    for (o, wv) in row.iter_mut().zip(wi) {
+                        *o = wv.mul_add(xi, *o);
+                    }
+                }
+            }
+        }
     }
 }

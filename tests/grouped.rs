@@ -6,7 +6,9 @@ mod common;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use common::{Rng, devices, vals};
-use modula::grouped::{LowRank, grouped_linear, grouped_low_rank, grouped_swiglu, runs_on_host};
+use modula::grouped::{
+    LowRank, dense_linear, grouped_linear, grouped_low_rank, grouped_swiglu, runs_on_host,
+};
 
 /// Uneven sizes with empty and one-row segments; the 300-row group crosses the size at which
 /// the host body runs its products in parallel.
@@ -299,4 +301,51 @@ fn grouped_ops_reject_sizes_and_weights_that_do_not_fit() {
     }];
     let e = grouped_low_rank(x, &[5], &ok_f, bad_scale).unwrap_err();
     assert!(e.to_string().contains("row scale"), "{e}");
+}
+
+/// `dense_linear` at the sizes of a decoding step (1 to 8 rows take Flex's weight-streaming
+/// kernel, 9 rows `gemm`) against the `f64` product: inner sizes below and above its 8-row
+/// passes and not a multiple of them, output widths narrower and wider than one thread's band
+/// and not a multiple of the vector width, strided inputs, with and without a bias, as a 3-d
+/// batch (on Flex, where the kernel runs).
+#[test]
+fn dense_linear_equals_the_product_at_decoding_sizes() {
+    let mut rng = Rng(5);
+    for (d_in, d_out) in [(5, 64), (1037, 700), (64, 2000), (300, 4099)] {
+        let w = M::random(&mut rng, d_in, d_out, 0.2);
+        let b: Vec<f64> = (0..d_out).map(|_| rng.uniform() as f64 - 0.5).collect();
+        for rows in [1, 3, 8, 9] {
+            let x = M::random(&mut rng, rows, d_in, 1.0);
+            let y = x.rows_times(0, rows, &w);
+            // Flex alone: elsewhere dense_linear is burn's linear.
+            let device = Device::flex();
+            for (bias, strided) in [(false, false), (true, true)] {
+                let xt = if strided {
+                    x.tensor_strided(&device)
+                } else {
+                    x.tensor(&device)
+                };
+                let bt = bias.then(|| {
+                    let v: Vec<f32> = b.iter().map(|&v| v as f32).collect();
+                    Tensor::<1>::from_data(TensorData::new(v, [d_out]), &device)
+                });
+                let got = dense_linear(xt.reshape([1, rows, d_in]), w.tensor(&device), bt);
+                assert_eq!(got.dims(), [1, rows, d_out]);
+                let want: Vec<f64> = (0..rows * d_out)
+                    .map(|i| y.v[i] + if bias { b[i % d_out] } else { 0.0 })
+                    .collect();
+                // f32 sums of d_in terms: the tolerance grows with d_in.
+                let tol = (1e-7 * d_in as f64).max(1e-5);
+                let worst = vals(got.reshape([rows, d_out]))
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, r)| (*g as f64 - r).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    worst <= tol,
+                    "{rows} × {d_in} · {d_in} × {d_out}, bias {bias}, on {device:?}: {worst:e}"
+                );
+            }
+        }
+    }
 }

@@ -617,22 +617,20 @@ impl LlamaForCausalLm {
         let k = self.rope.apply(heads(k, kv), cos, sin)?;
         let (k, v) = cache.append(l, k, v);
 
-        // Key/value head j serves query heads j·g .. (j+1)·g (transformers' repeat_kv).
+        // Key/value head j serves query heads j·g .. (j+1)·g (transformers' repeat_kv). Those
+        // g heads are consecutive, so they attend as g·s query rows of head j: the keys and
+        // values are read in place, never repeated.
         let g = h / kv;
-        let repeat = |x: Tensor<4>| {
-            x.unsqueeze_dim::<5>(2)
-                .expand([b, kv, g, t, hd])
-                .reshape([b, h, t, hd])
-        };
-        let (k, v) = (repeat(k), repeat(v));
+        let q = q.reshape([b, kv, g * s, hd]);
         let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
-        let scores = scores.mask_fill(
+        let scores = scores.reshape([b, h, s, t]).mask_fill(
             blocked.clone().unsqueeze_dim::<4>(1).expand([b, h, s, t]),
             // The most negative finite value, as transformers: a padded query row that sees
             // nothing gets a uniform (finite) softmax instead of NaN.
             f32::MIN,
         );
-        let out = softmax(scores, 3).matmul(v);
+        let p = softmax(scores, 3).reshape([b, kv, g * s, t]);
+        let out = p.matmul(v).reshape([b, h, s, hd]);
         linear(
             &attn.o_proj,
             out.swap_dims(1, 2).reshape([b, s, h * hd]),

@@ -225,7 +225,7 @@ impl LoraLinear {
             Some(l) => x * l.unsqueeze::<D>(),
             None => x,
         };
-        let y = self.base.forward(x);
+        let y = self.base_forward(x);
         match self.live_ia3(false) {
             Some(l) => y * l.unsqueeze::<D>(),
             None => y,
@@ -263,7 +263,7 @@ impl LoraLinear {
             Some(l) => x * l,
             None => x,
         };
-        let y = self.base.forward(x);
+        let y = self.base_forward(x);
         Ok(match self.per_sequence_scale(&ids, false) {
             Some(l) => y * l,
             None => y,

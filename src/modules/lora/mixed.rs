@@ -84,7 +84,7 @@ impl LoraLinear {
                 plan.num_modules().to_string(),
             ));
         }
-        let base = self.base.forward(x.clone());
+        let base = self.base_forward(x.clone());
         if self.adapters.is_empty() {
             return Ok(base);
         }

@@ -180,6 +180,16 @@ impl LoraLinear {
         Ok(self.forward_unchecked(x))
     }
 
+    /// The frozen base layer alone, `x W + b` ([`crate::grouped::dense_linear`]: a
+    /// weight-streaming kernel for the few rows of a decoding step on Flex).
+    fn base_forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        crate::grouped::dense_linear(
+            x,
+            self.base.weight.val(),
+            self.base.bias.as_ref().map(|b| b.val()),
+        )
+    }
+
     /// The adapters that contribute through their own path: active and not merged.
     fn live_adapters(&self) -> impl Iterator<Item = &LoraModule> {
         self.adapters
@@ -195,7 +205,7 @@ impl LoraLinear {
         }
         let live: Vec<&LoraModule> = self.live_adapters().collect();
         if live.is_empty() {
-            return self.base.forward(x);
+            return self.base_forward(x);
         }
         let rows: usize = x.dims()[..D - 1].iter().product();
         if self.resolved_forward(rows) == LoraForward::FusedWeight {
@@ -205,7 +215,7 @@ impl LoraLinear {
             }
             return burn::tensor::module::linear(x, w, self.base.bias.as_ref().map(|b| b.val()));
         }
-        let mut y = self.base.forward(x.clone());
+        let mut y = self.base_forward(x.clone());
         for a in live {
             y = y + a.delta_forward(x.clone());
         }
