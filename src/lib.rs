@@ -136,7 +136,10 @@ pub(crate) mod tensor_util;
 #[cfg(feature = "tokenizers")]
 pub mod tokenizer;
 
-pub use aggregate::{AdapterFusion, AdapterFusionConfig, LoraFactorMix, LoraMix, lora_mixture};
+pub use aggregate::{
+    AdapterFusion, AdapterFusionConfig, LoraFactorMix, LoraMix, RoutedLora, RoutingTrace,
+    TracedRouting, lora_mixture,
+};
 pub use error::{Error, Result, Scope};
 pub use io::{HostTensor, TensorFile};
 pub use modules::adapter::{
@@ -145,7 +148,8 @@ pub use modules::adapter::{
 };
 pub use modules::ia3::{Ia3Linear, Ia3Vector};
 pub use modules::lora::{
-    AdapterSlots, LoraConfig, LoraEmbedding, LoraForward, LoraInit, LoraLinear, LoraModule,
+    AdapterSlots, LayerRouter, LoraConfig, LoraEmbedding, LoraForward, LoraInit, LoraLinear,
+    LoraModule, SharedLayerRouter,
 };
 pub use modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
 pub use modules::{ComputeModule, dispatch_modules, dispatch_planned};

@@ -10,10 +10,13 @@
 //! | [`LoraFactorMix`] | LoRA factors: `(Σ w s B)(Σ w A) x` | Polytropon, mttl's Arrow |
 //!
 //! [`lora_mixture`] applies a library of LoRA modules under a routing with either mixture
-//! ([`LoraMix`]).
+//! ([`LoraMix`]); [`RoutedLora`] joins a router and a mixture into the
+//! [`LayerRouter`](crate::LayerRouter) a host layer runs in its forward pass.
 
 pub mod fusion;
 pub mod lora_mix;
+pub mod routed;
 
 pub use fusion::{AdapterFusion, AdapterFusionConfig};
 pub use lora_mix::{LoraFactorMix, LoraMix, lora_mixture, lora_mixture_planned};
+pub use routed::{RoutedLora, RoutingTrace, TracedRouting};

@@ -12,6 +12,8 @@
 //! - [`generate`](mod@generate): greedy and sampled generation with a key/value cache, streamed.
 //! - [`rope`]: rotary position embeddings in Hugging Face's rotate-half layout, with Llama-3
 //!   frequency scaling.
+//! - [`routing`](mod@routing): a router in every adapted layer, routing a library of LoRA
+//!   adapters per token (Arrow).
 
 pub mod bert;
 pub mod config;
@@ -20,6 +22,7 @@ pub mod gpt2;
 pub mod llama;
 mod mixed;
 pub mod rope;
+pub mod routing;
 
 use crate::error::{Error, Result, Scope};
 use crate::library::{LoraExpert, LoraFactors, MergeOptions, merge_experts};
@@ -31,6 +34,7 @@ pub use generate::{CausalLm, Decoding, GenerationConfig, causal_lm_loss, generat
 pub use gpt2::{Gpt2Config, Gpt2LmHeadModel};
 pub use llama::{KvCache, LlamaForCausalLm, PROJECTIONS, WeightSource, checkpoint_shapes};
 pub use rope::{Rope, RopeScaling};
+pub use routing::{ArrowOptions, install_routers, remove_routers, route_arrow};
 
 /// A model whose linear layers are [`LoraLinear`]s at Hugging Face module paths: what PEFT's
 /// target-module rules select from ([`PeftLora::attach_to_model`](crate::PeftLora::attach_to_model)),

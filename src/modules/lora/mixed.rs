@@ -19,8 +19,15 @@ use crate::routing::{DispatchPlan, Routing};
 /// which moves no activations at all. Active flags are ignored (the batch names the
 /// adapters); dropout is not applied (this is the serving path). No adapter may be merged.
 impl LoraLinear {
-    /// Mixed-adapter forwards add each adapter's own path, so none may be merged.
+    /// Mixed-adapter forwards add each adapter's own path, so none may be merged, and the
+    /// batch names the adapters, so no router may be installed.
     fn check_unmerged(&self) -> Result<()> {
+        if self.router.is_some() {
+            return Err(Error::invalid(
+                "mixed-adapter batch",
+                "the layer routes its adapters itself (a router is installed); remove the router (set_router(None)) to name adapters per sequence",
+            ));
+        }
         match self.slots.merged.iter().position(|m| *m) {
             Some(i) => Err(Error::AlreadyMerged {
                 name: self.slots.names[i].clone(),

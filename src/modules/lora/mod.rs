@@ -37,6 +37,7 @@
 //! - `slots.rs`: [`AdapterSlots`] and the adapter-management API of the host layers;
 //! - this file: [`LoraLinear`] and [`LoraForward`];
 //! - `mixed.rs`: mixed-adapter batches on [`LoraLinear`];
+//! - `routed.rs`: a router installed in the layer ([`LayerRouter`]), choosing adapters per row;
 //! - `ia3.rs`: (IA)³ adapters on [`LoraLinear`] (a layer holds LoRA or IA3 adapters);
 //! - `embedding.rs`: [`LoraEmbedding`].
 
@@ -44,6 +45,7 @@ mod embedding;
 mod ia3;
 mod mixed;
 pub(crate) mod module;
+mod routed;
 mod slots;
 
 use burn::module::Module;
@@ -57,6 +59,7 @@ use slots::{adapter_host_api, fold_delta};
 
 pub use embedding::LoraEmbedding;
 pub use module::{LoraConfig, LoraInit, LoraModule, lora_scaling};
+pub use routed::{LayerRouter, SharedLayerRouter};
 pub use slots::AdapterSlots;
 
 /// How [`LoraLinear`] applies its unmerged active adapters in the forward pass.
@@ -91,6 +94,11 @@ pub enum LoraForward {
 ///
 /// The layer can hold named (IA)³ vectors instead of LoRA adapters, managed the same way
 /// ([`insert_ia3`](Self::insert_ia3) and the methods beside it); never both kinds at once.
+///
+/// A [`LayerRouter`] installed with [`set_router`](Self::set_router) replaces the active
+/// adapters in [`forward`](Self::forward): each row gets the router's mixture of the
+/// adapters. As a [`ComputeModule`] inside another dispatch the layer computes its active
+/// adapters.
 #[derive(Module, Debug)]
 pub struct LoraLinear {
     /// The frozen host layer (`weight: [d_in, d_out]`).
@@ -105,6 +113,8 @@ pub struct LoraLinear {
     ia3_slots: AdapterSlots,
     #[module(skip)]
     mode: LoraForward,
+    #[module(skip)]
+    router: Option<SharedLayerRouter>,
 }
 
 adapter_host_api!(LoraLinear);
@@ -119,6 +129,7 @@ impl LoraLinear {
             slots: AdapterSlots::default(),
             ia3_slots: AdapterSlots::default(),
             mode: LoraForward::Auto,
+            router: None,
         }
     }
 
@@ -171,12 +182,18 @@ impl LoraLinear {
         self.insert_adapter(name, adapter)
     }
 
-    /// Forward pass for `x: [..., d_in]`.
+    /// Forward pass for `x: [..., d_in]`: the base plus the active adapters, or plus the
+    /// installed router's mixture ([`set_router`](Self::set_router)).
     ///
     /// # Errors
-    /// [`Error::Shape`] if the last axis is not `d_in`.
+    /// [`Error::Shape`] if the last axis is not `d_in`; with a router, its errors and
+    /// [`Error::UnknownAdapter`] / [`Error::AlreadyMerged`] for a routed adapter removed or
+    /// merged since.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Result<Tensor<D>> {
         check_last_dim(&x, self.d_in(), "LoraLinear::forward input")?;
+        if let Some(router) = &self.router {
+            return self.routed_forward(router.as_ref(), x);
+        }
         Ok(self.forward_unchecked(x))
     }
 

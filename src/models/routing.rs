@@ -1,0 +1,155 @@
+//! Model-level routing over a library of LoRA adapters: a router in every adapted layer,
+//! choosing per token from that layer's own input.
+//!
+//! ## Arrow (Ostapenko et al. 2024, arXiv 2405.11157)
+//! For each adapted layer ℓ and the adapters `e` it holds, the prototype `v_e` is the unit top
+//! right singular vector of `ΔW_e = s_e B_e A_e`, computed exactly from the factors
+//! ([`arrow_prototype`](crate::library::arrow::arrow_prototype); experts of unequal ranks are
+//! fine, which PEFT's Arrow refuses). Per token with layer input `x`:
+//!
+//! ```text
+//! logit_e = |⟨v_e, x⟩|,   S = top-k of the logits,   w_e = softmax_{e ∈ S}(logit_e / τ)
+//! y = W x + b + Σ_{e ∈ S} w_e s_e B_e A_e x            (LoraMix::Output, PEFT)
+//! y = W x + b + (Σ_{e ∈ S} w_e s_e B_e)(Σ_{e ∈ S} w_e A_e) x   (LoraMix::Factor, mttl)
+//! ```
+//!
+//! The routing is made again at every layer and every token, prefill and decoding steps
+//! alike, and only the selected experts compute (the one dispatch). A layer holding fewer
+//! than `k` of the experts routes over those it holds, top-`min(k, held)`.
+
+use std::sync::Arc;
+
+use super::LinearLayers;
+use crate::aggregate::{LoraMix, RoutedLora, RoutingTrace};
+use crate::error::{Error, Result};
+use crate::library::LoraFactors;
+use crate::modules::lora::{LayerRouter, LoraLinear, SharedLayerRouter};
+use crate::routers::ArrowRouter;
+
+/// Arrow's settings at model level (PEFT's `ArrowConfig` defaults: top 3, temperature 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ArrowOptions {
+    /// Experts kept per token (`top_k` in PEFT); at most the number a layer holds.
+    pub top_k: usize,
+    /// Softmax temperature over the kept logits (`router_temperature` in PEFT).
+    pub temperature: f64,
+    /// How the kept experts combine.
+    pub mix: LoraMix,
+}
+
+impl Default for ArrowOptions {
+    fn default() -> Self {
+        Self {
+            top_k: 3,
+            temperature: 1.0,
+            mix: LoraMix::Output,
+        }
+    }
+}
+
+/// Installs the router `build` returns for each linear layer (`None`: that layer keeps its
+/// plain forward), all or nothing: every router is built before any is installed. Returns
+/// the paths that got a router.
+///
+/// # Errors
+/// The first error of `build` or of [`LoraLinear::set_router`], naming the layer; nothing
+/// changes on error.
+pub fn install_routers(
+    model: &mut dyn LinearLayers,
+    build: &mut dyn FnMut(&str, &LoraLinear) -> Result<Option<SharedLayerRouter>>,
+) -> Result<Vec<String>> {
+    let mut built = Vec::new();
+    for (path, layer) in model.linear_layers() {
+        if let Some(r) = build(&path, layer).map_err(|e| in_layer(&path, e))? {
+            // Checked against the layer now, so that installing cannot fail half-way.
+            layer
+                .check_router(r.as_ref())
+                .map_err(|e| in_layer(&path, e))?;
+            built.push((path, r));
+        }
+    }
+    let paths: Vec<String> = built.iter().map(|(p, _)| p.clone()).collect();
+    let mut built: std::collections::HashMap<String, SharedLayerRouter> =
+        built.into_iter().collect();
+    for (path, layer) in model.linear_layers_mut() {
+        if let Some(r) = built.remove(&path) {
+            layer.set_router(Some(r)).map_err(|e| in_layer(&path, e))?;
+        }
+    }
+    Ok(paths)
+}
+
+/// Removes every layer's router: the model computes its active adapters again.
+pub fn remove_routers(model: &mut dyn LinearLayers) {
+    for (_, layer) in model.linear_layers_mut() {
+        // Removing a router cannot fail.
+        let _ = layer.set_router(None);
+    }
+}
+
+/// Routes `adapters` by Arrow in every layer that holds any of them (see the
+/// [module docs](self)), recording every decision in `trace` when given (labelled by layer
+/// path). Returns the routed paths. Routers replace the active adapters until
+/// [`remove_routers`].
+///
+/// # Errors
+/// [`Error::UnknownAdapter`] for a name no layer holds; [`Error::Invalid`] for no adapters,
+/// a repeated name, `top_k` of 0 or a temperature that is not positive and finite, or IA3
+/// adapters; [`Error::AlreadyMerged`] for a merged adapter. Nothing changes on error.
+pub fn route_arrow(
+    model: &mut dyn LinearLayers,
+    adapters: &[&str],
+    options: &ArrowOptions,
+    trace: Option<&RoutingTrace>,
+) -> Result<Vec<String>> {
+    if adapters.is_empty() {
+        return Err(Error::invalid("Arrow routing", "no adapters were given"));
+    }
+    model.check_adapters(adapters)?;
+    if options.top_k == 0 {
+        return Err(Error::invalid(
+            "Arrow top_k",
+            "0 keeps no expert; give at least 1",
+        ));
+    }
+    install_routers(model, &mut |path, layer| {
+        let held: Vec<String> = adapters
+            .iter()
+            .filter(|a| layer.names().iter().any(|n| n == *a))
+            .map(|a| a.to_string())
+            .collect();
+        if held.is_empty() {
+            return Ok(None);
+        }
+        let factors = held
+            .iter()
+            .map(|n| layer.adapter(n).map(LoraFactors::from_adapter))
+            .collect::<Result<Vec<_>>>()?;
+        if options.mix == LoraMix::Factor && factors.iter().any(|f| f.rank() != factors[0].rank()) {
+            return Err(Error::invalid(
+                "LoraMix::Factor",
+                "factor mixing needs adapters of one rank; use LoraMix::Output",
+            ));
+        }
+        let refs: Vec<&LoraFactors> = factors.iter().collect();
+        let k = options.top_k.min(held.len());
+        let device = layer.base.weight.device();
+        let router = ArrowRouter::from_experts(&refs, k, options.temperature, &device)?;
+        let mut routed = RoutedLora::new(router, held, options.mix)?;
+        if let Some(t) = trace {
+            routed = routed.with_trace(path, t.clone());
+        }
+        Ok(Some(Arc::new(routed) as Arc<dyn LayerRouter>))
+    })
+}
+
+/// `e` with the layer's path in its message where it has room for one.
+fn in_layer(path: &str, e: Error) -> Error {
+    match e {
+        Error::Invalid { what, why } => Error::Invalid {
+            what: format!("layer `{path}`: {what}"),
+            why,
+        },
+        e => e,
+    }
+}

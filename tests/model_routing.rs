@@ -1,0 +1,397 @@
+//! Model-level routing over a library of LoRA experts: Arrow in every adapted layer of the
+//! tiny Llama (tests/data/tiny_decoders/llama), per token, against a direct computation from
+//! each layer's input with prototypes from a dense eigensolver (nalgebra), experts of unequal ranks.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::{Rng, assert_close, vals};
+use modula::library::LoraFactors;
+use modula::models::{
+    ArrowOptions, KvCache, LinearLayers, LlamaForCausalLm, install_routers, remove_routers,
+    route_arrow,
+};
+use modula::{
+    ArrowRouter, Error, LayerRouter, LoraMix, LoraModule, RoutedLora, Router, RouterInput, Routing,
+    RoutingTrace,
+};
+
+const EXPERTS: [(&str, usize); 3] = [("a", 2), ("b", 4), ("c", 3)];
+
+/// The tiny Llama with three random LoRAs of ranks 2, 4 and 3 on every linear layer but the
+/// output layer (non-zero B, so each changes the logits).
+fn model_with_experts(device: &Device) -> LlamaForCausalLm {
+    let mut model =
+        modula::checkpoint::load_decoder(common::data("tiny_decoders/llama"), device).unwrap();
+    let mut rng = Rng(7);
+    for (path, layer) in model.linear_layers_mut() {
+        if path == "lm_head" {
+            continue;
+        }
+        let (d_in, d_out) = (layer.d_in(), layer.d_out());
+        for (name, r) in EXPERTS {
+            let a = rng.tensor(d_in, r, device).mul_scalar(0.5);
+            let b = rng.tensor(r, d_out, device).mul_scalar(0.5);
+            let m = LoraModule::from_factors(a, b, 2.0 * r as f64, false, 0.0).unwrap();
+            layer.insert_adapter(name, m).unwrap();
+        }
+    }
+    model
+}
+
+fn ids(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
+    let (b, s) = (rows.len(), rows[0].len());
+    Tensor::<1, Int>::from_data(TensorData::new(rows.concat(), [b * s]), device).reshape([b, s])
+}
+
+/// The inputs one router saw.
+type Seen = Arc<Mutex<Vec<Tensor<2>>>>;
+
+/// A router that records the rows it routes (each layer's input) and delegates.
+#[derive(Clone)]
+struct Capture {
+    inner: ArrowRouter,
+    seen: Seen,
+}
+
+impl Router for Capture {
+    fn num_modules(&self) -> usize {
+        self.inner.num_modules()
+    }
+    fn route_input(&self, input: RouterInput<'_>) -> modula::Result<Routing> {
+        if let RouterInput::Rows(x) = input {
+            self.seen.lock().unwrap().push(x.clone());
+        }
+        self.inner.route_input(input)
+    }
+}
+
+/// Arrow's layer output for one row `x`, computed directly in f64: prototypes are the top
+/// eigenvectors of `M Mᵀ` for burn's `M = s·A·B` (`[d_in, d_out]`, the transpose of PEFT's ΔW:
+/// its top right singular vector) by nalgebra's symmetric eigensolver (nalgebra 0.34's `svd`
+/// returned a wrong top vector for some of these rank-deficient `M`); logits `|⟨v_e, x⟩|`; top `k`; softmax over the kept logits / τ;
+/// `Σ w_e s_e (x A_e) B_e`.
+fn arrow_delta_direct(
+    x: &[f64],
+    experts: &[(Vec<f64>, Vec<f64>, usize, f64)],
+    d_out: usize,
+    k: usize,
+    tau: f64,
+) -> Vec<f64> {
+    let d_in = x.len();
+    let mut logits = Vec::new();
+    for (a, b, r, s) in experts {
+        let am = nalgebra::DMatrix::from_row_slice(d_in, *r, a);
+        let bm = nalgebra::DMatrix::from_row_slice(*r, d_out, b);
+        let dw = (&am * &bm) * *s;
+        let eig = (&dw * dw.transpose()).symmetric_eigen();
+        let top = eig.eigenvalues.imax();
+        let u = &eig.eigenvectors;
+        let dot: f64 = (0..d_in).map(|i| u[(i, top)] * x[i]).sum();
+        logits.push(dot.abs());
+    }
+    let mut order: Vec<usize> = (0..experts.len()).collect();
+    order.sort_by(|&p, &q| logits[q].total_cmp(&logits[p]));
+    let kept = &order[..k];
+    let m = kept
+        .iter()
+        .map(|&e| logits[e] / tau)
+        .fold(f64::MIN, f64::max);
+    let z: f64 = kept.iter().map(|&e| (logits[e] / tau - m).exp()).sum();
+    let mut y = vec![0.0; d_out];
+    for &e in kept {
+        let w = (logits[e] / tau - m).exp() / z;
+        let (a, b, r, s) = &experts[e];
+        let xa: Vec<f64> = (0..*r)
+            .map(|j| (0..d_in).map(|i| x[i] * a[i * r + j]).sum())
+            .collect();
+        for (o, yo) in y.iter_mut().enumerate() {
+            let v: f64 = (0..*r).map(|j| xa[j] * b[j * d_out + o]).sum();
+            *yo += w * s * v;
+        }
+    }
+    y
+}
+
+fn host(t: Tensor<2>) -> Vec<f64> {
+    vals(t).into_iter().map(f64::from).collect()
+}
+
+#[test]
+fn arrow_in_every_layer_equals_the_direct_computation_from_each_layers_input() {
+    let device = Device::flex();
+    let batch = ids(&[vec![3, 9, 17, 4, 40], vec![60, 2, 8, 8, 31]], &device);
+    for (k, tau) in [(2, 0.7), (3, 1.0), (1, 1.0)] {
+        let mut model = model_with_experts(&device);
+        let seen: Arc<Mutex<Vec<(String, Seen)>>> = Default::default();
+        let paths = install_routers(&mut model, &mut |path, layer| {
+            if layer.names().is_empty() {
+                return Ok(None);
+            }
+            let f: Vec<LoraFactors> = EXPERTS
+                .iter()
+                .map(|(n, _)| LoraFactors::from_adapter(layer.adapter(n).unwrap()))
+                .collect();
+            let refs: Vec<&LoraFactors> = f.iter().collect();
+            let capture = Capture {
+                inner: ArrowRouter::from_experts(&refs, k, tau, &device)?,
+                seen: Default::default(),
+            };
+            seen.lock()
+                .unwrap()
+                .push((path.to_string(), capture.seen.clone()));
+            let names = EXPERTS.iter().map(|(n, _)| n.to_string()).collect();
+            let routed = RoutedLora::new(capture, names, LoraMix::Output)?;
+            Ok(Some(Arc::new(routed) as Arc<dyn LayerRouter>))
+        })
+        .unwrap();
+        assert_eq!(paths.len(), 14, "7 projections in each of 2 layers");
+        let logits = model.forward(batch.clone()).unwrap();
+
+        // Every layer, every token: the layer's output from its recorded input.
+        let seen = seen.lock().unwrap().clone();
+        let layers: std::collections::HashMap<String, &modula::LoraLinear> =
+            model.linear_layers().into_iter().collect();
+        for (path, inputs) in &seen {
+            let x = inputs.lock().unwrap()[0].clone();
+            let layer = layers[path];
+            let [rows, d_in] = x.dims();
+            assert_eq!(rows, 10, "{path}: one row per token");
+            let d_out = layer.d_out();
+            let experts: Vec<_> = EXPERTS
+                .iter()
+                .map(|(n, r)| {
+                    let m = layer.adapter(n).unwrap();
+                    (host(m.a.val()), host(m.b.val()), *r, m.scaling())
+                })
+                .collect();
+            let base = host(layer.base.forward(x.clone()));
+            let got = host(layer.forward(x.clone()).unwrap());
+            let xs = host(x);
+            let mut worst = 0f64;
+            let mut scale = 0f64;
+            for row in 0..rows {
+                let want =
+                    arrow_delta_direct(&xs[row * d_in..(row + 1) * d_in], &experts, d_out, k, tau);
+                for o in 0..d_out {
+                    let w = base[row * d_out + o] + want[o];
+                    worst = worst.max((got[row * d_out + o] - w).abs());
+                    scale = scale.max(w.abs());
+                }
+            }
+            assert!(
+                worst <= 1e-5 * scale.max(1.0),
+                "k={k} τ={tau} {path}: max |diff| {worst:e} (largest {scale:e})"
+            );
+        }
+
+        // The public installer builds the same routers.
+        let mut public = model_with_experts(&device);
+        let trace = RoutingTrace::new();
+        let options = ArrowOptions {
+            top_k: k,
+            temperature: tau,
+            mix: LoraMix::Output,
+        };
+        route_arrow(&mut public, &["a", "b", "c"], &options, Some(&trace)).unwrap();
+        assert_close(
+            public.forward(batch.clone()).unwrap(),
+            logits,
+            1e-5,
+            &format!("route_arrow k={k}"),
+        );
+        let decisions = trace.take();
+        assert_eq!(decisions.len(), 14, "one decision per routed layer");
+        for d in &decisions {
+            assert_eq!((d.rows, d.k), (10, k));
+            assert_eq!(d.adapters, ["a", "b", "c"]);
+            for row in d.weights.chunks(k) {
+                let sum: f32 = row.iter().sum();
+                assert!((sum - 1.0).abs() < 1e-5, "{}: weights sum {sum}", d.label);
+            }
+        }
+        assert!(trace.take().is_empty(), "take empties the record");
+    }
+}
+
+#[test]
+fn one_expert_routing_equals_that_adapter_and_decoding_routes_every_token() {
+    let device = Device::flex();
+    let batch = ids(&[vec![3, 9, 17, 4], vec![60, 2, 8, 31]], &device);
+    let mut model = model_with_experts(&device);
+    let options = ArrowOptions {
+        top_k: 1,
+        ..ArrowOptions::default()
+    };
+    route_arrow(&mut model, &["b"], &options, None).unwrap();
+    let routed = model.forward(batch.clone()).unwrap();
+    remove_routers(&mut model);
+    model.set_active_adapters(&["b"]).unwrap();
+    assert_close(
+        routed,
+        model.forward(batch.clone()).unwrap(),
+        1e-5,
+        "Arrow over one expert is that expert",
+    );
+    model.set_active_adapters(&[]).unwrap();
+    let base = model.forward(batch.clone()).unwrap();
+
+    // Routed over all three, the cached decoding steps route each new token as the full
+    // forward pass does.
+    route_arrow(&mut model, &["a", "b", "c"], &ArrowOptions::default(), None).unwrap();
+    let full = model.forward(batch.clone()).unwrap();
+    assert!(
+        common::max_abs_diff(full.clone(), base) > 1e-2,
+        "the experts change the logits"
+    );
+    let mut cache = KvCache::new();
+    let prefix = batch.clone().slice([0..2, 0..2]);
+    let mut last = model
+        .forward_cached(prefix, None, None, &mut cache, true)
+        .unwrap();
+    for s in 2..4 {
+        assert_close(
+            last,
+            full.clone().slice([0..2, s - 1..s]),
+            1e-4,
+            &format!("cached step at {s}"),
+        );
+        let next = batch.clone().slice([0..2, s..s + 1]);
+        last = model
+            .forward_cached(next, None, None, &mut cache, true)
+            .unwrap();
+    }
+    assert_close(last, full.slice([0..2, 3..4]), 1e-4, "last cached step");
+}
+
+#[test]
+fn factor_mixing_equals_the_mixed_factors() {
+    // Equal ranks for factor mixing: (Σ w s B)(Σ w A) x, checked on one layer against the
+    // weights the trace reports.
+    let device = Device::flex();
+    let mut model =
+        modula::checkpoint::load_decoder(common::data("tiny_decoders/llama"), &device).unwrap();
+    let mut rng = Rng(11);
+    for (path, layer) in model.linear_layers_mut() {
+        if path.ends_with("q_proj") {
+            for name in ["a", "b", "c"] {
+                let a = rng.tensor(layer.d_in(), 3, &device);
+                let b = rng.tensor(3, layer.d_out(), &device);
+                let m = LoraModule::from_factors(a, b, 6.0, false, 0.0).unwrap();
+                layer.insert_adapter(name, m).unwrap();
+            }
+        }
+    }
+    let trace = RoutingTrace::new();
+    let options = ArrowOptions {
+        top_k: 2,
+        temperature: 1.0,
+        mix: LoraMix::Factor,
+    };
+    let paths = route_arrow(&mut model, &["a", "b", "c"], &options, Some(&trace)).unwrap();
+    assert_eq!(
+        paths,
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.q_proj"
+        ]
+    );
+    let layers = model.linear_layers();
+    let layer = layers[0].1;
+    let mut x_rng = Rng(3);
+    let x = x_rng.tensor(6, layer.d_in(), &device);
+    let y = host(layer.forward(x.clone()).unwrap());
+    let d = trace.take().pop().unwrap();
+    let base = host(layer.base.forward(x.clone()));
+    let xs = host(x);
+    let (d_in, d_out) = (layer.d_in(), layer.d_out());
+    for row in 0..6 {
+        let mut u = [0f64; 3];
+        let mut bmix = vec![0f64; 3 * d_out];
+        for slot in 0..2 {
+            let e = d.indices[row * 2 + slot] as usize;
+            let w = f64::from(d.weights[row * 2 + slot]);
+            let m = layer.adapter(["a", "b", "c"][e]).unwrap();
+            let (a, b) = (host(m.a.val()), host(m.b.val()));
+            for j in 0..3 {
+                u[j] += w
+                    * (0..d_in)
+                        .map(|i| xs[row * d_in + i] * a[i * 3 + j])
+                        .sum::<f64>();
+            }
+            for (bm, bv) in bmix.iter_mut().zip(&b) {
+                *bm += w * m.scaling() * bv;
+            }
+        }
+        for o in 0..d_out {
+            let want =
+                base[row * d_out + o] + (0..3).map(|j| u[j] * bmix[j * d_out + o]).sum::<f64>();
+            let got = y[row * d_out + o];
+            assert!(
+                (got - want).abs() < 1e-4,
+                "row {row} col {o}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_routing_requests_are_errors_and_install_nothing() {
+    let device = Device::flex();
+    let mut model = model_with_experts(&device);
+    let no_router =
+        |m: &LlamaForCausalLm| m.linear_layers().iter().all(|(_, l)| l.router().is_none());
+    let all = ["a", "b", "c"];
+    let e = route_arrow(&mut model, &["a", "zz"], &ArrowOptions::default(), None).unwrap_err();
+    assert!(matches!(e, Error::UnknownAdapter { .. }), "{e}");
+    let zero_k = ArrowOptions {
+        top_k: 0,
+        ..ArrowOptions::default()
+    };
+    let e = route_arrow(&mut model, &all, &zero_k, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("top_k"), "{e}");
+    let cold = ArrowOptions {
+        temperature: 0.0,
+        ..ArrowOptions::default()
+    };
+    let e = route_arrow(&mut model, &all, &cold, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("temperature"), "{e}");
+    let factor = ArrowOptions {
+        mix: LoraMix::Factor,
+        ..ArrowOptions::default()
+    };
+    let e = route_arrow(&mut model, &all, &factor, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("one rank") && e.contains("layer `model.layers.0"),
+        "{e}"
+    );
+    assert!(route_arrow(&mut model, &[], &ArrowOptions::default(), None).is_err());
+    model.merge_adapter("b").unwrap();
+    let e = route_arrow(&mut model, &all, &ArrowOptions::default(), None).unwrap_err();
+    assert!(matches!(e, Error::AlreadyMerged { .. }), "{e}");
+    assert!(no_router(&model), "a failed install leaves no router");
+    model.unmerge_adapter("b").unwrap();
+
+    // With routers installed, a batch that names adapters per sequence is refused.
+    route_arrow(&mut model, &all, &ArrowOptions::default(), None).unwrap();
+    let batch = ids(&[vec![3, 9], vec![6, 2]], &device);
+    let e = model
+        .forward_mixed(batch, None, &[Some("a"), Some("b")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("router"), "{e}");
+    // A routed adapter removed later is named at the next forward.
+    model.delete_adapter("c").unwrap();
+    let e = model.forward(ids(&[vec![3, 9]], &device)).unwrap_err();
+    assert!(matches!(e, Error::UnknownAdapter { .. }), "{e}");
+    remove_routers(&mut model);
+    assert!(no_router(&model));
+}
