@@ -952,3 +952,175 @@ fn tokenize_and_decode_follow_transformers() {
         }
     }
 }
+
+/// `score --router arrow` gives the logits of the library's `route_arrow` (per token, every
+/// adapted layer); `--router uniform` over an adapter and its copy is that adapter (PEFT's
+/// logits); routing flags without a router, an unknown router, or rows that name adapters
+/// under a router exit with status 2.
+#[test]
+fn score_routes_adapters_per_token_with_router_arrow() {
+    use modula::models::{ArrowOptions, LinearLayers, route_arrow};
+    let root = data("tiny_decoders");
+    let tmp = tempfile::tempdir().unwrap();
+    let golden_qvd = TensorFile::open(root.join("llama_lora_qvd/golden.safetensors")).unwrap();
+    let rows = golden_rows(&golden_qvd, "input_ids", 6);
+    let input = write_json(
+        &tmp.path().join("in.json"),
+        serde_json::json!({ "input_ids": rows }),
+    );
+    let qvd = format!("qvd={}", root.join("llama_lora_qvd").display());
+    let all = format!("all={}", root.join("llama_lora_all").display());
+    let model = root.join("llama");
+    let out = tmp.path().join("logits.safetensors");
+    let score = |extra: &[&str]| {
+        let mut args = vec![
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            &input,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        modula_code(&args)
+    };
+    let (code, err) = score(&[
+        "--adapter",
+        &qvd,
+        "--adapter",
+        &all,
+        "--router",
+        "arrow",
+        "--top-k",
+        "2",
+        "--temperature",
+        "0.5",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let device = Device::flex();
+    let got: Tensor<3> = TensorFile::open(&out)
+        .unwrap()
+        .tensor("logits", &device)
+        .unwrap();
+    let mut m = modula::checkpoint::load_decoder(&model, &device).unwrap();
+    for (name, dir) in [("qvd", "llama_lora_qvd"), ("all", "llama_lora_all")] {
+        modula::PeftAdapter::load(root.join(dir), &device)
+            .unwrap()
+            .attach_to_model(&mut m, name)
+            .unwrap();
+    }
+    let options = ArrowOptions {
+        top_k: 2,
+        temperature: 0.5,
+        mix: modula::LoraMix::Output,
+    };
+    route_arrow(&mut m, &["qvd", "all"], &options, None).unwrap();
+    let ids = golden_qvd.tensor::<2>("input_ids", &device).unwrap().int();
+    let want = m.forward(ids.clone()).unwrap();
+    assert_close(got.clone(), want, 1e-5, "score --router arrow");
+    m.set_active_adapters(&["qvd"]).unwrap();
+    modula::models::remove_routers(&mut m);
+    assert!(
+        common::max_abs_diff(got, m.forward(ids).unwrap()) > 1e-3,
+        "routing differs from one adapter alone"
+    );
+
+    let qvd2 = format!("qvd2={}", root.join("llama_lora_qvd").display());
+    let (code, err) = score(&["--adapter", &qvd, "--adapter", &qvd2, "--router", "uniform"]);
+    assert_eq!(code, Some(0), "{err}");
+    let got: Tensor<3> = TensorFile::open(&out)
+        .unwrap()
+        .tensor("logits", &device)
+        .unwrap();
+    let want: Tensor<3> = golden_qvd.tensor("logits", &device).unwrap();
+    assert_close(got, want, 1e-4, "uniform merge of an adapter with itself");
+
+    for (extra, needle) in [
+        (
+            vec!["--adapter", &qvd, "--router-top-k", "2"],
+            "--router-top-k",
+        ),
+        (
+            vec!["--adapter", &qvd, "--router", "bogus"],
+            "--router bogus",
+        ),
+        (vec!["--router", "arrow"], "no adapters are loaded"),
+        (
+            vec!["--adapter", &qvd, "--router", "arrow", "--top-k", "0"],
+            "top_k",
+        ),
+        (
+            vec![
+                "--adapter",
+                &qvd,
+                "--router",
+                "arrow",
+                "--router-mix",
+                "both",
+            ],
+            "--router-mix both",
+        ),
+        (
+            vec!["--adapter", &qvd, "--router", "uniform", "--top-k", "2"],
+            "--router uniform",
+        ),
+    ] {
+        let (code, err) = score(&extra);
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+    }
+    let named = write_json(
+        &tmp.path().join("named.json"),
+        serde_json::json!({ "input_ids": rows, "adapters": ["qvd", "qvd"] }),
+    );
+    let (code, err) = modula_code(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        &qvd,
+        "--router",
+        "arrow",
+        "--input",
+        &named,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("key `adapters`"), "{err}");
+
+    // generate routes every decoding step too: the library's greedy generation under Arrow.
+    let gen_out = tmp.path().join("gen.json");
+    let (code, err) = modula_code(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        &qvd,
+        "--adapter",
+        &all,
+        "--router",
+        "arrow",
+        "--router-top-k",
+        "2",
+        "--router-temperature",
+        "0.5",
+        "--max-new-tokens",
+        "5",
+        "--input",
+        &input,
+        "--out",
+        gen_out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gen_out).unwrap()).unwrap();
+    route_arrow(&mut m, &["qvd", "all"], &options, None).unwrap();
+    let ids = golden_qvd.tensor::<2>("input_ids", &device).unwrap().int();
+    let config = modula::models::GenerationConfig::greedy(&m, 5);
+    let want = m.generate(ids, None, None, &config, |_| {}).unwrap();
+    let got: Vec<Vec<i64>> = serde_json::from_value(got["new_tokens"].clone()).unwrap();
+    assert_eq!(got, want, "generate --router arrow");
+    assert!(got.iter().all(|r| !r.is_empty()));
+}

@@ -104,6 +104,12 @@ enum Command {
     Score {
         #[command(flatten)]
         batch: BatchArgs,
+        /// With --router arrow: experts kept per token (the same as --router-top-k).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// With --router arrow: the routing temperature (the same as --router-temperature).
+        #[arg(long)]
+        temperature: Option<f64>,
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
@@ -202,7 +208,7 @@ enum Command {
 }
 
 /// The model, its adapters and the batch, shared by `score` and `generate`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct BatchArgs {
     /// The Hugging Face model folder (config.json, safetensors weights, sharded or not).
     #[arg(long)]
@@ -213,6 +219,21 @@ struct BatchArgs {
     /// {"input_ids": [[...]], "attention_mask": [[...]], "adapters": [name or null, ...]}.
     #[arg(long)]
     input: PathBuf,
+    /// Route the loaded adapters in every adapted layer instead of naming one per row:
+    /// `arrow` (per token, from each layer's input; Arrow, arXiv 2405.11157) or `uniform`
+    /// (their uniform merge µ, the average of the updates). The input then has no `adapters`.
+    #[arg(long)]
+    router: Option<String>,
+    /// Experts Arrow keeps per token (default 3, at most the number loaded).
+    #[arg(long = "router-top-k")]
+    router_top_k: Option<usize>,
+    /// Softmax temperature over Arrow's kept logits (default 1).
+    #[arg(long = "router-temperature")]
+    router_temperature: Option<f64>,
+    /// How Arrow's kept experts combine: output (PEFT: mix the outputs) or factor (mttl: mix
+    /// the factors; one rank).
+    #[arg(long = "router-mix", default_value = "output")]
+    router_mix: String,
 }
 
 fn bar(len: usize, what: &str) -> ProgressBar {
@@ -430,35 +451,114 @@ struct Loaded<M> {
     names: Vec<String>,
     vocab: usize,
     positions: usize,
+    /// Routers chose the adapters (`--router`): rows name none.
+    routed: bool,
 }
 
 fn load_model(
-    model: &Path,
-    adapters: &[String],
+    batch: &BatchArgs,
     device: &Device,
 ) -> Result<Loaded<modula::models::LlamaForCausalLm>> {
-    let m = modula::checkpoint::load_decoder(model, device)?;
+    let m = modula::checkpoint::load_decoder(&batch.model, device)?;
     let (vocab, positions) = (m.config.vocab_size, m.config.max_position_embeddings);
-    Loaded::new(m, adapters, device, vocab, positions)
+    Loaded::new(m, batch, device, vocab, positions)
 }
 
 impl<M: modula::models::LinearLayers> Loaded<M> {
-    /// `model` with each `NAME=DIR` adapter attached, and its vocabulary and positions.
+    /// `model` with each `NAME=DIR` adapter attached (and routed, with `--router`), and its
+    /// vocabulary and positions.
     fn new(
         mut model: M,
-        adapters: &[String],
+        batch: &BatchArgs,
         device: &Device,
         vocab: usize,
         positions: usize,
     ) -> Result<Self> {
-        let names = attach_adapters(&mut model, adapters, device)?;
+        let names = attach_adapters(&mut model, &batch.adapters, device)?;
+        let routed = apply_router(&mut model, &names, batch)?;
         Ok(Self {
             model,
             names,
             vocab,
             positions,
+            routed,
         })
     }
+}
+
+impl<M> Loaded<M> {
+    /// The per-row adapter names a forward pass takes: none when routers choose.
+    fn row_adapters<'a>(&self, names: &'a [Option<String>]) -> Option<Vec<Option<&'a str>>> {
+        (!self.routed).then(|| names.iter().map(Option::as_deref).collect())
+    }
+}
+
+/// Installs `--router` over the loaded adapters; returns whether routers now choose them.
+fn apply_router(
+    model: &mut dyn modula::models::LinearLayers,
+    names: &[String],
+    batch: &BatchArgs,
+) -> Result<bool> {
+    let Some(kind) = batch.router.as_deref() else {
+        for (flag, given) in [
+            ("--router-top-k", batch.router_top_k.is_some()),
+            ("--router-temperature", batch.router_temperature.is_some()),
+            ("--router-mix", batch.router_mix != "output"),
+        ] {
+            if given {
+                return Err(invalid(flag, "it sets routing; add --router arrow"));
+            }
+        }
+        return Ok(false);
+    };
+    if names.is_empty() {
+        return Err(invalid(
+            format!("--router {kind}"),
+            "no adapters are loaded; add --adapter NAME=DIR for each expert",
+        ));
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    match kind {
+        "arrow" => {
+            let mix = match batch.router_mix.as_str() {
+                "output" => modula::LoraMix::Output,
+                "factor" => modula::LoraMix::Factor,
+                other => {
+                    return Err(invalid(
+                        format!("--router-mix {other}"),
+                        "use output (mix the experts' outputs, as PEFT) or factor (mix their factors, as mttl)",
+                    ));
+                }
+            };
+            let options = modula::models::ArrowOptions {
+                top_k: batch.router_top_k.unwrap_or(3).min(names.len()),
+                temperature: batch.router_temperature.unwrap_or(1.0),
+                mix,
+            };
+            modula::models::route_arrow(model, &refs, &options, None)?;
+        }
+        "uniform" => {
+            if batch.router_top_k.is_some() || batch.router_temperature.is_some() {
+                return Err(invalid(
+                    "--router uniform",
+                    "the uniform merge takes no top-k or temperature; they belong to --router arrow",
+                ));
+            }
+            // µ: the exact average of the updates (concatenated factors, weights 1/N).
+            let options = modula::library::MergeOptions::new(modula::library::Combination::Cat);
+            let w = vec![1.0 / names.len() as f64; names.len()];
+            let mu = "__uniform_merge__";
+            model.add_weighted_adapter(&refs, &w, &options, mu)?;
+            model.set_active_adapters(&[mu])?;
+        }
+        other => {
+            return Err(invalid(
+                format!("--router {other}"),
+                "use arrow (per-token Arrow routing) or uniform (the uniform merge of the adapters)",
+            ));
+        }
+    }
+    Ok(true)
 }
 
 /// Attaches each `NAME=DIR` PEFT folder (LoRA or IA3) to `m` by its target rules; returns the
@@ -580,7 +680,14 @@ fn read_batch<M>(
             Some(to_tensor(&m.concat()))
         }
     };
+    if loaded.routed && batch.adapters.is_some() {
+        return Err(bad(
+            "adapters".into(),
+            "names adapters per row, but --router chooses them; leave the key out (or drop --router)".into(),
+        ));
+    }
     let adapters = match batch.adapters {
+        _ if loaded.routed => vec![None; rows],
         Some(a) => {
             if a.len() != rows {
                 return Err(bad(
@@ -634,20 +741,46 @@ fn is_model_type(dir: &Path, model_type: &str) -> bool {
         .is_some_and(|v| v["model_type"] == model_type)
 }
 
-fn run_score(batch: &BatchArgs, out: &Path) -> Result<()> {
+fn run_score(
+    batch: &BatchArgs,
+    top_k: Option<usize>,
+    temperature: Option<f64>,
+    out: &Path,
+) -> Result<()> {
     let device = Device::flex();
+    // --top-k / --temperature are score's spellings of the routing flags.
+    let mut batch = batch.clone();
+    if top_k.is_some() {
+        if batch.router_top_k.is_some() {
+            return Err(invalid("--top-k", "given twice (also as --router-top-k)"));
+        }
+        batch.router_top_k = top_k;
+    }
+    if temperature.is_some() {
+        if batch.router_temperature.is_some() {
+            return Err(invalid(
+                "--temperature",
+                "given twice (also as --router-temperature)",
+            ));
+        }
+        batch.router_temperature = temperature;
+    }
+    let batch = &batch;
     let logits = if is_gpt2(&batch.model) {
         let model = modula::checkpoint::load_gpt2(&batch.model, &device)?;
         let (vocab, positions) = (model.config.vocab_size, model.config.n_positions);
-        let loaded = Loaded::new(model, &batch.adapters, &device, vocab, positions)?;
+        let loaded = Loaded::new(model, batch, &device, vocab, positions)?;
         let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
-        let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
-        loaded.model.forward(ids, mask, Some(&names))?
+        let names = loaded.row_adapters(&names);
+        loaded.model.forward(ids, mask, names.as_deref())?
     } else {
-        let loaded = load_model(&batch.model, &batch.adapters, &device)?;
+        let loaded = load_model(batch, &device)?;
         let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
-        let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
-        loaded.model.forward_mixed(ids, mask, &names)?
+        match (loaded.row_adapters(&names), mask) {
+            (Some(names), mask) => loaded.model.forward_mixed(ids, mask, &names)?,
+            (None, Some(mask)) => loaded.model.forward_masked(ids, mask)?,
+            (None, None) => loaded.model.forward(ids)?,
+        }
     };
     let mut tensors = BTreeMap::new();
     tensors.insert("logits".to_string(), HostTensor::from_tensor(logits));
@@ -678,24 +811,26 @@ fn run_generate(
     let loaded: Loaded<Box<dyn CausalLm>> = if is_gpt2(&batch.model) {
         let m = modula::checkpoint::load_gpt2(&batch.model, &device)?;
         let (vocab, positions) = (m.config.vocab_size, m.config.n_positions);
-        let l = Loaded::new(m, &batch.adapters, &device, vocab, positions)?;
+        let l = Loaded::new(m, batch, &device, vocab, positions)?;
         Loaded {
             model: Box::new(l.model),
             names: l.names,
             vocab,
             positions,
+            routed: l.routed,
         }
     } else {
-        let l = load_model(&batch.model, &batch.adapters, &device)?;
+        let l = load_model(batch, &device)?;
         Loaded {
             model: Box::new(l.model),
             names: l.names,
             vocab: l.vocab,
             positions: l.positions,
+            routed: l.routed,
         }
     };
     let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
-    let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
+    let names = loaded.row_adapters(&names);
     let mut config = GenerationConfig::greedy(loaded.model.as_ref(), max_new_tokens);
     if let Some(temperature) = temperature {
         config.decoding = Decoding::Sample {
@@ -710,7 +845,7 @@ fn run_generate(
         loaded.model.as_ref(),
         ids,
         mask,
-        Some(&names),
+        names.as_deref(),
         &config,
         |_| pb.inc(1),
     )?;
@@ -736,12 +871,12 @@ fn run_embed(batch: &BatchArgs, out: &Path) -> Result<()> {
         model.config.vocab_size,
         model.config.max_position_embeddings,
     );
-    let loaded = Loaded::new(model, &batch.adapters, &device, vocab, positions)?;
+    let loaded = Loaded::new(model, batch, &device, vocab, positions)?;
     let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
-    let names: Vec<Option<&str>> = names.iter().map(Option::as_deref).collect();
+    let names = loaded.row_adapters(&names);
     let hidden = loaded
         .model
-        .forward(ids, mask.clone(), None, Some(&names))?;
+        .forward(ids, mask.clone(), None, names.as_deref())?;
     let embedding = modula::models::mean_pooling(hidden.clone(), mask, normalize)?;
     let mut tensors = BTreeMap::new();
     tensors.insert(
@@ -954,7 +1089,12 @@ fn run(cli: Cli) -> Result<()> {
             skip_special_tokens,
             out,
         } => run_decode(&model, &input, skip_special_tokens, &out)?,
-        Command::Score { batch, out } => run_score(&batch, &out)?,
+        Command::Score {
+            batch,
+            top_k,
+            temperature,
+            out,
+        } => run_score(&batch, top_k, temperature, &out)?,
         Command::Embed { batch, out } => run_embed(&batch, &out)?,
         Command::Generate {
             batch,
