@@ -1,12 +1,15 @@
 //! Criterion benchmarks of the Llama-family decoder (a random model of the peers' section-h
 //! shape, scaled down to d = 256, 4 layers, vocab 8,000 so a run stays short): a prefill of 4
-//! prompts of 64 tokens, one cached decoding step for 4 sequences, and the same step with a
-//! different LoRA per sequence.
+//! prompts of 64 tokens, one cached decoding step for 4 sequences, the same step with a
+//! different LoRA per sequence, and with Arrow routing every token over the 4 LoRAs (top 2)
+//! in every adapted layer.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
 use modula::LoraConfig;
-use modula::models::{DecoderConfig, KvCache, LinearLayers, LlamaForCausalLm};
+use modula::models::{
+    ArrowOptions, DecoderConfig, KvCache, LinearLayers, LlamaForCausalLm, route_arrow,
+};
 
 fn bench_decoder(c: &mut Criterion) {
     let device = Device::flex();
@@ -53,6 +56,20 @@ fn bench_decoder(c: &mut Criterion) {
             let mut cache = prompt_cache.clone();
             model
                 .forward_cached(step.clone(), None, Some(&per_seq), &mut cache, true)
+                .unwrap()
+        })
+    });
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let options = ArrowOptions {
+        top_k: 2,
+        ..ArrowOptions::default()
+    };
+    route_arrow(&mut model, &refs, &options, None).unwrap();
+    g.bench_function("decode_step_4_seqs_arrow_top2_of_4", |bench| {
+        bench.iter(|| {
+            let mut cache = prompt_cache.clone();
+            model
+                .forward_cached(step.clone(), None, None, &mut cache, true)
                 .unwrap()
         })
     });

@@ -509,6 +509,14 @@ fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::R
         println!("llama decode b{rows:<2}  {decode:8.1} tokens/s");
         report.push(format!("llama_decode_b{rows}_tokens_per_s"), decode);
     }
+    // Arrow in every adapted layer: each token routed to its top 2 of the 8 LoRAs.
+    let mut arrow = lora.clone();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let options = modula::models::ArrowOptions {
+        top_k: 2,
+        ..Default::default()
+    };
+    modula::models::route_arrow(&mut arrow, &refs, &options, None)?;
     let t = report.time(
         "llama_decode_loras",
         1,
@@ -526,6 +534,12 @@ fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::R
                     .expect("valid ids");
                 black_box(y);
             },
+            &mut || {
+                let y = arrow
+                    .generate(ids.clone(), None, None, &greedy, |_| {})
+                    .expect("valid ids");
+                black_box(y);
+            },
         ],
     );
     // Throughput of 8 sequences on 8 adapters over 8 on one: the peer's ratio_vs_one_lora.
@@ -534,6 +548,14 @@ fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::R
         "llama_generate_8_loras_over_one_lora_throughput",
         t[0],
         t[1],
+    );
+    // Arrow routing per token (top 2 of 8, every layer) over one LoRA for all: the price of
+    // routing (no peer measured: bench_peers.py has no Arrow section).
+    report.ratio(
+        "llama gen Arrow/1",
+        "llama_generate_arrow_top2_of_8_over_one_lora_throughput",
+        t[0],
+        t[2],
     );
     load_memory(&model, &config_json, report)
 }
