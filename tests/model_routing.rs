@@ -395,3 +395,51 @@ fn bad_routing_requests_are_errors_and_install_nothing() {
     remove_routers(&mut model);
     assert!(no_router(&model));
 }
+
+/// PEFT 0.21.2's Arrow (`create_arrow_model`, top 2, temperature 0.5) on the tiny Llama
+/// (tests/data/make_arrow_goldens.py): where PEFT's 15 power iterations converge (experts
+/// whose top singular value stands out), modula's logits equal PEFT's; where they do not (top
+/// two singular values within 1 %), PEFT's prototypes point elsewhere and modula's logits
+/// equal PEFT's forward with the exact prototypes put in, not PEFT's own.
+#[test]
+fn arrow_equals_peft_where_its_power_iteration_converges_and_the_exact_arrow_elsewhere() {
+    let device = Device::flex();
+    let root = common::data("tiny_decoders");
+    let g = common::golden("tiny_decoders/arrow/golden.safetensors");
+    let ids: Tensor<2, Int> = g.tensor::<2>("input_ids", &device).unwrap().int();
+    let options = ArrowOptions {
+        top_k: 2,
+        temperature: 0.5,
+        mix: LoraMix::Output,
+    };
+    for (set, prefix) in [("sep", "expert"), ("close", "close")] {
+        let mut model = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+        let names: Vec<String> = (0..3).map(|e| format!("task_{e}")).collect();
+        for (e, name) in names.iter().enumerate() {
+            modula::PeftLora::load(root.join(format!("arrow/{prefix}_{e}")), &device)
+                .unwrap()
+                .attach_to_model(&mut model, name)
+                .unwrap();
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let paths = route_arrow(&mut model, &refs, &options, None).unwrap();
+        assert_eq!(paths.len(), 14);
+        let got = model.forward(ids.clone()).unwrap();
+        let peft: Tensor<3> = g.tensor(&format!("{set}.logits_peft"), &device).unwrap();
+        let exact: Tensor<3> = g.tensor(&format!("{set}.logits_exact"), &device).unwrap();
+        let cos = vals(g.tensor::<1>(&format!("{set}.proto_cos"), &device).unwrap());
+        let min_cos = cos.iter().copied().fold(1.0f32, f32::min);
+        assert_close(got.clone(), exact, 1e-4, &format!("{set}: exact Arrow"));
+        if set == "sep" {
+            assert!(min_cos > 0.99999, "PEFT converged: min |cos| {min_cos}");
+            assert_close(got, peft, 1e-4, "sep: PEFT's Arrow");
+        } else {
+            assert!(min_cos < 0.5, "PEFT did not converge: min |cos| {min_cos}");
+            let d = common::max_abs_diff(got, peft);
+            assert!(
+                d > 0.1,
+                "PEFT's unconverged prototypes change the logits: {d}"
+            );
+        }
+    }
+}
