@@ -1147,11 +1147,19 @@ fn lora_fine_tuning_trains_only_the_adapter_and_saves_for_peft() {
             .reshape([2, 6]);
     let trained = model.forward(ids.clone()).unwrap();
     assert_close(
-        fresh.forward(ids).unwrap(),
-        trained,
+        fresh.forward(ids.clone()).unwrap(),
+        trained.clone(),
         1e-5,
         "saved and reloaded",
     );
+    // Straight from memory, without a folder: its modules are its targets.
+    let mut direct = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+    let attached = modula::PeftLora::from_model(&model, "ft")
+        .unwrap()
+        .attach_to_model(&mut direct, "ft")
+        .unwrap();
+    assert_eq!(attached.len(), 4);
+    assert_close(direct.forward(ids).unwrap(), trained, 1e-5, "from memory");
 }
 
 /// tests/data/tiny_decoders/llama_lora_trained: a LoRA trained and saved by modula

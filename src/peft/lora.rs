@@ -43,8 +43,18 @@ pub(super) fn select_layers<'a>(
     folder: impl Iterator<Item = &'a str>,
     origin: &Path,
 ) -> Result<Vec<usize>> {
+    let folder: BTreeSet<&str> = folder.collect();
+    // An adapter built in memory (`from_model`, `new` + `insert`) has no target rules yet: its
+    // modules are its targets, as the folder `save` writes for it says.
+    let mut raw = config.raw.clone();
+    if raw
+        .get("target_modules")
+        .is_none_or(serde_json::Value::is_null)
+    {
+        raw.insert("target_modules".into(), serde_json::json!(folder));
+    }
     let mut rules =
-        TargetRules::from_config(&config.raw).map_err(|e| Error::peft(origin, e.to_string()))?;
+        TargetRules::from_config(&raw).map_err(|e| Error::peft(origin, e.to_string()))?;
     if rules.is_all_linear() {
         rules.resolve_all_linear(paths.iter().map(String::as_str), output);
     }
@@ -57,7 +67,6 @@ pub(super) fn select_layers<'a>(
             "target_modules selects no linear layer of this model",
         ));
     }
-    let folder: BTreeSet<&str> = folder.collect();
     for &i in &selected {
         if !folder.contains(paths[i].as_str()) {
             return Err(Error::peft(
