@@ -44,6 +44,12 @@ impl LoraLinear {
     /// [`forward`](Self::forward) adds the router's mixture of its adapters to the base output
     /// instead of the active adapters: `y = x W + b + Δ(x)` with `Δ` the router's mixture.
     ///
+    /// The router is not one of the layer's parameters: optimisers do not see it, and moving
+    /// the layer ([`Module::valid`](burn::module::Module::valid),
+    /// [`Module::to_device`](burn::module::Module::to_device)) keeps it as it is. Train a
+    /// learned router as a module of its own and install clones of it (they share its
+    /// parameters); install routers on the device the model runs on.
+    ///
     /// # Errors
     /// [`Error::Invalid`] for a router over no adapters, or a layer holding IA3 adapters;
     /// [`Error::UnknownAdapter`] for a name the layer does not hold; [`Error::AlreadyMerged`]
