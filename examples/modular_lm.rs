@@ -111,6 +111,18 @@ fn sample<'a>(texts: &[&'a [u8]], rng: &mut Rng) -> Vec<&'a [u8]> {
         .collect()
 }
 
+/// The mean next-byte loss of `model` on `windows` (as a tensor, for backward) and in bits.
+fn lm_loss(
+    model: &LlamaForCausalLm,
+    windows: &[&[u8]],
+    device: &Device,
+) -> modula::Result<(Tensor<1>, f32)> {
+    let ids = to_ids(windows, device);
+    let loss = causal_lm_loss(model.forward(ids.clone())?, ids, None)?;
+    let bits = loss.clone().into_scalar::<f32>() / std::f32::consts::LN_2;
+    Ok((loss, bits))
+}
+
 /// Makes every parameter trainable (pre-training: the loaded layers start frozen).
 struct Trainable;
 
@@ -159,11 +171,9 @@ fn bits_per_byte(
     let all: Vec<&[u8]> = text.chunks_exact(SEQ).take(windows).collect();
     let mut total = 0.0;
     for chunk in all.chunks(32) {
-        let ids = to_ids(chunk, device);
-        let loss = causal_lm_loss(model.forward(ids.clone())?, ids, None)?;
-        total += f64::from(loss.into_scalar::<f32>()) * chunk.len() as f64;
+        total += f64::from(lm_loss(model, chunk, device)?.1) * chunk.len() as f64;
     }
-    Ok(total / all.len() as f64 / std::f64::consts::LN_2)
+    Ok(total / all.len() as f64)
 }
 
 fn main() -> Res<()> {
@@ -215,13 +225,9 @@ fn main() -> Res<()> {
     let mut rng = Rng(1);
     let texts: Vec<&[u8]> = DOMAINS.iter().map(|d| train[d].as_slice()).collect();
     let pb = bar(budget.pretrain, "pre-train")?;
-    let mut pre_losses = Vec::new();
     for step in 0..budget.pretrain {
-        let ids = to_ids(&sample(&texts, &mut rng), &ad);
-        let loss = causal_lm_loss(model.forward(ids.clone())?, ids, None)?;
-        let v = loss.clone().into_scalar::<f32>();
-        pre_losses.push(v);
-        pb.set_message(format!("{:.3} bits/byte", v / std::f32::consts::LN_2));
+        let (loss, bits) = lm_loss(&model, &sample(&texts, &mut rng), &ad)?;
+        pb.set_message(format!("{bits:.3} bits/byte"));
         let warm = ((step + 1) as f64 / 50.0).min(1.0);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(3e-3 * warm, model, grads);
@@ -258,12 +264,8 @@ fn main() -> Res<()> {
         m.add_lora("e", &lora, &|p| p != "lm_head")?;
         let mut optim = AdamConfig::new().init();
         for _ in 0..budget.expert {
-            let ids = to_ids(&sample(&[text], &mut rng), &ad);
-            let loss = causal_lm_loss(m.forward(ids.clone())?, ids, None)?;
-            pb.set_message(format!(
-                "{name} {:.3}",
-                loss.clone().into_scalar::<f32>() / std::f32::consts::LN_2
-            ));
+            let (loss, bits) = lm_loss(&m, &sample(&[text], &mut rng), &ad)?;
+            pb.set_message(format!("{name} {bits:.3}"));
             let grads = GradientsParams::from_grads(loss.backward(), &m);
             m = optim.step(5e-3, m, grads);
             pb.inc(1);
@@ -318,12 +320,8 @@ fn main() -> Res<()> {
         let batch: Vec<&[u8]> = (0..BATCH)
             .map(|_| memory[rng.below(memory.len())])
             .collect();
-        let ids = to_ids(&batch, &ad);
-        let loss = causal_lm_loss(m.forward(ids.clone())?, ids, None)?;
-        pb.set_message(format!(
-            "{:.3}",
-            loss.clone().into_scalar::<f32>() / std::f32::consts::LN_2
-        ));
+        let (loss, bits) = lm_loss(&m, &batch, &ad)?;
+        pb.set_message(format!("{bits:.3}"));
         let grads = GradientsParams::from_grads(loss.backward(), &routers);
         routers = optim.step(3e-3, routers, grads);
         pb.inc(1);

@@ -737,39 +737,29 @@ mod host {
             unsafe { band_body(x, mk, w, w_rs, cols, out, dst_rs, accumulate) }
         }
 
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn band_avx512(
-            x: &[f32],
-            mk: (usize, usize),
-            w: &[f32],
-            w_rs: usize,
-            cols: (usize, usize),
-            out: Out,
-            dst_rs: usize,
-            accumulate: bool,
-        ) {
-            // SAFETY: as the caller's.
-            unsafe { band_body(x, mk, w, w_rs, cols, out, dst_rs, accumulate) }
+        /// [`band_body`] compiled with the named target features (one copy per vector width).
+        macro_rules! band_with_features {
+            ($name:ident, $features:literal) => {
+                #[cfg(target_arch = "x86_64")]
+                #[target_feature(enable = $features)]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn $name(
+                    x: &[f32],
+                    mk: (usize, usize),
+                    w: &[f32],
+                    w_rs: usize,
+                    cols: (usize, usize),
+                    out: Out,
+                    dst_rs: usize,
+                    accumulate: bool,
+                ) {
+                    // SAFETY: as the caller's.
+                    unsafe { band_body(x, mk, w, w_rs, cols, out, dst_rs, accumulate) }
+                }
+            };
         }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn band_avx2(
-            x: &[f32],
-            mk: (usize, usize),
-            w: &[f32],
-            w_rs: usize,
-            cols: (usize, usize),
-            out: Out,
-            dst_rs: usize,
-            accumulate: bool,
-        ) {
-            // SAFETY: as the caller's.
-            unsafe { band_body(x, mk, w, w_rs, cols, out, dst_rs, accumulate) }
-        }
+        band_with_features!(band_avx512, "avx512f,fma");
+        band_with_features!(band_avx2, "avx2,fma");
 
         /// `out[r, c0..c1] (+)= Σ_i x[r, i] · w[i, c0..c1]`, compiled into each caller's
         /// vector width.
