@@ -15,7 +15,8 @@
 //!    expert on each domain's test text: an upper bound that zero-shot routing cannot use).
 //!
 //! Writes docs/modular_lm.md (the tables) and docs/modular_lm_routing.svg (the share of each
-//! expert in Arrow's routing, per domain and layer). `--quick` runs a few steps of each stage.
+//! expert in Arrow's routing, per domain and layer). `--quick` runs a few steps of each stage
+//! and only prints.
 //!
 //! Run: `cargo run --release --features wgpu,cli --example modular_lm`
 
@@ -658,11 +659,14 @@ fn main() -> Res<()> {
         windows.min(32)
     )?;
     let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
-    std::fs::write(docs.join(format!("{stem}.md")), &md)?;
-    std::fs::write(
-        docs.join(format!("{stem}_routing.svg")),
-        svg(&share, &names),
-    )?;
+    // A quick run prints its tables but leaves the full run's files in docs/ alone.
+    if !quick {
+        std::fs::write(docs.join(format!("{stem}.md")), &md)?;
+        std::fs::write(
+            docs.join(format!("{stem}_routing.svg")),
+            svg(&share, &names),
+        )?;
+    }
     println!("{md}");
     Ok(())
 }
