@@ -16,13 +16,19 @@
 //! The routing is made again at every layer and every token, prefill and decoding steps
 //! alike, and only the selected experts compute (the one dispatch). A layer holding fewer
 //! than `k` of the experts routes over those it holds, top-`min(k, held)`.
+//!
+//! ## GenKnowSub (Bhardwaj et al. 2025)
+//! [`gen_know_sub`] subtracts the mean of "general" adapters from each task adapter before
+//! routing, in every layer: in factor space as PEFT's `ArrowConfig(use_gks=True)` does
+//! (`A − mean A_g`, `B − mean B_g`), or exactly in delta space (`ΔW − mean ΔW_g`, rank
+//! `r + Σ r_g`).
 
 use std::sync::Arc;
 
 use super::LinearLayers;
 use crate::aggregate::{LoraMix, RoutedLora, RoutingTrace};
 use crate::error::{Error, Result};
-use crate::library::LoraFactors;
+use crate::library::{LoraFactors, MergeSpace};
 use crate::modules::lora::{LayerRouter, LoraLinear, SharedLayerRouter};
 use crate::routers::ArrowRouter;
 
@@ -141,6 +147,82 @@ pub fn route_arrow(
         }
         Ok(Some(Arc::new(routed) as Arc<dyn LayerRouter>))
     })
+}
+
+/// GenKnowSub at model level (see the [module docs](self)): in every layer that holds a task
+/// adapter of `tasks`, its factors become the task's minus the mean of the `general`
+/// adapters' (all of which the layer must hold), by [`library::gen_know_sub`](crate::library::gen_know_sub).
+/// The general adapters stay as they are (deactivate or delete them as needed). Returns the
+/// changed layer paths.
+///
+/// # Errors
+/// [`Error::UnknownAdapter`]; [`Error::Invalid`] for no tasks or no general adapters, a name
+/// in both lists, a layer holding a task adapter but not every general one (naming it), or
+/// (factor space) ranks or scalings that differ; [`Error::AlreadyMerged`] for a merged
+/// adapter. Nothing changes on error.
+pub fn gen_know_sub(
+    model: &mut dyn LinearLayers,
+    tasks: &[&str],
+    general: &[&str],
+    space: MergeSpace,
+) -> Result<Vec<String>> {
+    if tasks.is_empty() || general.is_empty() {
+        return Err(Error::invalid(
+            "GenKnowSub",
+            "give at least one task adapter and one general adapter",
+        ));
+    }
+    if let Some(both) = tasks.iter().find(|t| general.contains(t)) {
+        return Err(Error::invalid(
+            "GenKnowSub",
+            format!("`{both}` is both a task and a general adapter"),
+        ));
+    }
+    model.check_adapters(tasks)?;
+    model.check_adapters(general)?;
+    let mut updates = Vec::new();
+    for (path, layer) in model.linear_layers() {
+        let held = |n: &&str| layer.names().iter().any(|h| h == n);
+        if !tasks.iter().any(held) {
+            continue;
+        }
+        if let Some(missing) = general.iter().find(|g| !held(g)) {
+            return Err(Error::invalid(
+                format!("GenKnowSub: layer `{path}`"),
+                format!("it holds a task adapter but not the general adapter `{missing}`"),
+            ));
+        }
+        let gen_factors = general
+            .iter()
+            .map(|g| layer.adapter(g).map(LoraFactors::from_adapter))
+            .collect::<Result<Vec<_>>>()?;
+        let gen_refs: Vec<&LoraFactors> = gen_factors.iter().collect();
+        for t in tasks.iter().filter(|t| held(t)) {
+            if layer.is_merged(t)? {
+                return Err(Error::AlreadyMerged {
+                    name: t.to_string(),
+                    operation: "GenKnowSub",
+                });
+            }
+            let task = LoraFactors::from_adapter(layer.adapter(t)?);
+            let f = crate::library::gen_know_sub(&task, &gen_refs, space)
+                .map_err(|e| in_layer(&path, e))?;
+            let adapter = f.to_adapter(&layer.base.weight.device())?;
+            updates.push((path.clone(), t.to_string(), adapter));
+        }
+    }
+    let mut paths: Vec<String> = Vec::new();
+    let mut layers: std::collections::HashMap<String, &mut LoraLinear> =
+        model.linear_layers_mut().into_iter().collect();
+    for (path, name, adapter) in updates {
+        if let Some(layer) = layers.get_mut(&path) {
+            layer.replace_adapter(&name, adapter)?;
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
+    }
+    Ok(paths)
 }
 
 /// `e` with the layer's path in its message where it has room for one.

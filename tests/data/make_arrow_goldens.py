@@ -14,7 +14,9 @@ Writes tests/data/tiny_decoders/arrow/:
   `<set>.logits_exact`: the same model with every layer's prototypes replaced by the exact top
   right singular vector of B·A (float64 SVD);
   `<set>.proto_cos`: per adapted layer and expert, |cos| between PEFT's prototype and the
-  exact one; and `input_ids` (F32).
+  exact one; and `input_ids` (F32);
+- the same for set `gks`: the `expert_*` folders as task adapters with GenKnowSub
+  (`use_gks=True`) against the general adapters `close_0` and `close_1`.
 
     PYTHONHASHSEED=0 python tests/data/make_arrow_goldens.py
 """
@@ -61,12 +63,12 @@ def write_experts(root, prefix, gap, seed):
     return dirs
 
 
-def arrow_logits(root, dirs):
+def arrow_logits(root, dirs, general=None):
     from peft import ArrowConfig, create_arrow_model
 
     base = LlamaForCausalLM.from_pretrained(root / "llama", attn_implementation="eager").eval()
-    cfg = ArrowConfig(top_k=2, router_temperature=0.5, rng_seed=0)
-    model = create_arrow_model(base, dirs, cfg).eval()
+    cfg = ArrowConfig(top_k=2, router_temperature=0.5, rng_seed=0, use_gks=general is not None)
+    model = create_arrow_model(base, dirs, cfg, general_adapter_paths=general).eval()
     with torch.no_grad():
         peft_logits = model(input_ids=IDS).logits.contiguous()
         cos = []
@@ -99,6 +101,14 @@ def main():
         diff = (peft_logits - exact_logits).abs().max().item()
         print(f"{prefix}: min |cos(PEFT proto, exact)| = {cos.min():.6f}, "
               f"max |logits PEFT - exact| = {diff:.3e}")
+    experts = [str(root / "arrow" / f"expert_{e}") for e in range(3)]
+    general = [str(root / "arrow" / f"close_{e}") for e in range(2)]
+    peft_logits, exact_logits, cos = arrow_logits(root, experts, general)
+    out["gks.logits_peft"] = peft_logits
+    out["gks.logits_exact"] = exact_logits
+    out["gks.proto_cos"] = cos
+    diff = (peft_logits - exact_logits).abs().max().item()
+    print(f"gks: min |cos(PEFT proto, exact)| = {cos.min():.6f}, max |logits PEFT - exact| = {diff:.3e}")
     save_file(out, str(root / "arrow" / "golden.safetensors"))
 
 

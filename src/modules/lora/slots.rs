@@ -149,6 +149,36 @@ macro_rules! adapter_host_api {
                 Ok(())
             }
 
+            /// Replaces the factors of adapter `name` (same name, place, activity), returning
+            /// the old ones; its rank may change.
+            ///
+            /// # Errors
+            /// [`Error::UnknownAdapter`]; [`Error::AlreadyMerged`] for a merged adapter
+            /// (unmerge it first); [`Error::Shape`] if the new widths differ from the host
+            /// layer's.
+            pub fn replace_adapter(
+                &mut self,
+                name: &str,
+                adapter: LoraModule,
+            ) -> Result<LoraModule> {
+                let i = self.slots.index(name)?;
+                if self.slots.merged[i] {
+                    return Err(Error::AlreadyMerged {
+                        name: name.to_string(),
+                        operation: "replacing its factors",
+                    });
+                }
+                let (d_in, d_out) = self.host_dims();
+                if adapter.d_in() != d_in || adapter.d_out() != d_out {
+                    return Err(Error::shape(
+                        format!("adapter `{name}` on a LoRA layer"),
+                        format!("[{d_in} -> {d_out}]"),
+                        format!("[{} -> {}]", adapter.d_in(), adapter.d_out()),
+                    ));
+                }
+                Ok(std::mem::replace(&mut self.adapters[i], adapter))
+            }
+
             /// Removes adapter `name` and returns it. A merged adapter is unmerged first.
             ///
             /// # Errors
