@@ -517,6 +517,16 @@ fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::R
         ..Default::default()
     };
     modula::models::route_arrow(&mut arrow, &refs, &options, None)?;
+    // The alternative to a mixed batch: one copy of the model per adapter with that adapter
+    // merged, each serving its own sequence (only the merged q/k/v/o weights are copied).
+    use modula::models::LinearLayers;
+    let mut merged = Vec::with_capacity(b);
+    for name in per_seq.iter().flatten() {
+        let mut copy = lora.clone();
+        copy.set_active_adapters(&[name])?;
+        copy.merge_adapter(name)?;
+        merged.push(copy);
+    }
     let t = report.time(
         "llama_decode_loras",
         1,
@@ -540,6 +550,15 @@ fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::R
                     .expect("valid ids");
                 black_box(y);
             },
+            &mut || {
+                for (i, copy) in merged.iter().enumerate() {
+                    let row = ids.clone().slice([i..i + 1, 0..p]);
+                    let y = copy
+                        .generate(row, None, None, &greedy, |_| {})
+                        .expect("valid ids");
+                    black_box(y);
+                }
+            },
         ],
     );
     // Throughput of 8 sequences on 8 adapters over 8 on one: the peer's ratio_vs_one_lora.
@@ -556,6 +575,13 @@ fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::R
         "llama_generate_arrow_top2_of_8_over_one_lora_throughput",
         t[0],
         t[2],
+    );
+    // The mixed batch over one merged copy per adapter, each decoding its sequence alone.
+    report.ratio(
+        "llama gen mixed/merged copies",
+        "llama_generate_8_loras_over_8_merged_copies_throughput",
+        t[3],
+        t[1],
     );
     load_memory(&model, &config_json, report)
 }
