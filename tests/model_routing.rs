@@ -403,7 +403,13 @@ fn bad_routing_requests_are_errors_and_install_nothing() {
 /// equal PEFT's forward with the exact prototypes put in, not PEFT's own.
 #[test]
 fn arrow_equals_peft_where_its_power_iteration_converges_and_the_exact_arrow_elsewhere() {
-    let device = Device::flex();
+    for device in common::devices() {
+        arrow_against_peft_on(&device);
+    }
+}
+
+fn arrow_against_peft_on(device: &Device) {
+    let device = device.clone();
     let root = common::data("tiny_decoders");
     let g = common::golden("tiny_decoders/arrow/golden.safetensors");
     let ids: Tensor<2, Int> = g.tensor::<2>("input_ids", &device).unwrap().int();
@@ -425,14 +431,15 @@ fn arrow_equals_peft_where_its_power_iteration_converges_and_the_exact_arrow_els
         let paths = route_arrow(&mut model, &refs, &options, None).unwrap();
         assert_eq!(paths.len(), 14);
         let got = model.forward(ids.clone()).unwrap();
+        let on = format!("{set} on {device:?}");
         let peft: Tensor<3> = g.tensor(&format!("{set}.logits_peft"), &device).unwrap();
         let exact: Tensor<3> = g.tensor(&format!("{set}.logits_exact"), &device).unwrap();
         let cos = vals(g.tensor::<1>(&format!("{set}.proto_cos"), &device).unwrap());
         let min_cos = cos.iter().copied().fold(1.0f32, f32::min);
-        assert_close(got.clone(), exact, 1e-4, &format!("{set}: exact Arrow"));
+        assert_close(got.clone(), exact, 1e-4, &format!("{on}: exact Arrow"));
         if set == "sep" {
             assert!(min_cos > 0.99999, "PEFT converged: min |cos| {min_cos}");
-            assert_close(got, peft, 1e-4, "sep: PEFT's Arrow");
+            assert_close(got, peft, 1e-4, &format!("{on}: PEFT's Arrow"));
         } else {
             assert!(min_cos < 0.5, "PEFT did not converge: min |cos| {min_cos}");
             let d = common::max_abs_diff(got, peft);
