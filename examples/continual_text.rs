@@ -27,6 +27,8 @@
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/rng.rs"]
+mod rng;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -40,6 +42,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use modula::continual::{LmcConfig, LmcModel, NearestClassMean, ReplayBuffer, ReplayPolicy};
 use modula::tokenizer::{PaddingSide, Tokenizer};
+use rng::Rng;
 
 const DOMAINS: [&str; 6] = ["prose", "rust", "toml", "python", "c", "man"];
 /// Classes of each task, in arrival order.
@@ -90,24 +93,6 @@ fn snippets(domain: &str, split: &str, n: usize) -> Res<Vec<String>> {
         out.push(text[start..end].to_string());
     }
     Ok(out)
-}
-
-/// A tiny deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, (self.next() % (i as u64 + 1)) as usize);
-        }
-    }
 }
 
 /// Embeddings (`dim` wide, row-major) and labels of one split.

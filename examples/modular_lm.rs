@@ -22,6 +22,8 @@
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/rng.rs"]
+mod rng;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -39,6 +41,7 @@ use modula::models::{
 };
 use modula::routers::{XLoraRouter, XLoraRouterConfig};
 use modula::{LayerRouter, LoraConfig, LoraMix, PeftLora, RoutedLora, RoutingTrace};
+use rng::Rng;
 
 const DOMAINS: [&str; 6] = ["prose", "rust", "toml", "python", "c", "man"];
 /// The domains that get experts (two each).
@@ -73,22 +76,6 @@ fn read(domain: &str, split: &str) -> Res<Vec<u8>> {
         .join(domain)
         .join(format!("{split}.txt"));
     Ok(std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?)
-}
-
-/// A tiny deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// Bytes as token ids, `[rows, SEQ]`.

@@ -136,14 +136,7 @@ macro_rules! adapter_host_api {
             /// adapters.
             pub fn insert_adapter(&mut self, name: &str, adapter: LoraModule) -> Result<()> {
                 self.accepts_lora(name)?;
-                let (d_in, d_out) = self.host_dims();
-                if adapter.d_in() != d_in || adapter.d_out() != d_out {
-                    return Err(Error::shape(
-                        format!("adapter `{name}` on a LoRA layer"),
-                        format!("[{d_in} -> {d_out}]"),
-                        format!("[{} -> {}]", adapter.d_in(), adapter.d_out()),
-                    ));
-                }
+                self.check_fits(name, &adapter)?;
                 self.slots.push(name)?;
                 self.adapters.push(adapter);
                 Ok(())
@@ -168,6 +161,12 @@ macro_rules! adapter_host_api {
                         operation: "replacing its factors",
                     });
                 }
+                self.check_fits(name, &adapter)?;
+                Ok(std::mem::replace(&mut self.adapters[i], adapter))
+            }
+
+            /// [`Error::Shape`] unless `adapter`'s widths are the host layer's.
+            fn check_fits(&self, name: &str, adapter: &LoraModule) -> Result<()> {
                 let (d_in, d_out) = self.host_dims();
                 if adapter.d_in() != d_in || adapter.d_out() != d_out {
                     return Err(Error::shape(
@@ -176,7 +175,7 @@ macro_rules! adapter_host_api {
                         format!("[{} -> {}]", adapter.d_in(), adapter.d_out()),
                     ));
                 }
-                Ok(std::mem::replace(&mut self.adapters[i], adapter))
+                Ok(())
             }
 
             /// Removes adapter `name` and returns it. A merged adapter is unmerged first.
