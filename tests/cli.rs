@@ -1124,3 +1124,61 @@ fn score_routes_adapters_per_token_with_router_arrow() {
     assert_eq!(got, want, "generate --router arrow");
     assert!(got.iter().all(|r| !r.is_empty()));
 }
+
+/// `score --router arrow --router-general NAME`: GenKnowSub then Arrow, PEFT's
+/// `ArrowConfig(use_gks=True)` with exact prototypes (tests/data/make_arrow_goldens.py);
+/// a general name that is not loaded exits with status 2.
+#[test]
+fn score_router_general_applies_gen_know_sub_as_peft() {
+    let root = data("tiny_decoders");
+    let tmp = tempfile::tempdir().unwrap();
+    let g = TensorFile::open(root.join("arrow/golden.safetensors")).unwrap();
+    let rows = golden_rows(&g, "input_ids", 6);
+    let input = write_json(
+        &tmp.path().join("in.json"),
+        serde_json::json!({ "input_ids": rows }),
+    );
+    let out = tmp.path().join("logits.safetensors");
+    let spec = |name: &str, dir: &str| format!("{name}={}", root.join("arrow").join(dir).display());
+    let adapters = [
+        spec("task_0", "expert_0"),
+        spec("task_1", "expert_1"),
+        spec("task_2", "expert_2"),
+        spec("gks_0", "close_0"),
+        spec("gks_1", "close_1"),
+    ];
+    let model = root.join("llama");
+    let mut args = vec!["score", "--model", model.to_str().unwrap()];
+    for a in &adapters {
+        args.extend(["--adapter", a.as_str()]);
+    }
+    args.extend([
+        "--router",
+        "arrow",
+        "--top-k",
+        "2",
+        "--temperature",
+        "0.5",
+        "--input",
+        &input,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let mut with_general = args.clone();
+    with_general.extend(["--router-general", "gks_0", "--router-general", "gks_1"]);
+    let (code, err) = modula_code(&with_general);
+    assert_eq!(code, Some(0), "{err}");
+    let device = Device::flex();
+    let got: Tensor<3> = TensorFile::open(&out)
+        .unwrap()
+        .tensor("logits", &device)
+        .unwrap();
+    let want: Tensor<3> = g.tensor("gks.logits_exact", &device).unwrap();
+    assert_close(got, want, 1e-4, "score --router-general");
+
+    let mut unknown = args.clone();
+    unknown.extend(["--router-general", "gks_9"]);
+    let (code, err) = modula_code(&unknown);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--router-general gks_9"), "{err}");
+}

@@ -234,6 +234,11 @@ struct BatchArgs {
     /// the factors; one rank).
     #[arg(long = "router-mix", default_value = "output")]
     router_mix: String,
+    /// With --router arrow: a loaded adapter that is general knowledge rather than a task
+    /// (repeatable). GenKnowSub (PEFT's use_gks) subtracts the mean of the general adapters
+    /// from every other adapter, which Arrow then routes over.
+    #[arg(long = "router-general")]
+    router_general: Vec<String>,
 }
 
 fn bar(len: usize, what: &str) -> ProgressBar {
@@ -504,6 +509,7 @@ fn apply_router(
             ("--router-top-k", batch.router_top_k.is_some()),
             ("--router-temperature", batch.router_temperature.is_some()),
             ("--router-mix", batch.router_mix != "output"),
+            ("--router-general", !batch.router_general.is_empty()),
         ] {
             if given {
                 return Err(invalid(flag, "it sets routing; add --router arrow"));
@@ -530,18 +536,49 @@ fn apply_router(
                     ));
                 }
             };
+            let general: Vec<&str> = batch.router_general.iter().map(String::as_str).collect();
+            if let Some(g) = general.iter().find(|g| !refs.contains(g)) {
+                return Err(invalid(
+                    format!("--router-general {g}"),
+                    format!(
+                        "`{g}` is not a loaded adapter (loaded: {names:?}); add --adapter {g}=DIR"
+                    ),
+                ));
+            }
+            let tasks: Vec<&str> = refs
+                .iter()
+                .copied()
+                .filter(|n| !general.contains(n))
+                .collect();
+            if tasks.is_empty() {
+                return Err(invalid(
+                    "--router-general",
+                    "every loaded adapter is general; Arrow needs task adapters to route over",
+                ));
+            }
+            if !general.is_empty() {
+                modula::models::gen_know_sub(
+                    model,
+                    &tasks,
+                    &general,
+                    modula::library::MergeSpace::Factor,
+                )?;
+            }
             let options = modula::models::ArrowOptions {
-                top_k: batch.router_top_k.unwrap_or(3).min(names.len()),
+                top_k: batch.router_top_k.unwrap_or(3).min(tasks.len()),
                 temperature: batch.router_temperature.unwrap_or(1.0),
                 mix,
             };
-            modula::models::route_arrow(model, &refs, &options, None)?;
+            modula::models::route_arrow(model, &tasks, &options, None)?;
         }
         "uniform" => {
-            if batch.router_top_k.is_some() || batch.router_temperature.is_some() {
+            if batch.router_top_k.is_some()
+                || batch.router_temperature.is_some()
+                || !batch.router_general.is_empty()
+            {
                 return Err(invalid(
                     "--router uniform",
-                    "the uniform merge takes no top-k or temperature; they belong to --router arrow",
+                    "the uniform merge takes no top-k, temperature or general adapters; they belong to --router arrow",
                 ));
             }
             // µ: the exact average of the updates (concatenated factors, weights 1/N).
