@@ -1182,3 +1182,52 @@ fn score_router_general_applies_gen_know_sub_as_peft() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--router-general gks_9"), "{err}");
 }
+
+/// `modula arrow` and `modula cluster` on adapters of a real LM layout (the tiny Llama's
+/// q/k/v/o/gate/up/down in two layers): one prototype matrix per adapted layer, equal to the
+/// library's exact prototypes; clusters that cover every folder once.
+#[test]
+fn arrow_and_cluster_take_language_model_adapters() {
+    let root = data("tiny_decoders/arrow");
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = ["expert_0", "expert_1", "expert_2", "close_0", "close_1"]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+    let args: Vec<&str> = dirs.iter().map(|d| d.to_str().unwrap()).collect();
+    let out = tmp.path().join("protos.safetensors");
+    let mut a = vec!["arrow", "--out", out.to_str().unwrap()];
+    a.extend(&args);
+    let (ok, _, err) = modula(&a);
+    assert!(ok, "{err}");
+    let protos = TensorFile::open(&out).unwrap();
+    let experts: Vec<LoraExpert> = dirs
+        .iter()
+        .map(|d| LoraExpert::load_peft(d).unwrap())
+        .collect();
+    let paths: Vec<&String> = experts[0].layers.keys().collect();
+    assert_eq!(paths.len(), 14, "7 projections in each of 2 layers");
+    for path in paths {
+        let layer: Vec<&modula::library::LoraFactors> =
+            experts.iter().map(|e| &e.layers[path]).collect();
+        let want = modula::library::arrow_prototypes(&layer).unwrap();
+        let got = protos.get(path).unwrap();
+        assert_eq!(got.shape, want.shape().to_vec(), "{path}");
+        let diff = got
+            .data
+            .iter()
+            .zip(want.iter::<f32>())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff < 1e-5, "{path}: {diff}");
+    }
+    let mut c = vec!["cluster", "--k", "2"];
+    c.extend(&args);
+    let (ok, stdout, err) = modula(&c);
+    assert!(ok, "{err}");
+    let clusters: Vec<Vec<String>> = serde_json::from_str(stdout.trim()).unwrap();
+    let mut all: Vec<String> = clusters.concat();
+    all.sort();
+    let mut given: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    given.sort();
+    assert_eq!((clusters.len(), all), (2, given));
+}
