@@ -36,11 +36,11 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use modula::library::{Combination, LoraExpert, MbcConfig, MergeOptions, mbc_cluster};
 use modula::models::{
-    ArrowOptions, DecoderConfig, LinearLayers, LlamaForCausalLm, causal_lm_loss, install_routers,
+    ArrowOptions, DecoderConfig, LayerRouters, LinearLayers, LlamaForCausalLm, causal_lm_loss,
     remove_routers, route_arrow,
 };
-use modula::routers::{XLoraRouter, XLoraRouterConfig};
-use modula::{LayerRouter, LoraConfig, LoraMix, PeftLora, RoutedLora, RoutingTrace};
+use modula::routers::XLoraRouterConfig;
+use modula::{LoraConfig, LoraMix, PeftLora, RoutingTrace};
 use rng::Rng;
 
 const DOMAINS: [&str; 6] = ["prose", "rust", "toml", "python", "c", "man"];
@@ -118,34 +118,6 @@ impl ModuleMapper for Trainable {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         param.set_require_grad(true)
     }
-}
-
-/// One X-LoRA-style classifier per adapted layer (a burn module, so the optimiser sees it).
-#[derive(Module, Debug)]
-struct Routers {
-    layers: Vec<XLoraRouter>,
-}
-
-/// Installs `routers` (layer `i` of the model's adapted layers, in module order) over the
-/// experts `names`, dense output mixing.
-fn install_learned(
-    model: &mut LlamaForCausalLm,
-    routers: &Routers,
-    names: &[String],
-) -> modula::Result<()> {
-    let mut next = 0;
-    install_routers(model, &mut |_path, layer| {
-        if layer.names().is_empty() {
-            return Ok(None);
-        }
-        let r = routers.layers[next].clone();
-        next += 1;
-        let routed = RoutedLora::new(r, names.to_vec(), LoraMix::Output)?;
-        Ok(Some(
-            std::sync::Arc::new(routed) as std::sync::Arc<dyn LayerRouter>
-        ))
-    })?;
-    Ok(())
 }
 
 /// Mean bits per byte of `model` over the first `windows` test windows of `text` (each window
@@ -273,19 +245,11 @@ fn main() -> Res<()> {
     }
     let composed = composed.no_grad();
     let names: Vec<String> = experts.iter().map(|(n, _)| n.clone()).collect();
-    let adapted: Vec<usize> = composed
-        .linear_layers()
-        .iter()
-        .filter(|(_, l)| !l.names().is_empty())
-        .map(|(_, l)| l.d_in())
-        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     ad.seed(7);
-    let mut routers = Routers {
-        layers: adapted
-            .iter()
-            .map(|&d| XLoraRouterConfig::new(d, 32, names.len()).init(&ad))
-            .collect::<modula::Result<_>>()?,
-    };
+    let mut routers = LayerRouters::new(&composed, &refs, LoraMix::Output, &mut |_, layer| {
+        XLoraRouterConfig::new(layer.d_in(), 32, names.len()).init(&ad)
+    })?;
     let memory: Vec<&[u8]> = EXPERT_DOMAINS
         .iter()
         .flat_map(|d| {
@@ -304,7 +268,7 @@ fn main() -> Res<()> {
     let router_started = Instant::now();
     for _ in 0..budget.router {
         let mut m = composed.clone();
-        install_learned(&mut m, &routers, &names)?;
+        routers.install(&mut m)?;
         let batch: Vec<&[u8]> = (0..BATCH)
             .map(|_| memory[rng.below(memory.len())])
             .collect();
@@ -359,6 +323,7 @@ fn main() -> Res<()> {
     for (name, peft) in &experts {
         peft.attach_to_model(&mut eval, name)?;
     }
+    // The adapter names again (`refs` above is the experts' host factors).
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let cat = MergeOptions::new(Combination::Cat);
     eval.add_weighted_adapter(
@@ -411,7 +376,7 @@ fn main() -> Res<()> {
     route_arrow(&mut eval, &crefs, &top1, None)?;
     let arrow_clusters = eval_all(&eval)?;
     remove_routers(&mut eval);
-    install_learned(&mut eval, &routers, &names)?;
+    routers.install(&mut eval)?;
     let learned = eval_all(&eval)?;
     remove_routers(&mut eval);
     pb.finish();

@@ -537,3 +537,78 @@ fn gen_know_sub_equals_peft_with_exact_prototypes() {
         "errors change nothing",
     );
 }
+
+/// Learned routers at model level: one X-LoRA-style classifier per adapted layer, trained by
+/// Adam through the installed routers on the composed model's loss. The loss falls, only the
+/// routers' parameters move, and the trained routers installed in the plain model give the
+/// same logits.
+#[test]
+fn layer_routers_train_through_the_model_and_only_they_move() {
+    use burn::module::Module;
+    use burn::optim::{AdamConfig, GradientsParams};
+    use modula::models::{LayerRouters, causal_lm_loss};
+    use modula::routers::XLoraRouterConfig;
+    let ad = Device::flex().autodiff();
+    ad.seed(5);
+    let model = model_with_experts(&ad).no_grad();
+    let names = ["a", "b", "c"];
+    let mut routers = LayerRouters::new(&model, &names, LoraMix::Output, &mut |_, layer| {
+        XLoraRouterConfig::new(layer.d_in(), 8, 3).init(&ad)
+    })
+    .unwrap();
+    assert_eq!(routers.paths.len(), 14);
+    let before_router = vals(routers.layers[0].out.weight.val());
+    let before_a = vals(model.linear_layers()[0].1.adapter("a").unwrap().a.val());
+    let batch = ids(&[vec![3, 9, 17, 4, 40, 2], vec![60, 2, 8, 8, 31, 5]], &ad);
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::new();
+    for _ in 0..15 {
+        let mut m = model.clone();
+        routers.install(&mut m).unwrap();
+        let loss = causal_lm_loss(m.forward(batch.clone()).unwrap(), batch.clone(), None).unwrap();
+        losses.push(vals(loss.clone())[0]);
+        let grads = GradientsParams::from_grads(loss.backward(), &routers);
+        routers = optim.step(1e-2, routers, grads);
+    }
+    assert!(
+        losses[14] < losses[0] - 1e-3,
+        "routing learned nothing: {losses:?}"
+    );
+    assert_ne!(
+        before_router,
+        vals(routers.layers[0].out.weight.val()),
+        "the routers trained"
+    );
+    assert_eq!(
+        before_a,
+        vals(model.linear_layers()[0].1.adapter("a").unwrap().a.val()),
+        "experts are frozen"
+    );
+    // The trained routers on the plain device give the trained model's logits.
+    let mut trained = model.clone();
+    routers.install(&mut trained).unwrap();
+    let want = trained.forward(batch.clone()).unwrap().inner();
+    let plain_model = model.valid();
+    let mut plain = plain_model.clone();
+    routers.valid().install(&mut plain).unwrap();
+    let plain_ids = batch.inner();
+    assert_close(
+        plain.forward(plain_ids).unwrap(),
+        want,
+        1e-5,
+        "valid routers",
+    );
+    // Bad requests.
+    assert!(
+        LayerRouters::new(&plain_model, &[], LoraMix::Output, &mut |_, l| {
+            XLoraRouterConfig::new(l.d_in(), 8, 3).init(&Device::flex())
+        })
+        .is_err()
+    );
+    assert!(matches!(
+        LayerRouters::new(&plain_model, &["zz"], LoraMix::Output, &mut |_, l| {
+            XLoraRouterConfig::new(l.d_in(), 8, 1).init(&Device::flex())
+        }),
+        Err(Error::UnknownAdapter { .. })
+    ));
+}

@@ -34,7 +34,9 @@ pub use generate::{CausalLm, Decoding, GenerationConfig, causal_lm_loss, generat
 pub use gpt2::{Gpt2Config, Gpt2LmHeadModel};
 pub use llama::{KvCache, LlamaForCausalLm, PROJECTIONS, WeightSource, checkpoint_shapes};
 pub use rope::{Rope, RopeScaling};
-pub use routing::{ArrowOptions, gen_know_sub, install_routers, remove_routers, route_arrow};
+pub use routing::{
+    ArrowOptions, LayerRouters, gen_know_sub, install_routers, remove_routers, route_arrow,
+};
 
 /// A model whose linear layers are [`LoraLinear`]s at Hugging Face module paths: what PEFT's
 /// target-module rules select from ([`PeftLora::attach_to_model`](crate::PeftLora::attach_to_model)),

@@ -25,12 +25,15 @@
 
 use std::sync::Arc;
 
+use burn::module::Module;
+
 use super::LinearLayers;
 use crate::aggregate::{LoraMix, RoutedLora, RoutingTrace};
 use crate::error::{Error, Result};
 use crate::library::{LoraFactors, MergeSpace};
 use crate::modules::lora::{LayerRouter, LoraLinear, SharedLayerRouter};
 use crate::routers::ArrowRouter;
+use crate::routing::Router;
 
 /// Arrow's settings at model level (PEFT's `ArrowConfig` defaults: top 3, temperature 1).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -147,6 +150,86 @@ pub fn route_arrow(
         }
         Ok(Some(Arc::new(routed) as Arc<dyn LayerRouter>))
     })
+}
+
+/// One router per adapted layer, held as a burn module so that an optimiser trains them
+/// (X-LoRA-style classifiers, Polytropon, L2R's routers): the learned counterpart of
+/// [`route_arrow`]. [`install`](Self::install) puts a clone of each (sharing its parameters)
+/// into its layer, so a forward pass of the model routes through them and its loss reaches
+/// their parameters.
+#[derive(Module, Debug)]
+pub struct LayerRouters<R: Module> {
+    /// The routers, one per routed layer, in module order.
+    pub layers: Vec<R>,
+    /// The routed layers' paths.
+    #[module(skip)]
+    pub paths: Vec<String>,
+    /// The adapters every router chooses among, in its module order.
+    #[module(skip)]
+    pub adapters: Vec<String>,
+    /// How the chosen adapters combine.
+    #[module(skip)]
+    pub mix: LoraMix,
+}
+
+impl<R> LayerRouters<R>
+where
+    R: Module + Router + Send + Sync + 'static,
+{
+    /// A router for every layer of `model` that holds all of `adapters`, made by `build`
+    /// (given the layer's path and layer; it must route over `adapters.len()` modules).
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`]; [`Error::Invalid`] for no adapters or when no layer holds
+    /// them all; the errors of `build`.
+    pub fn new(
+        model: &dyn LinearLayers,
+        adapters: &[&str],
+        mix: LoraMix,
+        build: &mut dyn FnMut(&str, &LoraLinear) -> Result<R>,
+    ) -> Result<Self> {
+        if adapters.is_empty() {
+            return Err(Error::invalid("layer routers", "no adapters were given"));
+        }
+        model.check_adapters(adapters)?;
+        let (mut layers, mut paths) = (Vec::new(), Vec::new());
+        for (path, layer) in model.linear_layers() {
+            if adapters
+                .iter()
+                .all(|a| layer.names().iter().any(|n| n == a))
+            {
+                layers.push(build(&path, layer).map_err(|e| in_layer(&path, e))?);
+                paths.push(path);
+            }
+        }
+        if layers.is_empty() {
+            return Err(Error::invalid(
+                "layer routers",
+                "no linear layer holds all the adapters",
+            ));
+        }
+        Ok(Self {
+            layers,
+            paths,
+            adapters: adapters.iter().map(|a| a.to_string()).collect(),
+            mix,
+        })
+    }
+
+    /// Installs a clone of each router in its layer (replacing any router there).
+    ///
+    /// # Errors
+    /// As [`install_routers`]; [`Error::Shape`] for a router whose module count is not the
+    /// number of adapters.
+    pub fn install(&self, model: &mut dyn LinearLayers) -> Result<Vec<String>> {
+        install_routers(model, &mut |path, _| {
+            let Some(i) = self.paths.iter().position(|p| p == path) else {
+                return Ok(None);
+            };
+            let routed = RoutedLora::new(self.layers[i].clone(), self.adapters.clone(), self.mix)?;
+            Ok(Some(Arc::new(routed) as SharedLayerRouter))
+        })
+    }
 }
 
 /// GenKnowSub at model level (see the [module docs](self)): in every layer that holds a task
