@@ -267,6 +267,31 @@ impl ExpertLibrary {
         PeftLora::load(self.expert_dir(name)?, device)
     }
 
+    /// Attaches experts `names` (every expert when empty) to `model` under their library
+    /// names, each by its folder's target rules, as
+    /// [`PeftLora::attach_to_model`](crate::PeftLora::attach_to_model): ready for
+    /// [`route_arrow`](crate::models::route_arrow) or a mixed batch. Returns the names.
+    ///
+    /// # Errors
+    /// Unknown name; as [`get`](Self::get) and `attach_to_model` (naming the expert's
+    /// folder). Experts attached before an error stay attached.
+    pub fn attach_to_model(
+        &self,
+        model: &mut dyn crate::models::LinearLayers,
+        names: &[&str],
+        device: &Device,
+    ) -> Result<Vec<String>> {
+        let chosen: Vec<String> = if names.is_empty() {
+            self.names().iter().map(|n| n.to_string()).collect()
+        } else {
+            names.iter().map(|n| n.to_string()).collect()
+        };
+        for name in &chosen {
+            self.get(name, device)?.attach_to_model(model, name)?;
+        }
+        Ok(chosen)
+    }
+
     /// Expert `name`'s factors on the host (for merging, Arrow, clustering).
     ///
     /// # Errors

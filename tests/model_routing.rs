@@ -612,3 +612,39 @@ fn layer_routers_train_through_the_model_and_only_they_move() {
         Err(Error::UnknownAdapter { .. })
     ));
 }
+
+/// An expert library folder routes like the PEFT folders it was imported from:
+/// `ExpertLibrary::attach_to_model` then Arrow gives PEFT's Arrow logits (the converging set).
+#[test]
+fn an_expert_library_attaches_and_routes_like_its_folders() {
+    use modula::store::{ExpertInfo, ExpertLibrary};
+    let device = Device::flex();
+    let root = common::data("tiny_decoders");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut lib = ExpertLibrary::open_or_create(tmp.path().join("lib")).unwrap();
+    for e in 0..3 {
+        lib.import_peft(
+            &format!("task_{e}"),
+            root.join(format!("arrow/expert_{e}")),
+            ExpertInfo::default(),
+            &device,
+        )
+        .unwrap();
+    }
+    let mut model = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+    let names = lib.attach_to_model(&mut model, &[], &device).unwrap();
+    assert_eq!(names, ["task_0", "task_1", "task_2"]);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let options = ArrowOptions {
+        top_k: 2,
+        temperature: 0.5,
+        mix: LoraMix::Output,
+    };
+    route_arrow(&mut model, &refs, &options, None).unwrap();
+    let g = common::golden("tiny_decoders/arrow/golden.safetensors");
+    let ids: Tensor<2, Int> = g.tensor::<2>("input_ids", &device).unwrap().int();
+    let want: Tensor<3> = g.tensor("sep.logits_peft", &device).unwrap();
+    assert_close(model.forward(ids).unwrap(), want, 1e-4, "library + Arrow");
+    let mut other = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+    assert!(lib.attach_to_model(&mut other, &["nope"], &device).is_err());
+}
