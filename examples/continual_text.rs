@@ -27,6 +27,8 @@
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/progress.rs"]
+mod progress;
 #[path = "common/rng.rs"]
 mod rng;
 
@@ -39,9 +41,9 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use indicatif::{ProgressBar, ProgressStyle};
 use modula::continual::{LmcConfig, LmcModel, NearestClassMean, ReplayBuffer, ReplayPolicy};
 use modula::tokenizer::{PaddingSide, Tokenizer};
+use progress::bar;
 use rng::Rng;
 
 const DOMAINS: [&str; 6] = ["prose", "rust", "toml", "python", "c", "man"];
@@ -58,14 +60,6 @@ const LR: f64 = 3e-3;
 const SEEDS: [u64; 3] = [0, 1, 2];
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-fn bar(len: usize, what: &str) -> Res<ProgressBar> {
-    let b = ProgressBar::new(len as u64);
-    b.set_style(ProgressStyle::with_template(&format!(
-        "{what:>12} {{bar:40}} {{pos}}/{{len}} {{elapsed}} {{msg}}"
-    ))?);
-    Ok(b)
-}
 
 /// `n` snippets of about `SNIPPET` bytes from a domain's text, at line boundaries, spread
 /// evenly over the text.

@@ -22,6 +22,8 @@
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/progress.rs"]
+mod progress;
 #[path = "common/rng.rs"]
 mod rng;
 
@@ -33,7 +35,6 @@ use std::time::Instant;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use indicatif::{ProgressBar, ProgressStyle};
 use modula::library::{Combination, LoraExpert, MbcConfig, MergeOptions, mbc_cluster};
 use modula::models::{
     ArrowOptions, DecoderConfig, LayerRouters, LinearLayers, LlamaForCausalLm, causal_lm_loss,
@@ -41,6 +42,7 @@ use modula::models::{
 };
 use modula::routers::XLoraRouterConfig;
 use modula::{LoraConfig, LoraMix, PeftLora, RoutingTrace};
+use progress::bar;
 use rng::Rng;
 
 const DOMAINS: [&str; 6] = ["prose", "rust", "toml", "python", "c", "man"];
@@ -60,14 +62,6 @@ struct Budget {
     router: usize,
     /// Test windows per domain.
     eval_windows: usize,
-}
-
-fn bar(len: usize, what: &str) -> Res<ProgressBar> {
-    let b = ProgressBar::new(len as u64);
-    b.set_style(ProgressStyle::with_template(&format!(
-        "{what:>12} {{bar:40}} {{pos}}/{{len}} {{elapsed}} {{msg}}"
-    ))?);
-    Ok(b)
 }
 
 fn read(domain: &str, split: &str) -> Res<Vec<u8>> {
