@@ -546,23 +546,15 @@ fn main() -> Res<()> {
     writeln!(md, "\n## Each expert on each domain (bits per byte)\n")?;
     writeln!(md, "| expert | {} |", DOMAINS.join(" | "))?;
     writeln!(md, "|---|{}", "---:|".repeat(DOMAINS.len()))?;
-    writeln!(
-        md,
-        "| base | {} |",
-        base.iter()
-            .map(|v| format!("{v:.3}"))
+    let cells = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.3}"))
             .collect::<Vec<_>>()
             .join(" | ")
-    )?;
+    };
+    writeln!(md, "| base | {} |", cells(&base))?;
     for (n, s) in names.iter().zip(&single) {
-        writeln!(
-            md,
-            "| {n} | {} |",
-            s.iter()
-                .map(|v| format!("{v:.3}"))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        )?;
+        writeln!(md, "| {n} | {} |", cells(s))?;
     }
     writeln!(
         md,
