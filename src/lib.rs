@@ -160,8 +160,8 @@ pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora};
 pub use routers::{
     ArrowRouter, ExpertChoiceRouter, ExpertChoiceRouterConfig, HashRouter, HashRouterConfig,
     NoisyTopKRouter, NoisyTopKRouterConfig, PolytroponRouter, PolytroponRouterConfig,
-    SecondExpertPolicy, SimilarityRouter, TopKRouter, TopKRouterConfig, XLoraRouter,
-    XLoraRouterConfig,
+    SecondExpertPolicy, SequenceTasks, SimilarityRouter, TaskRouted, TopKRouter, TopKRouterConfig,
+    XLoraRouter, XLoraRouterConfig,
 };
 pub use routing::{
     Aggregator, DispatchPlan, FixedRouter, Router, RouterInput, Routing, WeightedMean, WeightedSum,

@@ -1183,51 +1183,91 @@ fn score_router_general_applies_gen_know_sub_as_peft() {
     assert!(err.contains("--router-general gks_9"), "{err}");
 }
 
-/// `modula arrow` and `modula cluster` on adapters of a real LM layout (the tiny Llama's
-/// q/k/v/o/gate/up/down in two layers): one prototype matrix per adapted layer, equal to the
-/// library's exact prototypes; clusters that cover every folder once.
+/// `modula arrow` and `modula cluster` on adapters of a real decoder: PEFT folders over the
+/// tiny Llama's q/k/v/o/gate/up/down in both layers (14 adapted layers). Every prototype is the
+/// unit top right singular vector of its layer's ΔW (checked against a dense f64
+/// eigensolver), and noisy copies of two experts, interleaved, cluster back into their two
+/// families.
 #[test]
-fn arrow_and_cluster_take_language_model_adapters() {
-    let root = data("tiny_decoders/arrow");
+fn arrow_and_cluster_work_on_decoder_adapters() {
+    use burn::module::Param;
     let tmp = tempfile::tempdir().unwrap();
-    let dirs: Vec<PathBuf> = ["expert_0", "expert_1", "expert_2", "close_0", "close_1"]
-        .iter()
-        .map(|d| root.join(d))
-        .collect();
-    let args: Vec<&str> = dirs.iter().map(|d| d.to_str().unwrap()).collect();
+    let root = data("tiny_decoders/arrow");
+    let experts: Vec<PathBuf> = (0..3).map(|i| root.join(format!("expert_{i}"))).collect();
+    let args: Vec<&str> = experts.iter().map(|d| d.to_str().unwrap()).collect();
     let out = tmp.path().join("protos.safetensors");
     let mut a = vec!["arrow", "--out", out.to_str().unwrap()];
     a.extend(&args);
     let (ok, _, err) = modula(&a);
     assert!(ok, "{err}");
     let protos = TensorFile::open(&out).unwrap();
-    let experts: Vec<LoraExpert> = dirs
+    let device = Device::flex();
+    let loaded: Vec<PeftLora> = experts
         .iter()
-        .map(|d| LoraExpert::load_peft(d).unwrap())
+        .map(|d| PeftLora::load(d, &device).unwrap())
         .collect();
-    let paths: Vec<&String> = experts[0].layers.keys().collect();
-    assert_eq!(paths.len(), 14, "7 projections in each of 2 layers");
-    for path in paths {
-        let layer: Vec<&modula::library::LoraFactors> =
-            experts.iter().map(|e| &e.layers[path]).collect();
-        let want = modula::library::arrow_prototypes(&layer).unwrap();
-        let got = protos.get(path).unwrap();
-        assert_eq!(got.shape, want.shape().to_vec(), "{path}");
-        let diff = got
-            .data
-            .iter()
-            .zip(want.iter::<f32>())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff < 1e-5, "{path}: {diff}");
+    let names: Vec<String> = protos.names().map(String::from).collect();
+    assert_eq!(names.len(), 14, "{names:?}");
+    for name in &names {
+        let p = mat(&protos, name);
+        assert_eq!(p.rows, 3, "{name}: one row per expert");
+        for (e, peft) in loaded.iter().enumerate() {
+            let m = peft.get(name).unwrap();
+            let to64 =
+                |t: Tensor<2>| -> Vec<f64> { t.into_data().iter::<f32>().map(f64::from).collect() };
+            let [d_in, r] = m.a.val().dims();
+            let d_out = m.b.val().dims()[1];
+            let am = nalgebra::DMatrix::from_row_slice(d_in, r, &to64(m.a.val()));
+            let bm = nalgebra::DMatrix::from_row_slice(r, d_out, &to64(m.b.val()));
+            let dw = (&am * &bm) * m.scaling();
+            let eig = (&dw * dw.transpose()).symmetric_eigen();
+            let top = eig.eigenvalues.imax();
+            let dot: f64 = (0..d_in)
+                .map(|i| eig.eigenvectors[(i, top)] * p.data[e * d_in + i])
+                .sum();
+            assert!(
+                dot.abs() > 1.0 - 1e-4,
+                "{name}, expert {e}: |cos| {} with the exact prototype",
+                dot.abs()
+            );
+        }
+    }
+
+    // Two families of noisy copies (every factor entry scaled by 1 ± 5 %), interleaved.
+    let mut rng = common::Rng(21);
+    let mut copies = Vec::new();
+    for i in 0..6 {
+        let mut peft = PeftLora::load(&experts[i % 2], &device).unwrap();
+        for m in peft.modules.values_mut() {
+            let [d_in, r] = m.a.val().dims();
+            let d_out = m.b.val().dims()[1];
+            let ja = rng
+                .tensor(d_in, r, &device)
+                .mul_scalar(0.05)
+                .add_scalar(1.0);
+            let jb = rng
+                .tensor(r, d_out, &device)
+                .mul_scalar(0.05)
+                .add_scalar(1.0);
+            m.a = Param::from_tensor(m.a.val() * ja);
+            m.b = Param::from_tensor(m.b.val() * jb);
+        }
+        let dir = tmp.path().join(format!("family{}_{i}", i % 2));
+        peft.save(&dir).unwrap();
+        copies.push(dir.to_str().unwrap().to_string());
     }
     let mut c = vec!["cluster", "--k", "2"];
-    c.extend(&args);
+    c.extend(copies.iter().map(String::as_str));
     let (ok, stdout, err) = modula(&c);
     assert!(ok, "{err}");
-    let clusters: Vec<Vec<String>> = serde_json::from_str(stdout.trim()).unwrap();
-    let mut all: Vec<String> = clusters.concat();
-    all.sort();
-    let mut given: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    given.sort();
-    assert_eq!((clusters.len(), all), (2, given));
+    let mut clusters: Vec<Vec<String>> = serde_json::from_str(stdout.trim()).unwrap();
+    clusters.iter_mut().for_each(|c| c.sort());
+    clusters.sort();
+    let family = |j: usize| -> Vec<String> {
+        (0..6)
+            .filter(|i| i % 2 == j)
+            .map(|i| copies[i].clone())
+            .collect()
+    };
+    assert_eq!(clusters, [family(0), family(1)], "the two families");
 }

@@ -648,3 +648,124 @@ fn an_expert_library_attaches_and_routes_like_its_folders() {
     let mut other = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
     assert!(lib.attach_to_model(&mut other, &["nope"], &device).is_err());
 }
+
+/// Task-level routing in a model: each sequence's stated task picks its adapter in every
+/// layer (`TaskRouted` over a per-task `FixedRouter`), which is PEFT's mixed batch
+/// (`adapter_names`) computed through the routers instead; cached decoding routes each step's
+/// rows by the same tasks; bad task states are errors.
+#[test]
+fn task_routing_per_sequence_equals_a_mixed_batch_and_decodes_alike() {
+    use modula::routers::{SequenceTasks, TaskRouted};
+    use modula::{FixedRouter, models::LayerRouters};
+    let device = Device::flex();
+    let batch = ids(
+        &[vec![3, 9, 17, 4], vec![60, 2, 8, 31], vec![5, 5, 1, 0]],
+        &device,
+    );
+    let mut model = model_with_experts(&device);
+    let want = model
+        .forward_mixed(batch.clone(), None, &[Some("c"), Some("a"), Some("c")])
+        .unwrap();
+    let tasks = SequenceTasks::new();
+    let names = ["a", "b", "c"];
+    install_routers(&mut model, &mut |_, layer| {
+        if layer.names().is_empty() {
+            return Ok(None);
+        }
+        let r = TaskRouted::new(FixedRouter::per_task(3), tasks.clone());
+        let names = names.map(String::from).to_vec();
+        Ok(Some(
+            Arc::new(RoutedLora::new(r, names, LoraMix::Output)?) as _
+        ))
+    })
+    .unwrap();
+    // No tasks stated yet: an error naming the fix, not a panic.
+    let err = model.forward(batch.clone()).unwrap_err().to_string();
+    assert!(err.contains("SequenceTasks::set"), "{err}");
+    tasks.set(&[2, 0]);
+    assert!(matches!(
+        model.forward(batch.clone()),
+        Err(Error::Shape { .. })
+    ));
+    tasks.set(&[2, 0, 2]);
+    let full = model.forward(batch.clone()).unwrap();
+    assert_close(full.clone(), want, 1e-5, "task routing = mixed batch");
+    tasks.set(&[5, 0, 2]);
+    assert!(matches!(
+        model.forward(batch.clone()),
+        Err(Error::IdOutOfRange { .. })
+    ));
+    tasks.set(&[2, 0, 2]);
+    let mut cache = KvCache::new();
+    let mut last = model
+        .forward_cached(
+            batch.clone().slice([0..3, 0..2]),
+            None,
+            None,
+            &mut cache,
+            true,
+        )
+        .unwrap();
+    for s in 2..4 {
+        assert_close(
+            last,
+            full.clone().slice([0..3, s - 1..s]),
+            1e-4,
+            &format!("cached step at {s}"),
+        );
+        last = model
+            .forward_cached(
+                batch.clone().slice([0..3, s..s + 1]),
+                None,
+                None,
+                &mut cache,
+                true,
+            )
+            .unwrap();
+    }
+    remove_routers(&mut model);
+
+    // Polytropon at model level: a task × skill allocation per layer, trained through the
+    // model by the loss of each task's own sequences; tasks end up with different mixtures.
+    use burn::module::Module;
+    use burn::optim::{AdamConfig, GradientsParams};
+    use modula::PolytroponRouterConfig;
+    use modula::models::causal_lm_loss;
+    let ad = Device::flex().autodiff();
+    ad.seed(9);
+    let model = model_with_experts(&ad).no_grad();
+    let tasks = SequenceTasks::new();
+    // Output mixing: the experts have ranks 2, 4 and 3 (factor mixing needs one rank).
+    let mut routers = LayerRouters::new(&model, &names, LoraMix::Output, &mut |_, _| {
+        Ok(TaskRouted::new(
+            PolytroponRouterConfig::new(2, 3).init(&ad)?,
+            tasks.clone(),
+        ))
+    })
+    .unwrap();
+    assert_eq!(routers.paths.len(), 14);
+    let train = ids(&[vec![3, 9, 17, 4, 40, 2], vec![60, 2, 8, 8, 31, 5]], &ad);
+    tasks.set(&[0, 1]);
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::new();
+    for _ in 0..12 {
+        let mut m = model.clone();
+        routers.install(&mut m).unwrap();
+        let loss = causal_lm_loss(m.forward(train.clone()).unwrap(), train.clone(), None).unwrap();
+        losses.push(vals(loss.clone())[0]);
+        let grads = GradientsParams::from_grads(loss.backward(), &routers);
+        routers = optim.step(5e-2, routers, grads);
+    }
+    assert!(
+        losses[11] < losses[0] - 1e-3,
+        "the allocation learned nothing: {losses:?}"
+    );
+    let z = vals(routers.layers[0].router.logits.val());
+    let spread = (0..3)
+        .map(|s| (z[s] - z[3 + s]).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        spread > 1e-2,
+        "the two tasks' allocations stay equal: {z:?}"
+    );
+}

@@ -161,4 +161,8 @@ impl<R: Router + Send + Sync> LayerRouter for RoutedLora<R> {
         }
         lora_mixture(x, &routing, modules, self.mix)
     }
+
+    fn sequences(&self) -> Option<usize> {
+        self.router.sequences()
+    }
 }

@@ -73,6 +73,10 @@ pub(crate) fn linear(layer: &LoraLinear, x: Tensor<3>, mix: Option<&Mix<'_>>) ->
     }
     let names = layer.names();
     let Some(mix) = mix.filter(|_| !names.is_empty()) else {
+        if layer.router().is_some() {
+            // Routed: the layer sees the batch's shape (routers by sequence check it).
+            return layer.forward(x);
+        }
         // One [b·s, d_in] product, the rows the mixed path sees too.
         let y = layer.forward(x.reshape([b * s, d_in]))?;
         return Ok(y.reshape([b, s, layer.d_out()]));

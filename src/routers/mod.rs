@@ -11,6 +11,7 @@
 //! | [`HashRouter`] | token ids | Roller et al. 2021 |
 //! | [`ArrowRouter`] | rows | Ostapenko et al. 2024 (Arrow) |
 //! | [`PolytroponRouter`] | task ids | Ponti et al. 2023 |
+//! | [`TaskRouted`] | a model layer's rows, by their sequences' tasks | task-level routing in a model |
 //! | [`XLoraRouter`] | rows | Buehler & Buehler 2024; L2R (Araujo et al. 2024) |
 //! | [`SimilarityRouter`] | rows | L2R's similarity baseline |
 //! | [`LmcLayer`](crate::continual::lmc::LmcLayer) | rows | Ostapenko et al. 2021 (LMC local routing) |
@@ -29,6 +30,7 @@ pub mod losses;
 pub mod noisy;
 pub mod polytropon;
 pub mod similarity;
+pub mod task;
 pub mod topk;
 pub mod xlora;
 
@@ -39,6 +41,7 @@ pub use hash::{HashRouter, HashRouterConfig};
 pub use noisy::{NoisyTopKRouter, NoisyTopKRouterConfig};
 pub use polytropon::{PolytroponRouter, PolytroponRouterConfig};
 pub use similarity::SimilarityRouter;
+pub use task::{SequenceTasks, TaskRouted};
 pub use topk::{TopKRouter, TopKRouterConfig};
 pub use xlora::{XLoraRouter, XLoraRouterConfig};
 

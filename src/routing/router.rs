@@ -101,6 +101,13 @@ pub trait Router {
     fn route(&self, x: &Tensor<2>) -> Result<Routing> {
         self.route_input(RouterInput::Rows(x))
     }
+
+    /// For a router that routes each sequence of a model's batch by something stated about it
+    /// ([`TaskRouted`](crate::routers::TaskRouted)), the number of sequences the batch must
+    /// hold; `None` (the default) for routers that read the rows alone.
+    fn sequences(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A fixed router (task-id routing, or a mixed-adapter batch where each row names its

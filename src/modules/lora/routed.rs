@@ -34,6 +34,14 @@ pub trait LayerRouter: Debug + Send + Sync {
     /// # Errors
     /// The router's errors (non-finite logits, widths).
     fn delta(&self, x: Tensor<2>, modules: &[LoraModule]) -> Result<Tensor<2>>;
+
+    /// The number of sequences a batch must hold when the router routes each sequence by
+    /// something stated about it ([`Router::sequences`](crate::Router::sequences)); the layer
+    /// checks it against the leading dimension of a `[batch, seq, d_in]` input. `None` (the
+    /// default): any batch.
+    fn sequences(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A router shared by the layers that hold it (cheap to clone).
@@ -117,6 +125,13 @@ impl LoraLinear {
     ) -> Result<Tensor<D>> {
         let modules = self.routed_modules(router)?;
         let dims = x.dims();
+        if let Some(n) = router.sequences().filter(|&n| D >= 3 && n != dims[0]) {
+            return Err(Error::shape(
+                "routed layer input (one stated task per sequence)",
+                format!("{n} sequences"),
+                format!("{} sequences", dims[0]),
+            ));
+        }
         let rows: usize = dims[..D - 1].iter().product();
         let x2 = x.reshape([rows, self.d_in()]);
         let delta = router.delta(x2.clone(), &modules)?;
