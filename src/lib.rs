@@ -82,6 +82,17 @@
 //! - The `modula` command-line tool (feature `cli`): `inspect`, `merge`, `cluster`, `arrow`,
 //!   `bake`.
 //!
+//! ## Structured pruning
+//! - [`prune`]: models expose units ([`prune::Prunable`]: the decoders' attention heads, with
+//!   grouped-query bookkeeping, and feed-forward neurons) that are masked inside the forward
+//!   pass and then physically removed; Bonsai ([`prune::bonsai()`], Dery et al. 2024) prunes with
+//!   forward passes only, [`prune::one_shot`] by a prior alone.
+//!
+//! ## End-task-aware training
+//! - [`transfer`]: TARTAN's weighting of auxiliary objectives on a shared body, fixed
+//!   (MT-TARTAN) or learned by the dev-head meta-gradient (META-TARTAN), and AANG's space of
+//!   auxiliary objectives built from stages with factored weights.
+//!
 //! ## Continual learning
 //! - [`continual`]: LMC local module composition (expansion by outlier test, freezing,
 //!   task-agnostic inference, fusion), latent replay buffers, L2R routers over frozen task
@@ -128,6 +139,7 @@ pub mod models;
 pub mod modules;
 pub mod moe;
 pub mod peft;
+pub mod prune;
 pub(crate) mod rng;
 pub mod routers;
 pub mod routing;
@@ -135,6 +147,7 @@ pub mod store;
 pub(crate) mod tensor_util;
 #[cfg(feature = "tokenizers")]
 pub mod tokenizer;
+pub mod transfer;
 
 pub use aggregate::{
     AdapterFusion, AdapterFusionConfig, LoraFactorMix, LoraMix, RoutedLora, RoutingTrace,

@@ -38,6 +38,7 @@ use crate::modules::adapter::AdapterActivation;
 use crate::modules::lora::LoraLinear;
 use crate::moe::MoeLayer;
 use crate::moe::experts::{Expert, ExpertKind};
+use crate::prune::UnitState;
 use crate::rng::SplitMix64;
 use crate::routers::TopKRouterConfig;
 use crate::tensor_util::transpose_host;
@@ -150,6 +151,23 @@ pub struct Attention {
     pub v_proj: LoraLinear,
     /// Output projection, `heads·head_dim → hidden`.
     pub o_proj: LoraLinear,
+    /// After head pruning, the key/value head of each remaining query head; `None`: the
+    /// config's grouping (`num_attention_heads / num_key_value_heads` consecutive query heads
+    /// per key/value head).
+    #[module(skip)]
+    pub heads: Option<HeadLayout>,
+    /// The heads' mask and activation recorder ([`Prunable`](crate::prune::Prunable)).
+    #[module(skip)]
+    pub units: UnitState,
+}
+
+/// Which key/value head serves each query head of a pruned attention layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeadLayout {
+    /// Per remaining query head, the index of its key/value head among the remaining ones.
+    pub kv_of: Vec<usize>,
+    /// Remaining key/value heads.
+    pub kv_heads: usize,
 }
 
 /// The SwiGLU feed-forward block.
@@ -161,6 +179,9 @@ pub struct Mlp {
     pub up_proj: LoraLinear,
     /// Down projection, `intermediate → hidden`.
     pub down_proj: LoraLinear,
+    /// The neurons' mask and activation recorder ([`Prunable`](crate::prune::Prunable)).
+    #[module(skip)]
+    pub units: UnitState,
 }
 
 /// One decoder layer.
@@ -316,12 +337,15 @@ impl LlamaForCausalLm {
                     k_proj: next()?,
                     v_proj: next()?,
                     o_proj: next()?,
+                    heads: None,
+                    units: UnitState::default(),
                 };
                 let mlp = if dense {
                     Some(Mlp {
                         gate_proj: next()?,
                         up_proj: next()?,
                         down_proj: next()?,
+                        units: UnitState::default(),
                     })
                 } else {
                     None
@@ -563,6 +587,7 @@ impl LlamaForCausalLm {
             if let Some(mlp) = &layer.mlp {
                 let g = linear(&mlp.gate_proj, m.clone(), mix)?;
                 let hidden = burn::tensor::activation::silu(g) * linear(&mlp.up_proj, m, mix)?;
+                let hidden = mlp.units.apply(hidden, 2)?;
                 x = x + linear(&mlp.down_proj, hidden, mix)?;
             } else if let Some(moe) = &layer.block_sparse_moe {
                 let d = c.hidden_size;
@@ -608,7 +633,10 @@ impl LlamaForCausalLm {
         let [b, s, _] = x.dims();
         let t = blocked.dims()[2];
         let c = &self.config;
-        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (h, kv, hd) = match &attn.heads {
+            Some(l) => (l.kv_of.len(), l.kv_heads, c.head_dim),
+            None => (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        };
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
         let q = linear(&attn.q_proj, x.clone(), mix)?;
         let k = linear(&attn.k_proj, x.clone(), mix)?;
@@ -616,27 +644,50 @@ impl LlamaForCausalLm {
         let q = self.rope.apply(heads(q, h), cos, sin)?;
         let k = self.rope.apply(heads(k, kv), cos, sin)?;
         let (k, v) = cache.append(l, k, v);
-
-        // Key/value head j serves query heads j·g .. (j+1)·g (transformers' repeat_kv). Those
-        // g heads are consecutive, so they attend as g·s query rows of head j: the keys and
-        // values are read in place, never repeated.
-        let g = h / kv;
-        let q = q.reshape([b, kv, g * s, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
-        let scores = scores.reshape([b, h, s, t]).mask_fill(
-            blocked.clone().unsqueeze_dim::<4>(1).expand([b, h, s, t]),
-            // The most negative finite value, as transformers: a padded query row that sees
-            // nothing gets a uniform (finite) softmax instead of NaN.
-            f32::MIN,
-        );
-        let p = softmax(scores, 3).reshape([b, kv, g * s, t]);
-        let out = p.matmul(v).reshape([b, h, s, hd]);
+        let blocked = blocked.clone().unsqueeze_dim::<4>(1).expand([b, h, s, t]);
+        // The most negative finite value, as transformers: a padded query row that sees
+        // nothing gets a uniform (finite) softmax instead of NaN.
+        let out = match attn.heads.as_ref().filter(|l| !grouped(l)) {
+            None => {
+                // Key/value head j serves query heads j·g .. (j+1)·g (transformers'
+                // repeat_kv). Those g heads are consecutive, so they attend as g·s query rows
+                // of head j: the keys and values are read in place, never repeated.
+                let g = h / kv;
+                let q = q.reshape([b, kv, g * s, hd]);
+                let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
+                let scores = scores.reshape([b, h, s, t]).mask_fill(blocked, f32::MIN);
+                let p = softmax(scores, 3).reshape([b, kv, g * s, t]);
+                p.matmul(v).reshape([b, h, s, hd])
+            }
+            Some(layout) => {
+                // Pruned unevenly: each query head reads its own key/value head.
+                let ids: Vec<i64> = layout.kv_of.iter().map(|&j| j as i64).collect();
+                let ids = crate::tensor_util::int_tensor(&ids, &q.device());
+                let (k, v) = (k.select(1, ids.clone()), v.select(1, ids));
+                let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
+                softmax(scores.mask_fill(blocked, f32::MIN), 3).matmul(v)
+            }
+        };
+        let out = attn.units.apply(out, 1)?;
         linear(
             &attn.o_proj,
             out.swap_dims(1, 2).reshape([b, s, h * hd]),
             mix,
         )
     }
+}
+
+/// Whether `layout` is the regular grouping the fast path computes: the same number of
+/// consecutive query heads for every key/value head.
+fn grouped(layout: &HeadLayout) -> bool {
+    let (h, kv) = (layout.kv_of.len(), layout.kv_heads);
+    kv > 0
+        && h.is_multiple_of(kv)
+        && layout
+            .kv_of
+            .iter()
+            .enumerate()
+            .all(|(i, &j)| j == i / (h / kv))
 }
 
 /// The keys and values of the positions a decoder has seen, per layer, for incremental

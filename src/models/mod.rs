@@ -21,6 +21,7 @@ pub mod generate;
 pub mod gpt2;
 pub mod llama;
 mod mixed;
+mod prune;
 pub mod rope;
 pub mod routing;
 
@@ -32,7 +33,9 @@ pub use bert::{BertConfig, BertModel, mean_pooling};
 pub use config::{DecoderConfig, DecoderFamily};
 pub use generate::{CausalLm, Decoding, GenerationConfig, causal_lm_loss, generate};
 pub use gpt2::{Gpt2Config, Gpt2LmHeadModel};
-pub use llama::{KvCache, LlamaForCausalLm, PROJECTIONS, WeightSource, checkpoint_shapes};
+pub use llama::{
+    HeadLayout, KvCache, LlamaForCausalLm, PROJECTIONS, WeightSource, checkpoint_shapes,
+};
 pub use rope::{Rope, RopeScaling};
 pub use routing::{
     ArrowOptions, LayerRouters, gen_know_sub, install_routers, remove_routers, route_arrow,
