@@ -583,7 +583,54 @@ fn llama_metrics(device: &Device, quick: bool, report: &mut Report) -> modula::R
         t[3],
         t[1],
     );
+    pruned_prefill(&model, &ids, quick, report)?;
     load_memory(&model, &config_json, report)
+}
+
+/// Prefill of the model with half of its attention heads (whole key/value groups) and half of
+/// its feed-forward neurons physically removed, over the unpruned prefill: what structured
+/// pruning buys (0.5 would be proportional; attention over the sequence and the output layer
+/// do not shrink).
+fn pruned_prefill(
+    model: &modula::models::LlamaForCausalLm,
+    ids: &Tensor<2, burn::tensor::Int>,
+    quick: bool,
+    report: &mut Report,
+) -> modula::Result<()> {
+    use modula::prune::Prunable;
+    let device = ids.device();
+    let sync = |d: &Device| d.sync().expect("device sync");
+    let mut pruned = model.clone();
+    let keep: Vec<Vec<usize>> = pruned
+        .unit_groups()
+        .iter()
+        .map(|g| (0..g.units / 2).collect())
+        .collect();
+    pruned.prune_units(&keep)?;
+    let t = report.time(
+        "llama_prefill_pruned",
+        1,
+        if quick { 3 } else { 5 },
+        &mut [
+            &mut || {
+                let y = model.forward(ids.clone()).expect("valid ids");
+                sync(&device);
+                black_box(y);
+            },
+            &mut || {
+                let y = pruned.forward(ids.clone()).expect("valid ids");
+                sync(&device);
+                black_box(y);
+            },
+        ],
+    );
+    report.ratio(
+        "llama prefill, half pruned",
+        "llama_prefill_half_heads_and_neurons_pruned_over_dense_time",
+        t[1],
+        t[0],
+    );
+    Ok(())
 }
 
 /// Peak resident memory while loading the benchmark's Llama from an F32 `model.safetensors`,

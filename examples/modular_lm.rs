@@ -22,6 +22,8 @@
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/byte_lm.rs"]
+mod byte_lm;
 #[path = "common/progress.rs"]
 mod progress;
 #[path = "common/rng.rs"]
@@ -32,27 +34,22 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
+use byte_lm::{BATCH, DOMAINS, Res, SEQ, bits_per_byte, lm_loss, read, sample};
 use modula::library::{Combination, LoraExpert, MbcConfig, MergeOptions, mbc_cluster};
 use modula::models::{
-    ArrowOptions, DecoderConfig, LayerRouters, LinearLayers, LlamaForCausalLm, causal_lm_loss,
-    remove_routers, route_arrow,
+    ArrowOptions, LayerRouters, LinearLayers, LlamaForCausalLm, remove_routers, route_arrow,
 };
 use modula::routers::XLoraRouterConfig;
 use modula::{LoraConfig, LoraMix, PeftLora, RoutingTrace};
 use progress::bar;
 use rng::Rng;
 
-const DOMAINS: [&str; 6] = ["prose", "rust", "toml", "python", "c", "man"];
 /// The domains that get experts (two each).
 const EXPERT_DOMAINS: [&str; 4] = ["prose", "rust", "toml", "python"];
-const SEQ: usize = 128;
-const BATCH: usize = 16;
 const RANK: usize = 8;
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Steps of each stage (full run, `--quick`).
 struct Budget {
@@ -62,72 +59,6 @@ struct Budget {
     router: usize,
     /// Test windows per domain.
     eval_windows: usize,
-}
-
-fn read(domain: &str, split: &str) -> Res<Vec<u8>> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("data")
-        .join(domain)
-        .join(format!("{split}.txt"));
-    Ok(std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?)
-}
-
-/// Bytes as token ids, `[rows, SEQ]`.
-fn to_ids(windows: &[&[u8]], device: &Device) -> Tensor<2, Int> {
-    let v: Vec<i64> = windows
-        .iter()
-        .flat_map(|w| w.iter().map(|&b| i64::from(b)))
-        .collect();
-    Tensor::<1, Int>::from_data(TensorData::new(v, [windows.len() * SEQ]), device)
-        .reshape([windows.len(), SEQ])
-}
-
-/// `BATCH` random windows drawn from `texts` (a text chosen uniformly per row).
-fn sample<'a>(texts: &[&'a [u8]], rng: &mut Rng) -> Vec<&'a [u8]> {
-    (0..BATCH)
-        .map(|_| {
-            let t = texts[rng.below(texts.len())];
-            let start = rng.below(t.len() - SEQ);
-            &t[start..start + SEQ]
-        })
-        .collect()
-}
-
-/// The mean next-byte loss of `model` on `windows` (as a tensor, for backward) and in bits.
-fn lm_loss(
-    model: &LlamaForCausalLm,
-    windows: &[&[u8]],
-    device: &Device,
-) -> modula::Result<(Tensor<1>, f32)> {
-    let ids = to_ids(windows, device);
-    let loss = causal_lm_loss(model.forward(ids.clone())?, ids, None)?;
-    let bits = loss.clone().into_scalar::<f32>() / std::f32::consts::LN_2;
-    Ok((loss, bits))
-}
-
-/// Makes every parameter trainable (pre-training: the loaded layers start frozen).
-struct Trainable;
-
-impl ModuleMapper for Trainable {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        param.set_require_grad(true)
-    }
-}
-
-/// Mean bits per byte of `model` over the first `windows` test windows of `text` (each window
-/// predicts its bytes 2..SEQ from the bytes before them in the window).
-fn bits_per_byte(
-    model: &LlamaForCausalLm,
-    text: &[u8],
-    windows: usize,
-    device: &Device,
-) -> Res<f64> {
-    let all: Vec<&[u8]> = text.chunks_exact(SEQ).take(windows).collect();
-    let mut total = 0.0;
-    for chunk in all.chunks(32) {
-        total += f64::from(lm_loss(model, chunk, device)?.1) * chunk.len() as f64;
-    }
-    Ok(total / all.len() as f64)
 }
 
 fn main() -> Res<()> {
@@ -161,33 +92,11 @@ fn main() -> Res<()> {
         .collect::<Res<_>>()?;
 
     // 1. Pre-train the base on all six domains.
-    let config = DecoderConfig::from_json(
-        &serde_json::json!({
-            "model_type": "llama", "vocab_size": 256, "hidden_size": 128,
-            "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "max_position_embeddings": 256, "rope_theta": 10000.0,
-            "tie_word_embeddings": false
-        })
-        .to_string(),
-        "modular_lm config",
-    )?;
     let cpu = Device::flex();
     let ad = cpu.clone().autodiff();
-    ad.seed(0);
-    let mut model = LlamaForCausalLm::random(&config, 0, &ad)?.map(&mut Trainable);
-    let mut optim = AdamConfig::new().init();
     let mut rng = Rng(1);
     let texts: Vec<&[u8]> = DOMAINS.iter().map(|d| train[d].as_slice()).collect();
-    let pb = bar(budget.pretrain, "pre-train")?;
-    for step in 0..budget.pretrain {
-        let (loss, bits) = lm_loss(&model, &sample(&texts, &mut rng), &ad)?;
-        pb.set_message(format!("{bits:.3} bits/byte"));
-        let warm = ((step + 1) as f64 / 50.0).min(1.0);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(3e-3 * warm, model, grads);
-        pb.inc(1);
-    }
-    pb.finish();
+    let model = byte_lm::pretrain(&texts, budget.pretrain, &ad, &mut rng)?;
     let pre_secs = started.elapsed().as_secs_f64();
     let frozen = model.clone().no_grad();
     let base_params = model.num_params();
@@ -378,7 +287,7 @@ fn main() -> Res<()> {
     // Routing shares per domain and layer (Arrow top-2 over the library).
     let trace = RoutingTrace::new();
     route_arrow(&mut eval, &refs, &top2, Some(&trace))?;
-    let layers = config.num_hidden_layers;
+    let layers = frozen.config.num_hidden_layers;
     // share[domain][layer][expert]
     let mut share = vec![vec![vec![0f64; names.len()]; layers]; DOMAINS.len()];
     for (d, domain) in DOMAINS.iter().enumerate() {

@@ -276,3 +276,72 @@ fn bonsai_prunes_a_decoder_to_its_target_with_forward_passes_only() {
         .is_err()
     );
 }
+
+/// Distillation to the teacher: zero against itself, the direct f64 KL otherwise, and its
+/// gradient trains a LoRA on a pruned model toward the unpruned one.
+#[test]
+fn distillation_loss_is_the_tempered_kl_and_adapts_a_pruned_model() {
+    use burn::optim::{AdamConfig, GradientsParams};
+    use modula::LoraConfig;
+    use modula::models::distillation_loss;
+    let device = Device::flex();
+    let batch = ids(
+        &[vec![3, 9, 17, 4, 40, 2], vec![60, 2, 8, 31, 5, 1]],
+        &device,
+    );
+    let teacher = tiny(&device);
+    let t = teacher.forward(batch.clone()).unwrap();
+    let zero = vals(distillation_loss(t.clone(), t.clone(), 2.0).unwrap())[0];
+    assert!(zero.abs() < 1e-6, "{zero}");
+    let mut student = tiny(&device);
+    let groups = student.unit_groups();
+    let keep: Vec<Vec<usize>> = groups
+        .iter()
+        .map(|g| (0..g.units).filter(|u| u % 2 == 0).collect())
+        .collect();
+    student.prune_units(&keep).unwrap();
+    let s = student.forward(batch.clone()).unwrap();
+    let got = f64::from(vals(distillation_loss(s.clone(), t.clone(), 2.0).unwrap())[0]);
+    let (sv, tv) = (vals(s), vals(t.clone()));
+    let mut want = 0.0;
+    for row in 0..12 {
+        let soft = |v: &[f32]| -> Vec<f64> {
+            let x: Vec<f64> = v.iter().map(|&a| f64::from(a) / 2.0).collect();
+            let m = x.iter().copied().fold(f64::MIN, f64::max);
+            let z: f64 = x.iter().map(|a| (a - m).exp()).sum();
+            x.iter().map(|a| (a - m).exp() / z).collect()
+        };
+        let (p, q) = (
+            soft(&tv[row * 64..(row + 1) * 64]),
+            soft(&sv[row * 64..(row + 1) * 64]),
+        );
+        want += p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum::<f64>();
+    }
+    want *= 4.0 / 12.0;
+    assert!((got - want).abs() < 1e-4 * want.max(1.0), "{got} vs {want}");
+    assert!(distillation_loss(t.clone(), t.clone().slice([0..1, 0..6, 0..64]), 1.0).is_err());
+    assert!(distillation_loss(t.clone(), t.clone(), 0.0).is_err());
+
+    // A LoRA on the pruned model, trained to the teacher, lowers the distillation loss.
+    let ad = device.clone().autodiff();
+    ad.seed(2);
+    let mut student = tiny(&ad);
+    student.prune_units(&keep).unwrap();
+    student
+        .add_lora("adapt", &LoraConfig::new(4).with_alpha(8.0), &|p| {
+            p != "lm_head"
+        })
+        .unwrap();
+    let t_ad = Tensor::<3>::from_data(t.into_data(), &ad);
+    let b_ad = Tensor::<2, Int>::from_data(batch.into_data(), &ad);
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::new();
+    for _ in 0..20 {
+        let loss =
+            distillation_loss(student.forward(b_ad.clone()).unwrap(), t_ad.clone(), 2.0).unwrap();
+        losses.push(vals(loss.clone())[0]);
+        let grads = GradientsParams::from_grads(loss.backward(), &student);
+        student = optim.step(1e-2, student, grads);
+    }
+    assert!(losses[19] < 0.8 * losses[0], "{losses:?}");
+}

@@ -364,3 +364,40 @@ pub fn causal_lm_loss(
     }
     Ok(picked.sum().neg() / f64::from(count))
 }
+
+/// Knowledge distillation to a teacher (Hinton et al. 2015), as pruned models are adapted
+/// back toward their unpruned original: the mean over positions of
+/// `τ² · KL(softmax(teacher / τ) ‖ softmax(student / τ))`. The teacher's logits carry no
+/// gradient (pass them detached or from a frozen model).
+///
+/// # Shapes
+/// - `student`, `teacher`: `[batch, seq, vocab]`
+/// - result: `[1]`
+///
+/// # Errors
+/// [`Error::Shape`] for logits of different shapes; [`Error::Invalid`] for a temperature that
+/// is not positive and finite.
+pub fn distillation_loss(
+    student: Tensor<3>,
+    teacher: Tensor<3>,
+    temperature: f64,
+) -> Result<Tensor<1>> {
+    if student.dims() != teacher.dims() {
+        return Err(Error::shape(
+            "distillation_loss teacher logits (the student's shape)",
+            format!("{:?}", student.dims()),
+            format!("{:?}", teacher.dims()),
+        ));
+    }
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        return Err(Error::invalid(
+            "distillation temperature",
+            format!("{temperature} must be positive and finite"),
+        ));
+    }
+    let [b, s, _] = student.dims();
+    let t = log_softmax(teacher.detach().div_scalar(temperature), 2);
+    let st = log_softmax(student.div_scalar(temperature), 2);
+    let kl = (t.clone().exp() * (t - st)).sum();
+    Ok(kl.mul_scalar(temperature * temperature / (b * s) as f64))
+}

@@ -31,7 +31,9 @@ use crate::modules::lora::{LoraConfig, LoraLinear};
 
 pub use bert::{BertConfig, BertModel, mean_pooling};
 pub use config::{DecoderConfig, DecoderFamily};
-pub use generate::{CausalLm, Decoding, GenerationConfig, causal_lm_loss, generate};
+pub use generate::{
+    CausalLm, Decoding, GenerationConfig, causal_lm_loss, distillation_loss, generate,
+};
 pub use gpt2::{Gpt2Config, Gpt2LmHeadModel};
 pub use llama::{
     HeadLayout, KvCache, LlamaForCausalLm, PROJECTIONS, WeightSource, checkpoint_shapes,

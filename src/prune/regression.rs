@@ -106,67 +106,125 @@ fn check_design(masks: &[Vec<f64>], metrics: &[f64]) -> Result<usize> {
 }
 
 /// The lasso at penalty `lambda` (see the [module docs](self)), by cyclic coordinate descent
-/// until the largest coefficient change is below `1e-9` of the metric's scale or 1000 sweeps.
+/// until the largest coefficient change is below `1e-6` of the metric's scale or 1000 sweeps.
 ///
 /// # Errors
 /// [`Error::Invalid`] for an empty or ragged design, non-finite values or a negative `lambda`.
 pub fn lasso(masks: &[Vec<f64>], metrics: &[f64], lambda: f64) -> Result<LinearFit> {
-    let p = check_design(masks, metrics)?;
-    if !(lambda >= 0.0 && lambda.is_finite()) {
-        return Err(Error::invalid(
+    check_design(masks, metrics)?;
+    check_lambda(lambda)?;
+    let design = Design::new(masks, metrics);
+    let beta = design.fit(lambda, vec![0.0; design.cols.len()]);
+    Ok(design.into_fit(beta, lambda))
+}
+
+fn check_lambda(lambda: f64) -> Result<()> {
+    if lambda >= 0.0 && lambda.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(
             "lasso penalty",
             format!("{lambda} must be non-negative and finite"),
-        ));
+        ))
     }
-    let n = masks.len() as f64;
-    let mean_x: Vec<f64> = (0..p)
-        .map(|j| masks.iter().map(|m| m[j]).sum::<f64>() / n)
-        .collect();
-    let mean_y = metrics.iter().sum::<f64>() / n;
-    // Centred columns, stored column-major for the coordinate sweeps.
-    let cols: Vec<Vec<f64>> = (0..p)
-        .map(|j| masks.iter().map(|m| m[j] - mean_x[j]).collect())
-        .collect();
-    let sq: Vec<f64> = cols
-        .iter()
-        .map(|c| c.iter().map(|v| v * v).sum::<f64>() / n)
-        .collect();
-    let mut resid: Vec<f64> = metrics.iter().map(|y| y - mean_y).collect();
-    let scale = resid
-        .iter()
-        .map(|r| r.abs())
-        .fold(0.0, f64::max)
-        .max(1e-300);
-    let mut beta = vec![0.0; p];
-    for _ in 0..1000 {
-        let mut largest = 0.0f64;
-        for j in 0..p {
-            if sq[j] == 0.0 {
-                continue; // a unit that never varies carries no information
+}
+
+/// A checked design, centred once: fits at several penalties reuse it, each starting from the
+/// previous fit (a warm-started path).
+struct Design {
+    n: f64,
+    mean_x: Vec<f64>,
+    mean_y: f64,
+    /// Centred columns, column-major for the coordinate sweeps.
+    cols: Vec<Vec<f64>>,
+    /// `‖x_j − x̄_j‖² / n`.
+    sq: Vec<f64>,
+    /// `y − ȳ`.
+    y: Vec<f64>,
+}
+
+impl Design {
+    fn new(masks: &[Vec<f64>], metrics: &[f64]) -> Self {
+        let p = masks[0].len();
+        let n = masks.len() as f64;
+        let mean_x: Vec<f64> = (0..p)
+            .map(|j| masks.iter().map(|m| m[j]).sum::<f64>() / n)
+            .collect();
+        let mean_y = metrics.iter().sum::<f64>() / n;
+        let cols: Vec<Vec<f64>> = (0..p)
+            .map(|j| masks.iter().map(|m| m[j] - mean_x[j]).collect())
+            .collect();
+        let sq = cols
+            .iter()
+            .map(|c| c.iter().map(|v| v * v).sum::<f64>() / n)
+            .collect();
+        let y = metrics.iter().map(|v| v - mean_y).collect();
+        Self {
+            n,
+            mean_x,
+            mean_y,
+            cols,
+            sq,
+            y,
+        }
+    }
+
+    /// Coordinate descent at `lambda` from `beta`, until the largest coefficient change is
+    /// below `1e-6` of the metric's scale or 1000 sweeps.
+    fn fit(&self, lambda: f64, mut beta: Vec<f64>) -> Vec<f64> {
+        let n = self.n;
+        let mut resid = self.y.clone();
+        for (j, b) in beta.iter().enumerate().filter(|(_, b)| **b != 0.0) {
+            for (r, x) in resid.iter_mut().zip(&self.cols[j]) {
+                *r -= b * x;
             }
-            let rho =
-                cols[j].iter().zip(&resid).map(|(x, r)| x * r).sum::<f64>() / n + sq[j] * beta[j];
-            let new = soft_threshold(rho, lambda) / sq[j];
-            let delta = new - beta[j];
-            if delta != 0.0 {
-                for (r, x) in resid.iter_mut().zip(&cols[j]) {
-                    *r -= delta * x;
+        }
+        let scale = self
+            .y
+            .iter()
+            .map(|r| r.abs())
+            .fold(0.0, f64::max)
+            .max(1e-300);
+        for _ in 0..1000 {
+            let mut largest = 0.0f64;
+            for j in 0..self.cols.len() {
+                if self.sq[j] == 0.0 {
+                    continue; // a unit that never varies carries no information
                 }
-                beta[j] = new;
-                largest = largest.max(delta.abs());
+                let col = &self.cols[j];
+                let rho = col.iter().zip(&resid).map(|(x, r)| x * r).sum::<f64>() / n
+                    + self.sq[j] * beta[j];
+                let new = soft_threshold(rho, lambda) / self.sq[j];
+                let delta = new - beta[j];
+                if delta != 0.0 {
+                    for (r, x) in resid.iter_mut().zip(col) {
+                        *r -= delta * x;
+                    }
+                    beta[j] = new;
+                    largest = largest.max(delta.abs());
+                }
+            }
+            if largest <= 1e-6 * scale {
+                break;
             }
         }
-        if largest <= 1e-9 * scale {
-            break;
+        beta
+    }
+
+    fn into_fit(self, beta: Vec<f64>, lambda: f64) -> LinearFit {
+        let intercept = self.mean_y
+            - beta
+                .iter()
+                .zip(&self.mean_x)
+                .map(|(b, m)| b * m)
+                .sum::<f64>();
+        LinearFit {
+            coefficients: beta,
+            intercept,
+            lambda,
+            cv_tau: None,
         }
     }
-    let intercept = mean_y - beta.iter().zip(&mean_x).map(|(b, m)| b * m).sum::<f64>();
-    Ok(LinearFit {
-        coefficients: beta,
-        intercept,
-        lambda,
-        cv_tau: None,
-    })
 }
 
 fn soft_threshold(x: f64, t: f64) -> f64 {
@@ -230,23 +288,36 @@ pub fn lasso_cv(
         .collect();
     lambdas.push(0.0);
     let n = masks.len();
-    let mut best: Option<(f64, f64)> = None;
-    for &lambda in &lambdas {
-        let mut taus = Vec::with_capacity(folds);
-        for f in 0..folds {
-            let (lo, hi) = (f * n / folds, (f + 1) * n / folds);
-            let train_x: Vec<Vec<f64>> = masks[..lo].iter().chain(&masks[hi..]).cloned().collect();
-            let train_y: Vec<f64> = metrics[..lo]
+    // Per fold, the whole penalty path (largest first, each fit warm-started from the last).
+    let mut taus = vec![0.0; lambdas.len()];
+    for f in 0..folds {
+        let (lo, hi) = (f * n / folds, (f + 1) * n / folds);
+        let train_x: Vec<Vec<f64>> = masks[..lo].iter().chain(&masks[hi..]).cloned().collect();
+        let train_y: Vec<f64> = metrics[..lo]
+            .iter()
+            .chain(&metrics[hi..])
+            .copied()
+            .collect();
+        let design = Design::new(&train_x, &train_y);
+        let mut beta = vec![0.0; design.cols.len()];
+        for (i, &lambda) in lambdas.iter().enumerate() {
+            beta = design.fit(lambda, beta);
+            let intercept = design.mean_y
+                - beta
+                    .iter()
+                    .zip(&design.mean_x)
+                    .map(|(b, m)| b * m)
+                    .sum::<f64>();
+            let pred: Vec<f64> = masks[lo..hi]
                 .iter()
-                .chain(&metrics[hi..])
-                .copied()
+                .map(|m| intercept + beta.iter().zip(m).map(|(b, x)| b * x).sum::<f64>())
                 .collect();
-            let fit = lasso(&train_x, &train_y, lambda)?;
-            let pred: Vec<f64> = masks[lo..hi].iter().map(|m| fit.predict(m)).collect();
-            taus.push(kendall_tau(&pred, &metrics[lo..hi])?);
+            taus[i] += kendall_tau(&pred, &metrics[lo..hi])? / folds as f64;
         }
-        let tau = taus.iter().sum::<f64>() / folds as f64;
-        // Ties go to the larger penalty (the sparser model), which comes first.
+    }
+    // Ties go to the larger penalty (the sparser model), which comes first.
+    let mut best: Option<(f64, f64)> = None;
+    for (&lambda, &tau) in lambdas.iter().zip(&taus) {
         if best.is_none_or(|(_, t)| tau > t) {
             best = Some((lambda, tau));
         }

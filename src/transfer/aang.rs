@@ -177,11 +177,13 @@ impl ObjectiveSpace {
         Ok(legal.into_iter().zip(raw.iter().map(|w| w / z)).collect())
     }
 
-    /// Samples `n` legal tuples by weight (with replacement).
+    /// Samples `n` legal tuples by weight (with replacement), deterministically for `seed`
+    /// (give each call its own, e.g. the step number).
     ///
     /// # Errors
     /// As [`weights`](Self::weights).
-    pub fn sample(&self, n: usize, rng: &mut SplitMix64) -> Result<Vec<Vec<usize>>> {
+    pub fn sample(&self, n: usize, seed: u64) -> Result<Vec<Vec<usize>>> {
+        let mut rng = SplitMix64::new(seed);
         let w = self.weights()?;
         Ok((0..n)
             .map(|_| {
@@ -271,8 +273,7 @@ mod tests {
         let find = |t: &[usize]| w.iter().find(|(u, _)| u == t).unwrap().1;
         let ratio = find(&[0, 1, 0, 0]) / find(&[0, 2, 0, 0]);
         assert!((ratio - 2f64.exp()).abs() < 1e-9);
-        let mut rng = SplitMix64::new(1);
-        let samples = s.sample(5000, &mut rng).unwrap();
+        let samples = s.sample(5000, 1).unwrap();
         assert!(samples.iter().all(|t| s.is_legal(t)));
         assert!(!samples.iter().any(|t| t[0] == 1 && t[3] == 1));
         assert!(!samples.iter().any(|t| t[1] == 0 && t[3] == 0));
@@ -293,9 +294,8 @@ mod tests {
     #[test]
     fn meta_steps_move_weight_from_harmful_to_helpful_options() {
         let mut s = space();
-        let mut rng = SplitMix64::new(2);
-        for _ in 0..50 {
-            let t = s.sample(8, &mut rng).unwrap();
+        for step in 0..50 {
+            let t = s.sample(8, step).unwrap();
             // Masking helps the end task (gradient agrees with the dev gradient), replacement
             // hurts: meta-gradients −cos of +0.5 and −0.5.
             let meta: Vec<f64> = t
