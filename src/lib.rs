@@ -84,7 +84,8 @@
 //!
 //! ## Structured pruning
 //! - [`prune`]: models expose units ([`prune::Prunable`]: the decoders' attention heads, with
-//!   grouped-query bookkeeping, and feed-forward neurons) that are masked inside the forward
+//!   grouped-query bookkeeping, feed-forward neurons, Mixtral experts, and LoRA rank
+//!   components through [`models::AdapterRanks`]) that are masked inside the forward
 //!   pass and then physically removed; Bonsai ([`prune::bonsai()`], Dery et al. 2024) prunes with
 //!   forward passes only, [`prune::one_shot`] by a prior alone.
 //!

@@ -345,3 +345,173 @@ fn distillation_loss_is_the_tempered_kl_and_adapts_a_pruned_model() {
     }
     assert!(losses[19] < 0.8 * losses[0], "{losses:?}");
 }
+
+/// LoRA rank components as units: a 0/1 rank mask equals the adapter cut to the kept ranks
+/// (scaling preserved, plain and rsLoRA), on every path (the plain forward and a mixed batch);
+/// Bonsai prunes ranks with the magnitude prior, and the activation prior is refused.
+#[test]
+fn masked_lora_ranks_equal_the_pruned_adapter() {
+    use modula::models::AdapterRanks;
+    let device = Device::flex();
+    let batch = ids(&[vec![3, 9, 17, 4, 40], vec![60, 2, 8, 31, 5]], &device);
+    let mut model = tiny(&device);
+    let mut rng = Rng(3);
+    for (path, layer) in model.linear_layers_mut() {
+        if path == "lm_head" {
+            continue;
+        }
+        for (name, rslora) in [("a", false), ("b", true)] {
+            let m = LoraModule::from_factors(
+                rng.tensor(layer.d_in(), 6, &device),
+                rng.tensor(6, layer.d_out(), &device),
+                12.0,
+                rslora,
+                0.0,
+            )
+            .unwrap();
+            layer.insert_adapter(name, m).unwrap();
+        }
+    }
+    model.set_active_adapters(&["a", "b"]).unwrap();
+    for name in ["a", "b"] {
+        let mut ranks = AdapterRanks::new(model.clone(), name).unwrap();
+        let groups = ranks.unit_groups();
+        assert_eq!(groups.len(), 14);
+        assert!(
+            groups
+                .iter()
+                .all(|g| g.units == 6 && g.kind == UnitKind::LoraRank)
+        );
+        let drop: Vec<Vec<usize>> = (0..14).map(|g| vec![g % 6, (g + 2) % 6]).collect();
+        let (keep, masks) = {
+            let keep: Vec<Vec<usize>> = drop
+                .iter()
+                .map(|d| (0..6).filter(|u| !d.contains(u)).collect())
+                .collect();
+            let masks: Vec<Tensor<1>> = drop
+                .iter()
+                .map(|d| {
+                    let m: Vec<f32> = (0..6)
+                        .map(|u| f32::from(u8::from(!d.contains(&u))))
+                        .collect();
+                    Tensor::from_data(TensorData::new(m, [6]), &device)
+                })
+                .collect();
+            (keep, masks)
+        };
+        let full = ranks.model.forward(batch.clone()).unwrap();
+        ranks.set_unit_masks(Some(masks)).unwrap();
+        let masked = ranks.model.forward(batch.clone()).unwrap();
+        let mixed_masked = ranks
+            .model
+            .forward_mixed(batch.clone(), None, &[Some(name), None])
+            .unwrap();
+        assert!(
+            common::max_abs_diff(masked.clone(), full) > 1e-3,
+            "the mask acts"
+        );
+        ranks.prune_units(&keep).unwrap();
+        assert!(ranks.unit_groups().iter().all(|g| g.units == 4));
+        assert_close(
+            ranks.model.forward(batch.clone()).unwrap(),
+            masked,
+            1e-5,
+            name,
+        );
+        assert_close(
+            ranks
+                .model
+                .forward_mixed(batch.clone(), None, &[Some(name), None])
+                .unwrap(),
+            mixed_masked,
+            1e-5,
+            "mixed batch",
+        );
+        assert!(ranks.unit_activation_rms().is_err());
+    }
+    // Bonsai over ranks, scored by −loss; the magnitude prior.
+    let mut ranks = AdapterRanks::new(model.clone(), "a").unwrap();
+    let start = ranks.prunable_params();
+    let config = BonsaiConfig {
+        prior: Prior::Magnitude,
+        round_fraction: 0.25,
+        pairs_per_round: 5,
+        ..BonsaiConfig::new(0.5)
+    };
+    let report = bonsai(
+        &mut ranks,
+        &config,
+        &device,
+        &mut |r: &AdapterRanks<LlamaForCausalLm>| {
+            let loss = causal_lm_loss(r.model.forward(batch.clone())?, batch.clone(), None)?;
+            Ok(-f64::from(vals(loss)[0]))
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let largest = ranks
+        .unit_groups()
+        .iter()
+        .map(|g| g.params_per_unit)
+        .max()
+        .unwrap();
+    let (gone, goal) = (start - report.params_after, start / 2);
+    assert!(
+        gone <= goal && gone + 2 * largest > goal,
+        "removed {gone} of {goal} (units of up to {largest})"
+    );
+    assert!(AdapterRanks::new(model, "zz").is_err());
+}
+
+/// Mixtral's experts as units: a 0/1 expert mask (the gate's probabilities masked and
+/// renormalised before the top-k choice) equals the layer with those experts removed.
+#[test]
+fn masked_experts_equal_the_pruned_mixture() {
+    let device = Device::flex();
+    let batch = ids(&[vec![3, 9, 17, 4, 40], vec![60, 2, 8, 31, 5]], &device);
+    let mut model =
+        modula::checkpoint::load_decoder(common::data("tiny_decoders/mixtral"), &device).unwrap();
+    let groups = model.unit_groups();
+    assert_eq!(
+        groups
+            .iter()
+            .map(|g| (g.kind, g.units, g.min_units))
+            .collect::<Vec<_>>(),
+        [
+            (UnitKind::AttentionHead, 4, 1),
+            (UnitKind::Expert, 4, 2),
+            (UnitKind::AttentionHead, 4, 1),
+            (UnitKind::Expert, 4, 2),
+        ]
+    );
+    let full = model.forward(batch.clone()).unwrap();
+    let drop = vec![vec![], vec![1], vec![2], vec![0, 3]];
+    let (keep, masks) = keep_and_masks(&model, &drop, &device);
+    model.set_unit_masks(Some(masks)).unwrap();
+    let masked = model.forward(batch.clone()).unwrap();
+    assert!(
+        common::max_abs_diff(masked.clone(), full) > 1e-3,
+        "the masks act"
+    );
+    model.prune_units(&keep).unwrap();
+    assert_eq!(
+        model.model.layers[1]
+            .block_sparse_moe
+            .as_ref()
+            .unwrap()
+            .experts
+            .len(),
+        2
+    );
+    assert_close(
+        model.forward(batch.clone()).unwrap(),
+        masked,
+        1e-5,
+        "masked = pruned",
+    );
+    // Below k experts is refused.
+    let groups = model.unit_groups();
+    let mut too_few: Vec<Vec<usize>> = groups.iter().map(|g| (0..g.units).collect()).collect();
+    too_few[1] = vec![0];
+    assert!(model.prune_units(&too_few).is_err());
+}

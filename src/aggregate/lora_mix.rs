@@ -105,7 +105,7 @@ pub fn lora_mixture_planned(
                 ));
             }
             let mix = LoraFactorMix { modules: adapters };
-            plan.apply(x, r, &mix, |m, xm| Ok(xm.matmul(adapters[m].a.val())))
+            plan.apply(x, r, &mix, |m, xm| Ok(xm.matmul(adapters[m].a_masked())))
         }
     }
 }

@@ -90,7 +90,7 @@ impl LoraFactors {
     /// Copies an adapter's factors to the host (`a` is stored `[d_in, r]` on the device).
     pub fn from_adapter(adapter: &LoraModule) -> Self {
         let (r, d_in, d_out) = (adapter.rank(), adapter.d_in(), adapter.d_out());
-        let a = Mat::from_f32(d_in, r, &to_vec_f32(adapter.a.val())).t();
+        let a = Mat::from_f32(d_in, r, &to_vec_f32(adapter.a_masked())).t();
         let b = Mat::from_f32(r, d_out, &to_vec_f32(adapter.b.val())).t();
         Self {
             a,

@@ -38,6 +38,7 @@ pub use gpt2::{Gpt2Config, Gpt2LmHeadModel};
 pub use llama::{
     HeadLayout, KvCache, LlamaForCausalLm, PROJECTIONS, WeightSource, checkpoint_shapes,
 };
+pub use prune::AdapterRanks;
 pub use rope::{Rope, RopeScaling};
 pub use routing::{
     ArrowOptions, LayerRouters, gen_know_sub, install_routers, remove_routers, route_arrow,

@@ -1,5 +1,6 @@
-//! Structured pruning of the Llama-family decoders ([`Prunable`] for [`LlamaForCausalLm`]):
-//! attention heads and feed-forward neurons of every layer.
+//! Structured pruning of the Llama-family decoders ([`Prunable`] for [`LlamaForCausalLm`])
+//! and of LoRA ranks in any model ([`AdapterRanks`]):
+//! attention heads and feed-forward neurons of every layer, and rank components.
 //!
 //! - A **head** is its `head_dim` query columns of `q_proj` and rows of `o_proj`; its mask
 //!   multiplies its attention output before `o_proj`. A key/value head goes with the last
@@ -8,9 +9,12 @@
 //!   reads.
 //! - A **neuron** is one column of `gate_proj` and `up_proj` and one row of `down_proj`; its
 //!   mask multiplies `silu(gate) · up` before `down_proj`.
+//! - An **expert** of a Mixtral layer is its weights and its column of the gate; its mask
+//!   scales its routing probability before the top-k choice (renormalised), so a masked expert
+//!   is never chosen ([`TopKRouter::expert_mask`](crate::TopKRouter::expert_mask)). Experts
+//!   record no activations: the activation prior counts each at 1 (its weight magnitude).
 //!
-//! Mixtral layers have heads only (their experts are not neuron groups here). Every group keeps
-//! at least one unit. A pruned model computes as the masked one did; its per-layer shapes no
+//! Every group keeps at least one unit (a Mixtral layer at least `k` experts). A pruned model computes as the masked one did; its per-layer shapes no
 //! longer follow `config.json`, so it is used in memory (save adapters trained on it, not the
 //! model as a Hugging Face checkpoint).
 
@@ -18,6 +22,7 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::Tensor;
 
+use super::LinearLayers;
 use super::llama::{HeadLayout, LlamaForCausalLm};
 use crate::error::{Error, Result};
 use crate::modules::lora::LoraLinear;
@@ -109,6 +114,18 @@ impl Prunable for LlamaForCausalLm {
                     min_units: 1,
                 });
             }
+            if let Some(moe) = &layer.block_sparse_moe {
+                let per_expert = moe.experts.first().map_or(0, |e| {
+                    e.w_in.weight.shape().num_elements() + e.w_out.weight.shape().num_elements()
+                });
+                out.push(UnitGroup {
+                    path: format!("model.layers.{l}.block_sparse_moe"),
+                    kind: UnitKind::Expert,
+                    units: moe.experts.len(),
+                    params_per_unit: per_expert + d,
+                    min_units: moe.router.k,
+                });
+            }
         }
         out
     }
@@ -139,6 +156,9 @@ impl Prunable for LlamaForCausalLm {
             if let Some(mlp) = &mut layer.mlp {
                 mlp.units.mask = masks.as_mut().and_then(Iterator::next);
             }
+            if let Some(moe) = &mut layer.block_sparse_moe {
+                moe.router.expert_mask = masks.as_mut().and_then(Iterator::next);
+            }
         }
         Ok(())
     }
@@ -153,6 +173,14 @@ impl Prunable for LlamaForCausalLm {
                 let w = mlp.down_proj.base.weight.val();
                 let ff = w.dims()[0];
                 out.push(row_block_means(w, ff));
+            }
+            if let Some(moe) = &layer.block_sparse_moe {
+                out.push(
+                    moe.experts
+                        .iter()
+                        .map(|e| row_block_means(e.w_out.weight.val(), 1)[0])
+                        .collect(),
+                );
             }
         }
         out
@@ -182,6 +210,9 @@ impl Prunable for LlamaForCausalLm {
                          model first",
                     )
                 })?);
+            }
+            if let Some(moe) = &layer.block_sparse_moe {
+                out.push(vec![1.0; moe.experts.len()]);
             }
         }
         Ok(out)
@@ -238,6 +269,163 @@ impl Prunable for LlamaForCausalLm {
                 mlp.down_proj = slice_linear(&mlp.down_proj, 0, &neurons);
                 mlp.units.mask = None;
             }
+            if let Some(moe) = &mut layer.block_sparse_moe {
+                let experts = keep.next().cloned().unwrap_or_default();
+                let ids: Vec<i64> = experts.iter().map(|&i| i as i64).collect();
+                let w = moe.router.gate.weight.val();
+                let ids = int_tensor(&ids, &w.device());
+                moe.router.gate.weight =
+                    Param::from_tensor(w.select(1, ids)).set_require_grad(false);
+                moe.experts = experts.iter().map(|&e| moe.experts[e].clone()).collect();
+                moe.router.expert_mask = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The rank components of one LoRA adapter across a model, as prunable units: one group per
+/// layer holding the adapter (its path), one unit per rank component (a column of `A` and a
+/// row of `B`). A mask scales the components ([`LoraModule::rank_mask`](crate::LoraModule::rank_mask));
+/// pruning slices `A` and `B` and rescales `alpha` so that `alpha / r` (or `alpha / √r` for
+/// rsLoRA) is unchanged, so the pruned adapter computes what the masked one did.
+///
+/// Rank components record no activations: use [`Prior::Magnitude`](crate::prune::Prior) (the
+/// mean |row of `B`|) or random priors with them.
+#[derive(Debug)]
+pub struct AdapterRanks<M> {
+    /// The model.
+    pub model: M,
+    /// The adapter whose ranks are pruned.
+    pub adapter: String,
+}
+
+impl<M: LinearLayers> AdapterRanks<M> {
+    /// The ranks of `adapter` in `model`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] when no layer holds it.
+    pub fn new(model: M, adapter: &str) -> Result<Self> {
+        model.check_adapters(&[adapter])?;
+        Ok(Self {
+            model,
+            adapter: adapter.to_string(),
+        })
+    }
+
+    fn held(&self) -> Vec<(String, &LoraLinear)> {
+        self.model
+            .linear_layers()
+            .into_iter()
+            .filter(|(_, l)| l.names().contains(&self.adapter))
+            .collect()
+    }
+}
+
+impl<M: LinearLayers> Prunable for AdapterRanks<M> {
+    fn unit_groups(&self) -> Vec<UnitGroup> {
+        self.held()
+            .into_iter()
+            .filter_map(|(path, l)| {
+                let a = l.adapter(&self.adapter).ok()?;
+                Some(UnitGroup {
+                    path,
+                    kind: UnitKind::LoraRank,
+                    units: a.rank(),
+                    params_per_unit: a.d_in() + a.d_out(),
+                    min_units: 1,
+                })
+            })
+            .collect()
+    }
+
+    fn set_unit_masks(&mut self, masks: Option<Vec<Tensor<1>>>) -> Result<()> {
+        let groups = self.unit_groups();
+        if let Some(m) = &masks {
+            if m.len() != groups.len() {
+                return Err(Error::shape(
+                    "rank masks (one per adapted layer)",
+                    groups.len().to_string(),
+                    m.len().to_string(),
+                ));
+            }
+            if let Some((g, t)) = groups.iter().zip(m).find(|(g, t)| t.dims()[0] != g.units) {
+                return Err(Error::shape(
+                    format!("rank mask of `{}`", g.path),
+                    g.units.to_string(),
+                    t.dims()[0].to_string(),
+                ));
+            }
+        }
+        let mut masks = masks.map(Vec::into_iter);
+        let name = self.adapter.clone();
+        for (_, layer) in self.model.linear_layers_mut() {
+            if !layer.names().contains(&name) {
+                continue;
+            }
+            let mut a = layer.adapter(&name)?.clone();
+            a.rank_mask = masks.as_mut().and_then(Iterator::next);
+            layer.replace_adapter(&name, a)?;
+        }
+        Ok(())
+    }
+
+    /// Mean |row of `B`| per rank component, times its scaling.
+    fn unit_weight_magnitudes(&self) -> Vec<Vec<f64>> {
+        self.held()
+            .into_iter()
+            .filter_map(|(_, l)| {
+                let a = l.adapter(&self.adapter).ok()?;
+                let r = a.rank();
+                Some(
+                    row_block_means(a.b.val(), r)
+                        .into_iter()
+                        .map(|v| v * a.scaling())
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn record_unit_activations(&mut self, _on: bool) {}
+
+    fn unit_activation_rms(&self) -> Result<Vec<Vec<f64>>> {
+        Err(Error::invalid(
+            "LoRA rank activations",
+            "rank components record no activations; prune them with the magnitude or random \
+             prior",
+        ))
+    }
+
+    fn prune_units(&mut self, keep: &[Vec<usize>]) -> Result<()> {
+        let groups = self.unit_groups();
+        check_keep(&groups, keep)?;
+        let name = self.adapter.clone();
+        let mut keep = keep.iter();
+        for (_, layer) in self.model.linear_layers_mut() {
+            if !layer.names().contains(&name) {
+                continue;
+            }
+            let k = keep.next().cloned().unwrap_or_default();
+            let old = layer.adapter(&name)?;
+            let ids: Vec<i64> = k.iter().map(|&i| i as i64).collect();
+            let ids = int_tensor(&ids, &old.a.val().device());
+            let (r, r2) = (old.rank() as f64, k.len() as f64);
+            // Keep the scaling: alpha / r (or / √r) stays what it was.
+            let alpha = if old.use_rslora {
+                old.alpha * (r2 / r).sqrt()
+            } else {
+                old.alpha * r2 / r
+            };
+            let mut new = crate::LoraModule::from_factors(
+                old.a.val().select(1, ids.clone()),
+                old.b.val().select(0, ids),
+                alpha,
+                old.use_rslora,
+                old.dropout.prob,
+            )?;
+            new.dropout = old.dropout.clone();
+            layer.replace_adapter(&name, new)?;
         }
         Ok(())
     }

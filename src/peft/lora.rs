@@ -445,7 +445,7 @@ impl PeftLora {
                 }
                 seen.used.insert(name.clone());
                 let lora = LoraAdapter {
-                    a: Param::from_tensor(adapter.a.val()),
+                    a: Param::from_tensor(adapter.a_masked()),
                     b: Param::from_tensor(adapter.b.val()),
                     scale: adapter.scaling(),
                 };
@@ -524,7 +524,7 @@ impl PeftLora {
                 rank: ad.rank(),
                 alpha: ad.alpha,
                 embedding: self.embeddings.contains(path),
-                a: HostTensor::from_tensor(ad.a.val().transpose()),
+                a: HostTensor::from_tensor(ad.a_masked().transpose()),
                 b: HostTensor::from_tensor(ad.b.val().transpose()),
             });
         }

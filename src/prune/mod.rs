@@ -38,6 +38,10 @@ pub enum UnitKind {
     AttentionHead,
     /// A feed-forward neuron (a gate/up column and a down row).
     MlpNeuron,
+    /// A LoRA rank component (a column of `A` and a row of `B`).
+    LoraRank,
+    /// A mixture-of-experts expert (its weights and its column of the gate).
+    Expert,
 }
 
 /// One group of prunable units: a block of the model.

@@ -187,20 +187,18 @@ impl Design {
             .max(1e-300);
         for _ in 0..1000 {
             let mut largest = 0.0f64;
-            for j in 0..self.cols.len() {
-                if self.sq[j] == 0.0 {
+            for ((col, &sq), b) in self.cols.iter().zip(&self.sq).zip(beta.iter_mut()) {
+                if sq == 0.0 {
                     continue; // a unit that never varies carries no information
                 }
-                let col = &self.cols[j];
-                let rho = col.iter().zip(&resid).map(|(x, r)| x * r).sum::<f64>() / n
-                    + self.sq[j] * beta[j];
-                let new = soft_threshold(rho, lambda) / self.sq[j];
-                let delta = new - beta[j];
+                let rho = col.iter().zip(&resid).map(|(x, r)| x * r).sum::<f64>() / n + sq * *b;
+                let new = soft_threshold(rho, lambda) / sq;
+                let delta = new - *b;
                 if delta != 0.0 {
                     for (r, x) in resid.iter_mut().zip(col) {
                         *r -= delta * x;
                     }
-                    beta[j] = new;
+                    *b = new;
                     largest = largest.max(delta.abs());
                 }
             }

@@ -103,6 +103,7 @@ impl TopKRouterConfig {
             capacity_factor: self.capacity_factor,
             second_expert_policy: self.second_expert_policy,
             training: Param::from_bool(true),
+            expert_mask: None,
         })
     }
 }
@@ -130,6 +131,12 @@ pub struct TopKRouter {
     pub second_expert_policy: SecondExpertPolicy,
     /// Training flag (jitter is applied only in training, on an autodiff device).
     pub training: Param<Flag>,
+    /// A multiplicative mask over the experts (`[E]`): the routing probabilities are
+    /// multiplied by it and renormalised before the top-k choice, so an expert at 0 is never
+    /// chosen and the others share its probability as if it were gone (structured pruning of
+    /// experts); `None`: every expert at 1.
+    #[module(skip)]
+    pub expert_mask: Option<Tensor<1>>,
 }
 
 impl TopKRouter {
@@ -156,7 +163,18 @@ impl TopKRouter {
     pub fn route_logits(&self, logits: Tensor<2>) -> Result<Routing> {
         ensure_finite(&logits, "router logits")?;
         let [_, e] = logits.dims();
-        let probs = burn::tensor::activation::softmax(logits.clone(), 1);
+        let mut probs = burn::tensor::activation::softmax(logits.clone(), 1);
+        if let Some(m) = &self.expert_mask {
+            if m.dims()[0] != e {
+                return Err(Error::shape(
+                    "expert mask",
+                    format!("{e} experts"),
+                    format!("{} values", m.dims()[0]),
+                ));
+            }
+            probs = probs * m.clone().unsqueeze::<2>();
+            probs = probs.clone() / probs.sum_dim(1).clamp_min(1e-30);
+        }
         let (_, indices) = probs.clone().detach().topk_with_indices(self.k, 1);
         let mut weights = probs.clone().gather(1, indices.clone());
         if self.renormalize {

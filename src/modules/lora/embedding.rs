@@ -88,7 +88,7 @@ impl LoraEmbedding {
         let mut y = self.base.forward(ids.clone());
         for (i, adapter) in self.adapters.iter().enumerate() {
             if self.slots.contributes(i) {
-                let z = burn::tensor::module::embedding(adapter.a.val(), ids.clone());
+                let z = burn::tensor::module::embedding(adapter.a_masked(), ids.clone());
                 y = y + z
                     .matmul(adapter.b.val().unsqueeze())
                     .mul_scalar(adapter.scaling());

@@ -125,6 +125,11 @@ pub struct LoraModule {
     pub use_rslora: bool,
     /// Dropout on the adapter input.
     pub dropout: Dropout,
+    /// A multiplicative mask over the rank components (`[r]`, each scaling one column of `A`,
+    /// so `(x A ⊙ m) B`), set by structured pruning of ranks; `None`: every component at 1.
+    /// Not a parameter: saving, merging and host factors use `A` with the mask applied.
+    #[module(skip)]
+    pub rank_mask: Option<Tensor<1>>,
 }
 
 impl LoraModule {
@@ -159,7 +164,17 @@ impl LoraModule {
             alpha,
             use_rslora,
             dropout: DropoutConfig::new(dropout).init(),
+            rank_mask: None,
         })
+    }
+
+    /// `A` with the rank mask applied (`A` itself when there is none), `[d_in, r]`: what every
+    /// path of the adapter computes with.
+    pub fn a_masked(&self) -> Tensor<2> {
+        match &self.rank_mask {
+            Some(m) => self.a.val() * m.clone().unsqueeze::<2>(),
+            None => self.a.val(),
+        }
     }
 
     /// Rank `r`.
@@ -187,7 +202,7 @@ impl LoraModule {
         let x = self.dropout.forward(x);
         let s = self.scaling();
         // Scale the thin [.., r] intermediate, not the wide output.
-        x.matmul(self.a.val().unsqueeze())
+        x.matmul(self.a_masked().unsqueeze())
             .mul_scalar(s)
             .matmul(self.b.val().unsqueeze())
     }
@@ -203,7 +218,9 @@ impl LoraModule {
 
     /// The dense update `s · A B`, `[d_in, d_out]`. Only merging needs it.
     pub fn delta_weight(&self) -> Tensor<2> {
-        self.a.val().mul_scalar(self.scaling()).matmul(self.b.val())
+        self.a_masked()
+            .mul_scalar(self.scaling())
+            .matmul(self.b.val())
     }
 }
 
@@ -259,7 +276,7 @@ pub(crate) fn output_mixture(
             return Ok(Tensor::zeros([rows, d_out], &device));
         }
         let pick = |i: i64| &modules[i.max(0) as usize];
-        let a = Tensor::stack::<3>(ids.iter().map(|&i| pick(i).a.val()).collect(), 0);
+        let a = Tensor::stack::<3>(ids.iter().map(|&i| pick(i).a_masked()).collect(), 0);
         let b = Tensor::stack::<3>(ids.iter().map(|&i| pick(i).b.val()).collect(), 0);
         let scales: Vec<f32> = ids
             .iter()
@@ -272,7 +289,7 @@ pub(crate) fn output_mixture(
     let factors: Vec<LowRank> = modules
         .iter()
         .map(|m| LowRank {
-            a: m.a.val(),
+            a: m.a_masked(),
             b: m.b.val(),
             scale: m.scaling(),
         })
