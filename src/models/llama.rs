@@ -985,6 +985,7 @@ impl Loader<'_> {
                     },
                     kind: ExpertKind::SwiGlu,
                     activation: AdapterActivation::Swish,
+                    hidden_mask: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -67,6 +67,7 @@ impl ExpertConfig {
                 .init(device),
             kind: self.kind,
             activation: self.activation,
+            hidden_mask: None,
         })
     }
 }
@@ -84,6 +85,11 @@ pub struct Expert {
     /// The MLP's non-linearity.
     #[module(skip)]
     pub activation: AdapterActivation,
+    /// A multiplicative mask over the hidden units (`[d_ff]`, applied after the
+    /// non-linearity), set by structured pruning; `None`: every unit at 1. A layer whose
+    /// experts carry masks computes them one by one rather than grouped.
+    #[module(skip)]
+    pub hidden_mask: Option<Tensor<1>>,
 }
 
 impl Expert {
@@ -113,6 +119,10 @@ impl ComputeModule for Expert {
         let h = match self.kind {
             ExpertKind::Mlp => self.activation.apply(h),
             ExpertKind::SwiGlu => swiglu_gate(h),
+        };
+        let h = match &self.hidden_mask {
+            Some(m) => h * m.clone().unsqueeze::<2>(),
+            None => h,
         };
         self.w_out.forward(h)
     }

@@ -132,9 +132,11 @@ impl<R: Module + Router> MoeLayer<R> {
                 && (kind == ExpertKind::SwiGlu || e.activation == activation)
                 && e.w_in.bias.is_some() == biased
                 && e.w_out.bias.is_some() == biased
+                && e.d_ff() == first.d_ff()
+                && e.hidden_mask.is_none()
         });
         if !uniform {
-            // Experts of different shapes: each runs on its own rows.
+            // Experts of different shapes (or masked hidden units): each runs on its own rows.
             return plan.apply(x, self.d_model(), &WeightedSum, |m, xm| {
                 Ok(self.experts[m].forward_rows(xm))
             });

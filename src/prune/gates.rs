@@ -29,6 +29,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Distribution, Tensor};
 
+use super::UnitGroup;
 use crate::error::{Error, Result};
 
 /// The stretch interval's lower end `γ`.
@@ -172,6 +173,127 @@ impl Lagrangian {
     }
 }
 
+/// How the end task and a transfer task share unit gates when pruning with a transfer task
+/// (Dery's thesis, limited-data chapter, arXiv 2311.06382).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MaskSharing {
+    /// One set of gates: both tasks train and use the same sub-network.
+    Shared,
+    /// A set per task: the tasks share weights, not masks; the end task's gates decide.
+    Independent,
+    /// A set per task, pulled together by `weight · Σ_u (P_end(z_u > 0) − P_transfer(z_u > 0))²`.
+    Coupled(f64),
+}
+
+/// One gate group per unit group (`groups` from
+/// [`Prunable::unit_groups`](super::Prunable::unit_groups)), every `log α` near `init`.
+///
+/// # Errors
+/// As [`HardConcrete::new`].
+pub fn gates_for(groups: &[UnitGroup], init: f64, device: &Device) -> Result<Vec<HardConcrete>> {
+    groups
+        .iter()
+        .map(|g| HardConcrete::new(g.units, init, device))
+        .collect()
+}
+
+/// A training sample of every group's gates: masks for
+/// [`Prunable::set_unit_masks`](super::Prunable::set_unit_masks).
+pub fn sample_masks(gates: &[HardConcrete]) -> Vec<Tensor<1>> {
+    gates.iter().map(HardConcrete::sample).collect()
+}
+
+/// The expected sparsity of `gates` over the model's `groups` (their `params_per_unit` as
+/// costs).
+///
+/// # Errors
+/// As [`expected_sparsity`].
+pub fn expected_model_sparsity(gates: &[HardConcrete], groups: &[UnitGroup]) -> Result<Tensor<1>> {
+    let costs: Vec<usize> = groups.iter().map(|g| g.params_per_unit).collect();
+    expected_sparsity(gates, &costs)
+}
+
+/// `Σ_g Σ_u (P_a(z > 0) − P_b(z > 0))²`, shape `[1]`: the coupling of two gate sets.
+///
+/// # Errors
+/// [`Error::Shape`] for sets of different group counts or sizes.
+pub fn coupling_penalty(a: &[HardConcrete], b: &[HardConcrete]) -> Result<Tensor<1>> {
+    if a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.units() != y.units()) || a.is_empty() {
+        return Err(Error::shape(
+            "coupled gate sets (the same groups)",
+            format!(
+                "{:?}",
+                a.iter().map(HardConcrete::units).collect::<Vec<_>>()
+            ),
+            format!(
+                "{:?}",
+                b.iter().map(HardConcrete::units).collect::<Vec<_>>()
+            ),
+        ));
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x.prob_open() - y.prob_open()).powi_scalar(2).sum())
+        .reduce(|p, q| p + q)
+        .ok_or_else(|| Error::invalid("coupled gate sets", "no groups"))
+}
+
+/// The units to keep after gate training: every unit ranked by `P(z > 0)`, the highest kept
+/// until `1 − sparsity` of the groups' parameters are kept (each group keeps at least its
+/// `min_units`), as [`Prunable::prune_units`](super::Prunable::prune_units) takes them.
+///
+/// # Errors
+/// [`Error::Invalid`] for a sparsity outside `[0, 1)` or gates that do not match the groups.
+pub fn keep_by_gates(
+    groups: &[UnitGroup],
+    gates: &[HardConcrete],
+    sparsity: f64,
+) -> Result<Vec<Vec<usize>>> {
+    if !(0.0..1.0).contains(&sparsity) {
+        return Err(Error::invalid(
+            "gate pruning sparsity",
+            format!("{sparsity} must be in [0, 1)"),
+        ));
+    }
+    if groups.len() != gates.len() || groups.iter().zip(gates).any(|(g, z)| g.units != z.units()) {
+        return Err(Error::invalid(
+            "gate pruning",
+            "one gate group per unit group, of the same size",
+        ));
+    }
+    let total: usize = groups.iter().map(|g| g.units * g.params_per_unit).sum();
+    let budget = ((1.0 - sparsity) * total as f64).round() as usize;
+    let mut units: Vec<(usize, usize, f32)> = Vec::new();
+    let mut keep: Vec<Vec<usize>> = vec![Vec::new(); groups.len()];
+    let mut spent = 0;
+    for (g, z) in gates.iter().enumerate() {
+        let p: Vec<f32> = z.prob_open().into_data().iter::<f32>().collect();
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+        // Each group's floor first.
+        for &u in &order[..groups[g].min_units.min(p.len())] {
+            keep[g].push(u);
+            spent += groups[g].params_per_unit;
+        }
+        units.extend(
+            order[groups[g].min_units.min(p.len())..]
+                .iter()
+                .map(|&u| (g, u, p[u])),
+        );
+    }
+    units.sort_by(|a, b| b.2.total_cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
+    for (g, u, _) in units {
+        let cost = groups[g].params_per_unit;
+        if spent + cost > budget {
+            continue;
+        }
+        spent += cost;
+        keep[g].push(u);
+    }
+    keep.iter_mut().for_each(|k| k.sort_unstable());
+    Ok(keep)
+}
+
 #[cfg(test)]
 mod tests {
     use burn::optim::{AdamConfig, GradientsParams};
@@ -275,5 +397,61 @@ mod tests {
                 .is_err()
         );
         assert!(expected_sparsity(&gates, &[1]).is_err());
+    }
+
+    #[test]
+    fn gate_sets_couple_and_keep_the_most_open_units_within_budget() {
+        let device = Device::flex();
+        let groups = vec![
+            UnitGroup {
+                path: "a".into(),
+                kind: super::super::UnitKind::AttentionHead,
+                units: 4,
+                params_per_unit: 10,
+                min_units: 1,
+            },
+            UnitGroup {
+                path: "b".into(),
+                kind: super::super::UnitKind::MlpNeuron,
+                units: 6,
+                params_per_unit: 3,
+                min_units: 1,
+            },
+        ];
+        let set = |v: [&[f32]; 2]| -> Vec<HardConcrete> {
+            v.iter()
+                .map(|l| HardConcrete {
+                    log_alpha: Param::from_tensor(Tensor::from_floats(*l, &device)),
+                })
+                .collect()
+        };
+        let a = set([&[3.0, -3.0, 1.0, -1.0], &[2.0, 2.0, -4.0, 0.5, -0.5, 1.5]]);
+        let b = set([&[3.0, -3.0, 1.0, -1.0], &[2.0, 2.0, -4.0, 0.5, -0.5, 1.5]]);
+        let zero = host(coupling_penalty(&a, &b).unwrap())[0];
+        assert!(zero.abs() < 1e-12);
+        let c = set([&[-3.0, -3.0, 1.0, -1.0], &[2.0, 2.0, -4.0, 0.5, -0.5, 1.5]]);
+        let pen = host(coupling_penalty(&a, &c).unwrap())[0];
+        let (pa, pc) = (host(a[0].prob_open())[0], host(c[0].prob_open())[0]);
+        assert!((pen - (pa - pc).powi(2)).abs() < 1e-6);
+        assert!(coupling_penalty(&a, &c[..1]).is_err());
+        // 58 parameters; keep 50 %: 29. By P(z > 0): a0 (10), b0, b1, b5 (3 each), a2 (10)...
+        let keep = keep_by_gates(&groups, &a, 0.5).unwrap();
+        let kept: usize = keep[0].len() * 10 + keep[1].len() * 3;
+        assert!(kept <= 29 && kept + 10 > 29, "{keep:?}");
+        assert!(keep[0].contains(&0) && !keep[0].contains(&1), "{keep:?}");
+        assert!(keep[1].contains(&0) && keep[1].contains(&1) && !keep[1].contains(&2));
+        // Floors hold even when every gate is shut.
+        let shut = set([&[-9.0; 4], &[-9.0; 6]]);
+        let keep = keep_by_gates(&groups, &shut, 0.99).unwrap();
+        assert!(keep.iter().all(|k| k.len() == 1));
+        assert!(keep_by_gates(&groups, &a, 1.0).is_err());
+        let m = sample_masks(&a);
+        assert_eq!(m.iter().map(|t| t.dims()[0]).collect::<Vec<_>>(), [4, 6]);
+        let s = host(expected_model_sparsity(&a, &groups).unwrap())[0];
+        let want = 1.0
+            - (host(a[0].prob_open()).iter().sum::<f64>() * 10.0
+                + host(a[1].prob_open()).iter().sum::<f64>() * 3.0)
+                / 58.0;
+        assert!((s - want).abs() < 1e-6);
     }
 }

@@ -9,6 +9,8 @@
 //!   its weights to the units kept. A masked forward with 0/1 masks equals the pruned forward.
 //! - [`UnitState`]: what a prunable block holds for its units (the mask and the activation
 //!   recorder), so every model applies masks the same way.
+//! - [`mlp`]: the hidden units of a feed-forward [`Expert`](crate::Expert) (the digits
+//!   examples' MLPs, MoE experts) as units.
 //! - [`regression`]: Bonsai's sparse linear estimate of unit importance from sub-model metrics.
 //! - [`gates`]: learned hard-concrete gates per unit (Louizos et al. 2018) with CoFi's
 //!   Lagrangian control of the expected sparsity; their samples are masks for
@@ -19,6 +21,7 @@
 
 pub mod bonsai;
 pub mod gates;
+pub mod mlp;
 pub mod regression;
 
 use std::sync::{Arc, Mutex};
@@ -28,7 +31,10 @@ use burn::tensor::Tensor;
 use crate::error::{Error, Result};
 
 pub use bonsai::{BonsaiConfig, BonsaiReport, Prior, bonsai, one_shot};
-pub use gates::{HardConcrete, Lagrangian, expected_sparsity};
+pub use gates::{
+    HardConcrete, Lagrangian, MaskSharing, coupling_penalty, expected_model_sparsity,
+    expected_sparsity, gates_for, keep_by_gates, sample_masks,
+};
 pub use regression::{LinearFit, kendall_tau, lasso, lasso_cv};
 
 /// What kind of unit a group holds.
