@@ -25,7 +25,7 @@ use burn::tensor::Tensor;
 use super::LinearLayers;
 use super::llama::{HeadLayout, LlamaForCausalLm};
 use crate::error::{Error, Result};
-use crate::modules::lora::LoraLinear;
+use crate::modules::lora::{LoraLinear, LoraModule};
 use crate::prune::{Prunable, UnitGroup, UnitKind, check_keep};
 use crate::tensor_util::int_tensor;
 
@@ -417,7 +417,7 @@ impl<M: LinearLayers> Prunable for AdapterRanks<M> {
             } else {
                 old.alpha * r2 / r
             };
-            let mut new = crate::LoraModule::from_factors(
+            let mut new = LoraModule::from_factors(
                 old.a.val().select(1, ids.clone()),
                 old.b.val().select(0, ids),
                 alpha,
