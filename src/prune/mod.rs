@@ -9,6 +9,7 @@
 //!   its weights to the units kept. A masked forward with 0/1 masks equals the pruned forward.
 //! - [`UnitState`]: what a prunable block holds for its units (the mask and the activation
 //!   recorder), so every model applies masks the same way.
+//! - [`diff`]: the same gates over parameters: diff pruning's sparse delta on a frozen weight.
 //! - [`mlp`]: the hidden units of a feed-forward [`Expert`](crate::Expert) (the digits
 //!   examples' MLPs, MoE experts) as units.
 //! - [`regression`]: Bonsai's sparse linear estimate of unit importance from sub-model metrics.
@@ -20,6 +21,7 @@
 //!   forward passes only.
 
 pub mod bonsai;
+pub mod diff;
 pub mod gates;
 pub mod mlp;
 pub mod regression;
@@ -31,6 +33,7 @@ use burn::tensor::Tensor;
 use crate::error::{Error, Result};
 
 pub use bonsai::{BonsaiConfig, BonsaiReport, Prior, bonsai, one_shot};
+pub use diff::DiffPruning;
 pub use gates::{
     HardConcrete, Lagrangian, MaskSharing, coupling_penalty, expected_model_sparsity,
     expected_sparsity, gates_for, keep_by_gates, sample_masks,
