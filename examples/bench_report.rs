@@ -26,6 +26,8 @@
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/tartan_step.rs"]
+mod tartan_step;
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -390,9 +392,35 @@ fn main() -> modula::Result<()> {
     report.push("moe_gflops_over_matmul_gflops", moe_gflops / mm_gflops);
     report.push("moe_tokens_per_s", tokens as f64 / t_moe);
 
+    transfer_metrics(quick, &mut report)?;
     llama_metrics(&device, quick, &mut report)?;
     library_metrics(&device, quick, &mut report)?;
     print_json(&report, &device, quick, peers.as_ref());
+    Ok(())
+}
+
+/// META-TARTAN's step over MT-TARTAN's on the same body and objectives: the price of learning
+/// the weights (a backward pass per objective and for the dev loss). Autodiff on Flex.
+fn transfer_metrics(quick: bool, report: &mut Report) -> modula::Result<()> {
+    let device = Device::flex().autodiff();
+    let (mut mt, mut meta) = (
+        tartan_step::Setup::new(&device),
+        tartan_step::Setup::new(&device),
+    );
+    let t = report.time(
+        "transfer",
+        2,
+        if quick { 5 } else { 30 },
+        &mut [&mut || mt.step(false).expect("valid step"), &mut || {
+            meta.step(true).expect("valid step")
+        }],
+    );
+    report.ratio(
+        "META/MT-TARTAN",
+        "meta_tartan_step_over_mt_tartan_step_time",
+        t[1],
+        t[0],
+    );
     Ok(())
 }
 
