@@ -34,7 +34,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::Device;
-use byte_lm::{DOMAINS, Res, SEQ, bits_per_byte, lm_loss, read, sample, to_ids};
+use byte_lm::{Res, SEQ, lm_loss, mean_bpb, sample, to_ids};
 use modula::LoraConfig;
 use modula::models::{LinearLayers, LlamaForCausalLm, distillation_loss};
 use modula::prune::{BonsaiConfig, Prior, Prunable, bonsai, one_shot};
@@ -71,19 +71,6 @@ impl Method {
 }
 
 /// Mean bits per byte over the test text of every domain.
-fn mean_bpb(
-    model: &LlamaForCausalLm,
-    test: &[Vec<u8>],
-    windows: usize,
-    device: &Device,
-) -> Res<f64> {
-    let mut total = 0.0;
-    for t in test {
-        total += bits_per_byte(model, t, windows, device)?;
-    }
-    Ok(total / test.len() as f64)
-}
-
 /// Median seconds of a forward pass over 16 windows.
 fn forward_secs(
     model: &LlamaForCausalLm,
@@ -125,14 +112,8 @@ fn main() -> Res<()> {
         }
     };
     let started = Instant::now();
-    let train: Vec<Vec<u8>> = DOMAINS
-        .iter()
-        .map(|d| read(d, "train"))
-        .collect::<Res<_>>()?;
-    let test: Vec<Vec<u8>> = DOMAINS
-        .iter()
-        .map(|d| read(d, "test"))
-        .collect::<Res<_>>()?;
+    let train = byte_lm::read_all("train")?;
+    let test = byte_lm::read_all("test")?;
     let texts: Vec<&[u8]> = train.iter().map(Vec::as_slice).collect();
 
     let cpu = Device::flex();

@@ -35,7 +35,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::Device;
-use byte_lm::{DOMAINS, Res, SEQ, bits_per_byte, lm_loss, read};
+use byte_lm::{DOMAINS, Res, SEQ, bits_per_byte, lm_loss, mean_bpb};
 use modula::models::LlamaForCausalLm;
 use modula::prune::{
     HardConcrete, Lagrangian, MaskSharing, Prunable, coupling_penalty, expected_model_sparsity,
@@ -69,26 +69,12 @@ fn windows<'a>(texts: &[&'a [u8]], n: usize, rng: &mut Rng) -> Vec<&'a [u8]> {
         .collect()
 }
 
-fn mean_bpb(m: &LlamaForCausalLm, texts: &[&[u8]], w: usize, device: &Device) -> Res<f64> {
-    let mut total = 0.0;
-    for t in texts {
-        total += bits_per_byte(m, t, w, device)?;
-    }
-    Ok(total / texts.len() as f64)
-}
-
 fn main() -> Res<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let (pretrain_steps, steps, eval_windows) = if quick { (20, 4, 4) } else { (400, 250, 64) };
     let started = Instant::now();
-    let train: Vec<Vec<u8>> = DOMAINS
-        .iter()
-        .map(|d| read(d, "train"))
-        .collect::<Res<_>>()?;
-    let test: Vec<Vec<u8>> = DOMAINS
-        .iter()
-        .map(|d| read(d, "test"))
-        .collect::<Res<_>>()?;
+    let train = byte_lm::read_all("train")?;
+    let test = byte_lm::read_all("test")?;
     let all: Vec<&[u8]> = train.iter().map(Vec::as_slice).collect();
     let end_i = DOMAINS
         .iter()

@@ -29,6 +29,25 @@ pub fn read(domain: &str, split: &str) -> Res<Vec<u8>> {
     Ok(std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?)
 }
 
+/// Every domain's `train` or `test` text, in [`DOMAINS`] order.
+pub fn read_all(split: &str) -> Res<Vec<Vec<u8>>> {
+    DOMAINS.iter().map(|d| read(d, split)).collect()
+}
+
+/// Mean bits per byte of `model` over the first `windows` windows of each of `texts`.
+pub fn mean_bpb<T: AsRef<[u8]>>(
+    model: &LlamaForCausalLm,
+    texts: &[T],
+    windows: usize,
+    device: &Device,
+) -> Res<f64> {
+    let mut total = 0.0;
+    for t in texts {
+        total += bits_per_byte(model, t.as_ref(), windows, device)?;
+    }
+    Ok(total / texts.len() as f64)
+}
+
 /// Bytes as token ids, `[rows, SEQ]`.
 pub fn to_ids(windows: &[&[u8]], device: &Device) -> Tensor<2, Int> {
     let v: Vec<i64> = windows
