@@ -47,7 +47,8 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use modula::continual::{
-    LmcConfig, LmcModel, NearestClassMean, ReplayBuffer, ReplayPolicy, train_task_router,
+    LmcConfig, LmcModel, NearestClassMean, ReplayBuffer, ReplayPolicy, train_router_on_task_loss,
+    train_task_router,
 };
 use modula::models::{BertModel, LinearLayers};
 use modula::tokenizer::{PaddingSide, Tokenizer};
@@ -493,10 +494,22 @@ fn l2r(
     dim: usize,
     normalize: bool,
     seed: u64,
-) -> Res<[(Curve, f64); 2]> {
+) -> Res<[(Curve, f64); 3]> {
     let cpu = Device::flex();
     let ad = cpu.clone().autodiff();
     let base = modula::checkpoint::load_encoder(dir, &ad)?.0.no_grad();
+    // The memory: 10 training snippets per task, reservoir-sampled (their indices).
+    let mut chosen = ReplayBuffer::new(1, 10, ReplayPolicy::Reservoir, seed)?;
+    for task in 0..TASKS.len() {
+        let idx = train.of_task(task);
+        let ids: Vec<f32> = idx.iter().map(|&i| i as f32).collect();
+        chosen.add(&ids, &vec![task; idx.len()])?;
+    }
+    let (ids, id_tasks) = chosen.all();
+    let memory_idx: Vec<usize> = ids.iter().map(|&v| v as usize).collect();
+    let memory_texts: Vec<String> = memory_idx.iter().map(|&i| texts[0][i].clone()).collect();
+    // Per module, its probability of each memory snippet's true class (0 outside its task).
+    let mut memory_likelihood: Vec<Vec<f64>> = vec![Vec::new(); memory_idx.len()];
     let lora = LoraConfig::new(8).with_alpha(16.0);
     let top = |p: &str| {
         (p.contains("layer.4.") || p.contains("layer.5."))
@@ -542,19 +555,68 @@ fn l2r(
             normalize,
         )?;
         module_class.push(logits.iter().map(|l| classes[argmax(l)]).collect());
+        let mem_logits = test_logits(
+            &eval,
+            &net.head,
+            Some(&names[task]),
+            tokenizer,
+            &memory_texts,
+            normalize,
+        )?;
+        for ((row, l), &i) in memory_likelihood
+            .iter_mut()
+            .zip(&mem_logits)
+            .zip(&memory_idx)
+        {
+            let p = match classes.iter().position(|&c| c == train.y[i]) {
+                Some(k) => {
+                    let m = l.iter().copied().fold(f32::MIN, f32::max);
+                    let z: f32 = l.iter().map(|v| (v - m).exp()).sum();
+                    f64::from((l[k] - m).exp() / z)
+                }
+                None => 0.0,
+            };
+            row.push(p);
+        }
     }
-    let mut memory = ReplayBuffer::new(dim, 10, ReplayPolicy::Reservoir, seed)?;
+    let mut memory = ReplayBuffer::new(dim, 10, ReplayPolicy::FirstSeen, seed)?;
     let xt = tensors(&test.x, &test.y, dim, &cpu).0;
     let true_task: Vec<usize> = test
         .y
         .iter()
         .map(|y| TASKS.iter().position(|t| t.contains(y)).unwrap_or(0))
         .collect();
-    let mut curves = [Vec::new(), Vec::new()];
-    let mut routing = [0.0; 2];
+    let mut curves = [Vec::new(), Vec::new(), Vec::new()];
+    let mut routing = [0.0; 3];
     for stage in 0..TASKS.len() {
-        let (x, _) = train.rows(dim, &train.of_task(stage));
-        memory.add(&x, &vec![stage; x.len() / dim])?;
+        let rows: Vec<usize> = (0..memory_idx.len())
+            .filter(|&r| id_tasks[r] == stage)
+            .collect();
+        let picked: Vec<usize> = rows.iter().map(|&r| memory_idx[r]).collect();
+        let (x, _) = train.rows(dim, &picked);
+        memory.add(&x, &vec![stage; picked.len()])?;
+        // The paper's router: the composed model's loss over the memory so far.
+        let seen: Vec<usize> = (0..memory_idx.len())
+            .filter(|&r| id_tasks[r] <= stage)
+            .collect();
+        let seen_x = train
+            .rows(
+                dim,
+                &seen.iter().map(|&r| memory_idx[r]).collect::<Vec<_>>(),
+            )
+            .0;
+        let seen_lik: Vec<Vec<f64>> = seen
+            .iter()
+            .map(|&r| memory_likelihood[r][..=stage].to_vec())
+            .collect();
+        let composed = train_router_on_task_loss(
+            &seen_x,
+            &seen_lik,
+            XLoraRouterConfig::new(dim, 32, stage + 1).init(&ad)?,
+            50,
+            1e-2,
+            seed,
+        )?;
         let learned = train_task_router(
             &memory,
             XLoraRouterConfig::new(dim, 32, stage + 1).init(&ad)?,
@@ -563,7 +625,10 @@ fn l2r(
             seed,
         )?;
         let similar = SimilarityRouter::from_memory(&memory, &cpu)?;
-        for (r, router) in [&learned as &dyn Router, &similar].into_iter().enumerate() {
+        for (r, router) in [&learned as &dyn Router, &similar, &composed]
+            .into_iter()
+            .enumerate()
+        {
             let routed: Vec<usize> = router
                 .route(&xt)?
                 .to_dense()
@@ -586,8 +651,12 @@ fn l2r(
             routing[r] = 100.0 * right as f64 / test.y.len() as f64;
         }
     }
-    let [a, b] = curves;
-    Ok([(Curve(a), routing[0]), (Curve(b), routing[1])])
+    let [a, b, c] = curves;
+    Ok([
+        (Curve(a), routing[0]),
+        (Curve(b), routing[1]),
+        (Curve(c), routing[2]),
+    ])
 }
 
 /// The folder's name, or its parent's for a folder called `model` (a packaged model).
@@ -717,9 +786,10 @@ fn main() -> Res<()> {
         .collect::<Res<_>>()?;
     pb.inc(1);
     pb.finish();
-    // L2R: both routers over the same modules, per seed.
+    // L2R: three routers over the same modules and memory, per seed.
     let pb = bar(slow_seeds.len(), "L2R")?;
     let mut l2r_rows = [
+        (Vec::new(), Vec::new(), Vec::new()),
         (Vec::new(), Vec::new(), Vec::new()),
         (Vec::new(), Vec::new(), Vec::new()),
     ];
@@ -744,10 +814,12 @@ fn main() -> Res<()> {
     }
     pb.finish();
     let l2r_secs = t0.elapsed().as_secs_f64() / slow_seeds.len() as f64;
-    for (label, (finals, forgetting, routing)) in ["L2R, learned router", "L2R, nearest task mean"]
-        .into_iter()
-        .zip(l2r_rows)
-    {
+    let labels = [
+        "L2R, learned router (task ids)",
+        "L2R, nearest task mean",
+        "L2R, learned router (composed model's loss, as the paper)",
+    ];
+    for (label, (finals, forgetting, routing)) in labels.into_iter().zip(l2r_rows) {
         let m = routing.iter().sum::<f64>() / routing.len() as f64;
         rows.push(Row {
             method: label.to_string(),
@@ -756,7 +828,7 @@ fn main() -> Res<()> {
             secs: l2r_secs,
             kept: format!(
                 "3 LoRAs + 3 heads + 30 memory embeddings; module chosen right for {m:.1} % of \
-                 test snippets (per seed {routing:.1?}); time for both routers"
+                 test snippets (per seed {routing:.1?}); time for the three routers"
             ),
         });
     }
@@ -857,8 +929,10 @@ fn main() -> Res<()> {
          projections of the encoder's top two layers, with a two-class head, each trained on \
          its task alone ({L2R_EPOCHS} epochs, lr {LR}); a memory of 10 frozen embeddings per \
          task. After each task a router over the memory so far picks each test snippet's \
-         module: an X-LoRA-style classifier trained on the memory's task ids (50 epochs), or \
-         the nearest task mean. Its modules never change after their task; what it forgets is \
+         module: an X-LoRA-style classifier trained on the memory's task ids (50 epochs), the \
+         nearest task mean, or the same classifier trained as the paper trains it, on the \
+         composed model's loss over the memory (`−log Σ_t w_t(x) p_t(y | x)`, the frozen \
+         modules' probabilities of the true class mixed by the routing weights; 50 epochs). Its modules never change after their task; what it forgets is \
          routing: a later task's module wins snippets of an earlier one. Seeds {L2R_SEEDS:?}.\n\n\
          **End-to-end** rows train the encoder's top two layers and a six-class head on the \
          snippets themselves ({E2E_EPOCHS} epochs per task, batches of 16 new snippets plus, \

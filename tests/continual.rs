@@ -12,7 +12,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use common::Rng;
 use modula::Router;
 use modula::continual::{
-    LmcConfig, LmcLayer, LmcModel, NearestClassMean, ReplayBuffer, ReplayPolicy, train_task_router,
+    LmcConfig, LmcLayer, LmcModel, NearestClassMean, ReplayBuffer, ReplayPolicy,
+    train_router_on_task_loss, train_task_router,
 };
 use modula::{SimilarityRouter, XLoraRouterConfig};
 
@@ -362,4 +363,70 @@ fn l2r_router_learns_tasks_from_a_small_memory() {
         )
         .is_err()
     );
+}
+
+/// L2R's training on the composed model's loss: the router learns to send each input to the
+/// module that predicts its label, even where that is not the module of its task id. Two
+/// clusters; module 0 predicts cluster B's labels well and module 1 cluster A's (the reverse
+/// of what task-id training would learn from ids A = 0, B = 1).
+#[test]
+fn l2r_task_loss_routes_to_the_module_that_predicts_the_label() {
+    let device = Device::flex().autodiff();
+    device.seed(6);
+    let mut rng = Rng(8);
+    let cpu = Device::flex();
+    let a: Vec<f32> = cluster(&mut rng, &[2.0, 0.0, 0.0, 0.0], 20, 0.5, &cpu)
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    let b: Vec<f32> = cluster(&mut rng, &[0.0, 0.0, 2.0, 0.0], 20, 0.5, &cpu)
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    let x: Vec<f32> = a.iter().chain(&b).copied().collect();
+    let likelihood: Vec<Vec<f64>> = (0..40)
+        .map(|i| {
+            if i < 20 {
+                vec![0.1, 0.9]
+            } else {
+                vec![0.8, 0.2]
+            }
+        })
+        .collect();
+    let router = XLoraRouterConfig::new(4, 16, 2).init(&device).unwrap();
+    let router = train_router_on_task_loss(&x, &likelihood, router, 80, 1e-2, 0).unwrap();
+    let route = |c: &[f32]| -> Vec<i64> {
+        let t = cluster(&mut Rng(9), c, 30, 0.5, &cpu);
+        router
+            .route(&t)
+            .unwrap()
+            .to_dense()
+            .argmax(1)
+            .into_data()
+            .iter::<i64>()
+            .collect()
+    };
+    assert!(
+        route(&[2.0, 0.0, 0.0, 0.0])
+            .iter()
+            .filter(|&&m| m == 1)
+            .count()
+            >= 28
+    );
+    assert!(
+        route(&[0.0, 0.0, 2.0, 0.0])
+            .iter()
+            .filter(|&&m| m == 0)
+            .count()
+            >= 28
+    );
+    // Bad memories.
+    let fresh = || XLoraRouterConfig::new(4, 16, 2).init(&device).unwrap();
+    assert!(train_router_on_task_loss(&x, &[], fresh(), 1, 1e-2, 0).is_err());
+    assert!(train_router_on_task_loss(&x, &likelihood[..39], fresh(), 1, 1e-2, 0).is_err());
+    let mut bad = likelihood.clone();
+    bad[0] = vec![0.0, 0.0];
+    assert!(train_router_on_task_loss(&x, &bad, fresh(), 1, 1e-2, 0).is_err());
+    bad[0] = vec![1.5, 0.0];
+    assert!(train_router_on_task_loss(&x, &bad, fresh(), 1, 1e-2, 0).is_err());
 }

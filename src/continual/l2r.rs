@@ -6,6 +6,17 @@
 //!
 //! - [`train_task_router`]: trains an [`XLoraRouter`] classifier on the memory (a
 //!   [`ReplayBuffer`] keyed by task id) with cross-entropy on the task ids.
+//! - [`train_router_on_task_loss`]: the paper's training: the router composes the frozen
+//!   modules and learns from the composed model's task loss on the memory. With the modules'
+//!   predictive distributions mixed by the routing weights `w(x) = softmax(router(x))`, the
+//!   loss of a memory example `(x, y)` is
+//!
+//!   ```text
+//!   L = −log Σ_t w_t(x) · p_t(y | x)
+//!   ```
+//!
+//!   where `p_t(y | x)` is module `t`'s probability of the true label (0 when `y` is not one of
+//!   task `t`'s classes). The modules are frozen, so their `p_t` are computed once.
 //! - [`SimilarityRouter`]: the similarity-based baseline the paper compares against: route
 //!   each input to the task whose memory mean is most cosine-similar.
 
@@ -68,6 +79,82 @@ pub fn train_task_router(
             let xb = float_tensor(xs, [chunk.len(), d], &device);
             let yb = Tensor::<1, Int>::from_data(TensorData::new(ys, [chunk.len()]), &device);
             let loss = ce.forward(router.logits(&xb)?, yb);
+            let grads = GradientsParams::from_grads(loss.backward(), &router);
+            router = optim.step(lr, router, grads);
+        }
+    }
+    Ok(router.valid())
+}
+
+/// Trains `router` (created on an autodiff device) on the composed model's task loss over a
+/// memory (see the [module docs](self)): `x` holds the memory's router inputs (`rows × d`,
+/// row-major), `likelihood[i][t]` module `t`'s probability of example `i`'s true label.
+/// `epochs` passes of shuffled mini-batches of 32 with Adam at `lr`. Returns the trained router
+/// for inference (autodiff stripped).
+///
+/// # Errors
+/// [`Error::Invalid`] for an empty memory, rows of another count than the likelihoods,
+/// likelihoods of another width than the router's modules or outside `[0, 1]`, or an example
+/// no module gives any probability; [`Error::Shape`] for inputs of another width.
+pub fn train_router_on_task_loss(
+    x: &[f32],
+    likelihood: &[Vec<f64>],
+    mut router: XLoraRouter,
+    epochs: usize,
+    lr: f64,
+    seed: u64,
+) -> Result<XLoraRouter> {
+    let rows = likelihood.len();
+    if rows == 0 || !x.len().is_multiple_of(rows) {
+        return Err(Error::invalid(
+            "L2R task-loss memory",
+            format!(
+                "{} input values for {rows} examples; give one input row per example, at least one",
+                x.len()
+            ),
+        ));
+    }
+    let d = x.len() / rows;
+    let modules = router.num_modules();
+    for (i, l) in likelihood.iter().enumerate() {
+        if l.len() != modules || l.iter().any(|p| !(0.0..=1.0).contains(p)) {
+            return Err(Error::invalid(
+                "L2R task-loss memory",
+                format!(
+                    "example {i}: {l:?} must be {modules} probabilities in [0, 1], one per module"
+                ),
+            ));
+        }
+        if l.iter().all(|&p| p == 0.0) {
+            return Err(Error::invalid(
+                "L2R task-loss memory",
+                format!("example {i}: no module gives its label any probability"),
+            ));
+        }
+    }
+    let device = router.out.weight.device();
+    let mut optim = AdamConfig::new().init();
+    let mut rng = SplitMix64::new(seed);
+    let mut order: Vec<usize> = (0..rows).collect();
+    for _ in 0..epochs {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        for chunk in order.chunks(32) {
+            let xs: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
+                .collect();
+            let ps: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&i| likelihood[i].iter().map(|&p| p as f32))
+                .collect();
+            let n = chunk.len();
+            let xb = float_tensor(xs, [n, d], &device);
+            let pb = float_tensor(ps, [n, modules], &device);
+            let w = burn::tensor::activation::softmax(router.logits(&xb)?, 1);
+            let mixed = (w * pb).sum_dim(1).clamp_min(1e-12);
+            let loss = mixed.log().mean().neg();
             let grads = GradientsParams::from_grads(loss.backward(), &router);
             router = optim.step(lr, router, grads);
         }

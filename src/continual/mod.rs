@@ -13,6 +13,6 @@ pub mod l2r;
 pub mod lmc;
 pub mod replay;
 
-pub use l2r::train_task_router;
+pub use l2r::{train_router_on_task_loss, train_task_router};
 pub use lmc::{LmcConfig, LmcLayer, LmcModel, LmcModule};
 pub use replay::{NearestClassMean, ReplayBuffer, ReplayPolicy};
