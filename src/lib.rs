@@ -9,7 +9,7 @@
 //! | role | trait | what exists today |
 //! |---|---|---|
 //! | module (computation function) | [`ComputeModule`] | [`LoraModule`], [`LoraLinear`], [`LoraEmbedding`], [`Ia3Linear`], [`BottleneckAdapter`]; prefix tuning ([`PrefixEncoder`], [`PrefixAttention`]); MoE [`Expert`]s |
-//! | router | [`Router`] (reads rows, token ids or task ids: [`RouterInput`]) | [`FixedRouter`], [`TopKRouter`], [`NoisyTopKRouter`], [`ExpertChoiceRouter`], [`HashRouter`], [`ArrowRouter`], [`PolytroponRouter`], [`XLoraRouter`], [`SimilarityRouter`], LMC's local routing ([`continual::lmc::LmcLayer`]); all in [`routers`] |
+//! | router | [`Router`] (reads rows, token ids or task ids: [`RouterInput`]) | [`FixedRouter`], [`TopKRouter`], [`NoisyTopKRouter`], [`ExpertChoiceRouter`], [`HashRouter`], [`ArrowRouter`], [`PolytroponRouter`], [`TaskRouted`], [`XLoraRouter`], [`SimilarityRouter`], LMC's local routing ([`continual::lmc::LmcLayer`]); all in [`routers`] |
 //! | aggregator | [`Aggregator`] (sees the plan and the input rows) | [`WeightedSum`], [`WeightedMean`], [`AdapterFusion`], [`LoraFactorMix`]; offline parameter merging in [`library::merge`](mod@library::merge) |
 //!
 //! They meet in one pipeline, route → plan → compute → combine ([`routing`]): a [`Routing`]
