@@ -32,6 +32,39 @@ use crate::routers::{SimilarityRouter, XLoraRouter};
 use crate::routing::Router;
 use crate::tensor_util::float_tensor;
 
+/// `epochs` passes of shuffled mini-batches of 32 memory rows (`x`: `rows × d`) with Adam at
+/// `lr`, minimising `loss(router, x_batch, batch_rows)`; returns the router for inference.
+fn fit_router(
+    mut router: XLoraRouter,
+    x: &[f32],
+    d: usize,
+    epochs: usize,
+    lr: f64,
+    seed: u64,
+    loss: impl Fn(&XLoraRouter, Tensor<2>, &[usize]) -> Result<Tensor<1>>,
+) -> Result<XLoraRouter> {
+    let device = router.out.weight.device();
+    let mut optim = AdamConfig::new().init();
+    let mut rng = SplitMix64::new(seed);
+    let mut order: Vec<usize> = (0..x.len() / d).collect();
+    for _ in 0..epochs {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        for chunk in order.chunks(32) {
+            let xs: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
+                .collect();
+            let xb = float_tensor(xs, [chunk.len(), d], &device);
+            let l = loss(&router, xb, chunk)?;
+            let grads = GradientsParams::from_grads(l.backward(), &router);
+            router = optim.step(lr, router, grads);
+        }
+    }
+    Ok(router.valid())
+}
+
 /// Trains `router` (created on an autodiff device) to predict the task of each memory
 /// example: `epochs` passes of shuffled mini-batches of 32 with Adam at `lr`. Returns the
 /// trained router for inference (autodiff stripped).
@@ -41,7 +74,7 @@ use crate::tensor_util::float_tensor;
 /// [`Error::Shape`] if the memory's width is not the router's input width.
 pub fn train_task_router(
     memory: &ReplayBuffer,
-    mut router: XLoraRouter,
+    router: XLoraRouter,
     epochs: usize,
     lr: f64,
     seed: u64,
@@ -60,30 +93,13 @@ pub fn train_task_router(
             format!("task id {t} but the router chooses among {experts} modules"),
         ));
     }
-    let d = memory.dim();
     let device = router.out.weight.device();
     let ce = CrossEntropyLossConfig::new().init(&device);
-    let mut optim = AdamConfig::new().init();
-    let mut rng = SplitMix64::new(seed);
-    let mut order: Vec<usize> = (0..y.len()).collect();
-    for _ in 0..epochs {
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i + 1));
-        }
-        for chunk in order.chunks(32) {
-            let xs: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
-                .collect();
-            let ys: Vec<i64> = chunk.iter().map(|&i| y[i] as i64).collect();
-            let xb = float_tensor(xs, [chunk.len(), d], &device);
-            let yb = Tensor::<1, Int>::from_data(TensorData::new(ys, [chunk.len()]), &device);
-            let loss = ce.forward(router.logits(&xb)?, yb);
-            let grads = GradientsParams::from_grads(loss.backward(), &router);
-            router = optim.step(lr, router, grads);
-        }
-    }
-    Ok(router.valid())
+    fit_router(router, &x, memory.dim(), epochs, lr, seed, |r, xb, rows| {
+        let ys: Vec<i64> = rows.iter().map(|&i| y[i] as i64).collect();
+        let yb = Tensor::<1, Int>::from_data(TensorData::new(ys, [rows.len()]), &device);
+        Ok(ce.forward(r.logits(&xb)?, yb))
+    })
 }
 
 /// Trains `router` (created on an autodiff device) on the composed model's task loss over a
@@ -99,7 +115,7 @@ pub fn train_task_router(
 pub fn train_router_on_task_loss(
     x: &[f32],
     likelihood: &[Vec<f64>],
-    mut router: XLoraRouter,
+    router: XLoraRouter,
     epochs: usize,
     lr: f64,
     seed: u64,
@@ -133,33 +149,16 @@ pub fn train_router_on_task_loss(
         }
     }
     let device = router.out.weight.device();
-    let mut optim = AdamConfig::new().init();
-    let mut rng = SplitMix64::new(seed);
-    let mut order: Vec<usize> = (0..rows).collect();
-    for _ in 0..epochs {
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i + 1));
-        }
-        for chunk in order.chunks(32) {
-            let xs: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
-                .collect();
-            let ps: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&i| likelihood[i].iter().map(|&p| p as f32))
-                .collect();
-            let n = chunk.len();
-            let xb = float_tensor(xs, [n, d], &device);
-            let pb = float_tensor(ps, [n, modules], &device);
-            let w = burn::tensor::activation::softmax(router.logits(&xb)?, 1);
-            let mixed = (w * pb).sum_dim(1).clamp_min(1e-12);
-            let loss = mixed.log().mean().neg();
-            let grads = GradientsParams::from_grads(loss.backward(), &router);
-            router = optim.step(lr, router, grads);
-        }
-    }
-    Ok(router.valid())
+    fit_router(router, x, d, epochs, lr, seed, |r, xb, rows| {
+        let ps: Vec<f32> = rows
+            .iter()
+            .flat_map(|&i| likelihood[i].iter().map(|&p| p as f32))
+            .collect();
+        let pb = float_tensor(ps, [rows.len(), modules], &device);
+        let w = burn::tensor::activation::softmax(r.logits(&xb)?, 1);
+        let mixed = (w * pb).sum_dim(1).clamp_min(1e-12);
+        Ok(mixed.log().mean().neg())
+    })
 }
 
 impl SimilarityRouter {
