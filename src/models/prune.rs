@@ -18,35 +18,21 @@
 //! longer follow `config.json`, so it is used in memory (save adapters trained on it, not the
 //! model as a Hugging Face checkpoint).
 
-use burn::module::Param;
-use burn::nn::Linear;
+use burn::module::Module;
 use burn::tensor::Tensor;
 
 use super::LinearLayers;
 use super::llama::{HeadLayout, LlamaForCausalLm};
 use crate::error::{Error, Result};
 use crate::modules::lora::{LoraLinear, LoraModule};
-use crate::prune::{Prunable, UnitGroup, UnitKind, check_keep};
+use crate::prune::{
+    Prunable, UnitGroup, UnitKind, check_keep, check_masks, row_block_means, slice_linear,
+};
 use crate::tensor_util::int_tensor;
 
-/// `layer` with its base weight's `dim` (0: inputs, 1: outputs, burn's `[in, out]` layout)
-/// cut to `keep` (indices of that dim), the bias along with the outputs.
-fn slice_linear(layer: &LoraLinear, dim: usize, keep: &[usize]) -> LoraLinear {
-    let w = layer.base.weight.val();
-    let ids: Vec<i64> = keep.iter().map(|&i| i as i64).collect();
-    let ids = int_tensor(&ids, &w.device());
-    let bias = layer.base.bias.as_ref().map(|b| {
-        let b = b.val();
-        Param::from_tensor(if dim == 1 {
-            b.select(0, ids.clone())
-        } else {
-            b
-        })
-    });
-    LoraLinear::new(Linear {
-        weight: Param::from_tensor(w.select(dim, ids)),
-        bias,
-    })
+/// `layer`'s base with its weight's `dim` cut to `keep`, as a fresh (adapter-free) layer.
+fn slice_layer(layer: &LoraLinear, dim: usize, keep: &[usize]) -> LoraLinear {
+    LoraLinear::new(slice_linear(&layer.base, dim, keep))
 }
 
 /// Indices `u·width .. (u+1)·width` for each unit `u` of `units`.
@@ -54,19 +40,6 @@ fn spans(units: &[usize], width: usize) -> Vec<usize> {
     units
         .iter()
         .flat_map(|&u| u * width..(u + 1) * width)
-        .collect()
-}
-
-/// Mean |w| over the row blocks of `w: [units·width, cols]`, one value per unit.
-fn row_block_means(w: Tensor<2>, units: usize) -> Vec<f64> {
-    let [rows, cols] = w.dims();
-    let width = rows / units.max(1);
-    let v: Vec<f32> = w.abs().into_data().iter::<f32>().collect();
-    (0..units)
-        .map(|u| {
-            let block = &v[u * width * cols..(u + 1) * width * cols];
-            block.iter().map(|&x| f64::from(x)).sum::<f64>() / block.len().max(1) as f64
-        })
         .collect()
 }
 
@@ -131,24 +104,8 @@ impl Prunable for LlamaForCausalLm {
     }
 
     fn set_unit_masks(&mut self, masks: Option<Vec<Tensor<1>>>) -> Result<()> {
-        let groups = self.unit_groups();
         if let Some(m) = &masks {
-            if m.len() != groups.len() {
-                return Err(Error::shape(
-                    "unit masks (one per unit group)",
-                    groups.len().to_string(),
-                    m.len().to_string(),
-                ));
-            }
-            for (g, t) in groups.iter().zip(m) {
-                if t.dims()[0] != g.units {
-                    return Err(Error::shape(
-                        format!("unit mask of `{}`", g.path),
-                        g.units.to_string(),
-                        t.dims()[0].to_string(),
-                    ));
-                }
-            }
+            check_masks(&self.unit_groups(), m)?;
         }
         let mut masks = masks.map(Vec::into_iter);
         for layer in &mut self.model.layers {
@@ -253,10 +210,10 @@ impl Prunable for LlamaForCausalLm {
                 .collect();
             let layer = &mut self.model.layers[l];
             let a = &mut layer.self_attn;
-            a.q_proj = slice_linear(&a.q_proj, 1, &spans(&heads, hd));
-            a.k_proj = slice_linear(&a.k_proj, 1, &spans(&kv_kept, hd));
-            a.v_proj = slice_linear(&a.v_proj, 1, &spans(&kv_kept, hd));
-            a.o_proj = slice_linear(&a.o_proj, 0, &spans(&heads, hd));
+            a.q_proj = slice_layer(&a.q_proj, 1, &spans(&heads, hd));
+            a.k_proj = slice_layer(&a.k_proj, 1, &spans(&kv_kept, hd));
+            a.v_proj = slice_layer(&a.v_proj, 1, &spans(&kv_kept, hd));
+            a.o_proj = slice_layer(&a.o_proj, 0, &spans(&heads, hd));
             a.heads = Some(HeadLayout {
                 kv_of,
                 kv_heads: kv_kept.len(),
@@ -264,18 +221,14 @@ impl Prunable for LlamaForCausalLm {
             a.units.mask = None;
             if let Some(mlp) = &mut layer.mlp {
                 let neurons = keep.next().cloned().unwrap_or_default();
-                mlp.gate_proj = slice_linear(&mlp.gate_proj, 1, &neurons);
-                mlp.up_proj = slice_linear(&mlp.up_proj, 1, &neurons);
-                mlp.down_proj = slice_linear(&mlp.down_proj, 0, &neurons);
+                mlp.gate_proj = slice_layer(&mlp.gate_proj, 1, &neurons);
+                mlp.up_proj = slice_layer(&mlp.up_proj, 1, &neurons);
+                mlp.down_proj = slice_layer(&mlp.down_proj, 0, &neurons);
                 mlp.units.mask = None;
             }
             if let Some(moe) = &mut layer.block_sparse_moe {
                 let experts = keep.next().cloned().unwrap_or_default();
-                let ids: Vec<i64> = experts.iter().map(|&i| i as i64).collect();
-                let w = moe.router.gate.weight.val();
-                let ids = int_tensor(&ids, &w.device());
-                moe.router.gate.weight =
-                    Param::from_tensor(w.select(1, ids)).set_require_grad(false);
+                moe.router.gate = slice_linear(&moe.router.gate, 1, &experts).no_grad();
                 moe.experts = experts.iter().map(|&e| moe.experts[e].clone()).collect();
                 moe.router.expert_mask = None;
             }
@@ -340,22 +293,8 @@ impl<M: LinearLayers> Prunable for AdapterRanks<M> {
     }
 
     fn set_unit_masks(&mut self, masks: Option<Vec<Tensor<1>>>) -> Result<()> {
-        let groups = self.unit_groups();
         if let Some(m) = &masks {
-            if m.len() != groups.len() {
-                return Err(Error::shape(
-                    "rank masks (one per adapted layer)",
-                    groups.len().to_string(),
-                    m.len().to_string(),
-                ));
-            }
-            if let Some((g, t)) = groups.iter().zip(m).find(|(g, t)| t.dims()[0] != g.units) {
-                return Err(Error::shape(
-                    format!("rank mask of `{}`", g.path),
-                    g.units.to_string(),
-                    t.dims()[0].to_string(),
-                ));
-            }
+            check_masks(&self.unit_groups(), m)?;
         }
         let mut masks = masks.map(Vec::into_iter);
         let name = self.adapter.clone();

@@ -6,32 +6,13 @@
 //!
 //! Hidden units record no activations here: prune them with the magnitude or random prior.
 
-use burn::module::Param;
-use burn::nn::Linear;
 use burn::tensor::Tensor;
 
-use super::{Prunable, UnitGroup, UnitKind, check_keep};
+use super::{
+    Prunable, UnitGroup, UnitKind, check_keep, check_masks, row_block_means, slice_linear,
+};
 use crate::error::{Error, Result};
 use crate::moe::experts::{Expert, ExpertKind};
-use crate::tensor_util::int_tensor;
-
-/// `linear` with `dim` of its weight (0: inputs, 1: outputs) cut to `keep`; the bias follows
-/// the outputs.
-fn slice(linear: &Linear, dim: usize, keep: &[usize]) -> Linear {
-    let w = linear.weight.val();
-    let ids: Vec<i64> = keep.iter().map(|&i| i as i64).collect();
-    let ids = int_tensor(&ids, &w.device());
-    Linear {
-        weight: Param::from_tensor(w.select(dim, ids.clone())),
-        bias: linear.bias.as_ref().map(|b| {
-            Param::from_tensor(if dim == 1 {
-                b.val().select(0, ids)
-            } else {
-                b.val()
-            })
-        }),
-    }
-}
 
 impl Prunable for Expert {
     fn unit_groups(&self) -> Vec<UnitGroup> {
@@ -49,42 +30,16 @@ impl Prunable for Expert {
     }
 
     fn set_unit_masks(&mut self, masks: Option<Vec<Tensor<1>>>) -> Result<()> {
-        let mask = match masks {
-            None => None,
-            Some(m) => {
-                let [only] = <[Tensor<1>; 1]>::try_from(m).map_err(|m| {
-                    Error::shape("expert masks (one group)", "1", m.len().to_string())
-                })?;
-                if only.dims()[0] != self.d_ff() {
-                    return Err(Error::shape(
-                        "expert hidden mask",
-                        self.d_ff().to_string(),
-                        only.dims()[0].to_string(),
-                    ));
-                }
-                Some(only)
-            }
-        };
-        self.hidden_mask = mask;
+        if let Some(m) = &masks {
+            check_masks(&self.unit_groups(), m)?;
+        }
+        self.hidden_mask = masks.and_then(|m| m.into_iter().next());
         Ok(())
     }
 
     /// Mean |row of `w_out`| per hidden unit.
     fn unit_weight_magnitudes(&self) -> Vec<Vec<f64>> {
-        let w = self.w_out.weight.val();
-        let [ff, d] = w.dims();
-        let v: Vec<f32> = w.abs().into_data().iter::<f32>().collect();
-        vec![
-            (0..ff)
-                .map(|u| {
-                    v[u * d..(u + 1) * d]
-                        .iter()
-                        .map(|&x| f64::from(x))
-                        .sum::<f64>()
-                        / d as f64
-                })
-                .collect(),
-        ]
+        vec![row_block_means(self.w_out.weight.val(), self.d_ff())]
     }
 
     fn record_unit_activations(&mut self, _on: bool) {}
@@ -107,8 +62,8 @@ impl Prunable for Expert {
                 k.iter().copied().chain(k.iter().map(|&u| ff + u)).collect()
             }
         };
-        self.w_in = slice(&self.w_in, 1, &cols);
-        self.w_out = slice(&self.w_out, 0, k);
+        self.w_in = slice_linear(&self.w_in, 1, &cols);
+        self.w_out = slice_linear(&self.w_out, 0, k);
         self.hidden_mask = None;
         Ok(())
     }

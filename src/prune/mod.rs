@@ -28,9 +28,12 @@ pub mod regression;
 
 use std::sync::{Arc, Mutex};
 
+use burn::module::Param;
+use burn::nn::Linear;
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
+use crate::tensor_util::int_tensor;
 
 pub use bonsai::{BonsaiConfig, BonsaiReport, Prior, bonsai, one_shot};
 pub use diff::DiffPruning;
@@ -234,4 +237,59 @@ pub(crate) fn check_keep(groups: &[UnitGroup], keep: &[Vec<usize>]) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Checks one mask per group, each as long as its group has units.
+pub(crate) fn check_masks(groups: &[UnitGroup], masks: &[Tensor<1>]) -> Result<()> {
+    if masks.len() != groups.len() {
+        return Err(Error::shape(
+            "unit masks (one per unit group)",
+            groups.len().to_string(),
+            masks.len().to_string(),
+        ));
+    }
+    if let Some((g, t)) = groups
+        .iter()
+        .zip(masks)
+        .find(|(g, t)| t.dims()[0] != g.units)
+    {
+        return Err(Error::shape(
+            format!("unit mask of `{}`", g.path),
+            g.units.to_string(),
+            t.dims()[0].to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// `linear` with `dim` of its weight (0: inputs, 1: outputs, burn's `[in, out]` layout) cut to
+/// `keep` (indices of that dim); the bias follows the outputs.
+pub(crate) fn slice_linear(linear: &Linear, dim: usize, keep: &[usize]) -> Linear {
+    let w = linear.weight.val();
+    let ids: Vec<i64> = keep.iter().map(|&i| i as i64).collect();
+    let ids = int_tensor(&ids, &w.device());
+    Linear {
+        weight: Param::from_tensor(w.select(dim, ids.clone())),
+        bias: linear.bias.as_ref().map(|b| {
+            Param::from_tensor(if dim == 1 {
+                b.val().select(0, ids)
+            } else {
+                b.val()
+            })
+        }),
+    }
+}
+
+/// Mean |w| over the row blocks of `w: [units·width, cols]`, one value per unit (a unit's
+/// outgoing weights).
+pub(crate) fn row_block_means(w: Tensor<2>, units: usize) -> Vec<f64> {
+    let [rows, cols] = w.dims();
+    let width = rows / units.max(1);
+    let v: Vec<f32> = w.abs().into_data().iter::<f32>().collect();
+    (0..units)
+        .map(|u| {
+            let block = &v[u * width * cols..(u + 1) * width * cols];
+            block.iter().map(|&x| f64::from(x)).sum::<f64>() / block.len().max(1) as f64
+        })
+        .collect()
 }
