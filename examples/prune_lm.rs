@@ -170,26 +170,9 @@ fn main() -> Res<()> {
                         seed: 3,
                         ..BonsaiConfig::new(sparsity)
                     };
-                    let mut groups_per_round = Vec::new();
-                    let mut probe = m.clone();
                     let report = bonsai(&mut m, &config, &cpu, &mut metric, &mut |_, _| {})?;
                     evaluations = report.evaluations + report.removed.len();
-                    for removed in &report.removed {
-                        let groups = probe.unit_groups();
-                        let keep: Vec<Vec<usize>> = groups
-                            .iter()
-                            .map(|g| {
-                                (0..g.units)
-                                    .filter(|u| {
-                                        !removed.iter().any(|(p, r)| *p == g.path && r == u)
-                                    })
-                                    .collect()
-                            })
-                            .collect();
-                        probe.prune_units(&keep)?;
-                        groups_per_round.push(keep);
-                    }
-                    history = groups_per_round;
+                    history = report.keep;
                 }
                 one => {
                     let prior = match one {

@@ -259,6 +259,17 @@ fn bonsai_prunes_a_decoder_to_its_target_with_forward_passes_only() {
     );
     assert_eq!(rounds, 3);
     assert!(metric(&model).unwrap().is_finite());
+    // The report's keep lists replay the same pruning on a fresh copy.
+    let mut replay = tiny(&device);
+    for keep in &report.keep {
+        replay.prune_units(keep).unwrap();
+    }
+    assert_close(
+        replay.forward(batch.clone()).unwrap(),
+        model.forward(batch.clone()).unwrap(),
+        1e-6,
+        "replayed pruning",
+    );
 
     for prior in [Prior::ActivationWeight, Prior::Magnitude, Prior::Random] {
         let mut m = tiny(&device);

@@ -111,6 +111,10 @@ pub struct BonsaiReport {
     pub params_after: usize,
     /// Per round: the units removed as `(group path, unit index at that round)`.
     pub removed: Vec<Vec<(String, usize)>>,
+    /// Per round: what [`Prunable::prune_units`] was given (the units kept per group), so the
+    /// same pruning can be replayed on another copy of the model (say on an autodiff device
+    /// for adaptation).
+    pub keep: Vec<Vec<Vec<usize>>>,
     /// Per round: the regression's cross-validated Kendall τ.
     pub cv_tau: Vec<f64>,
     /// Metric evaluations made.
@@ -324,6 +328,7 @@ pub fn bonsai<M: Prunable>(
         params_before: start,
         params_after: start,
         removed: Vec::new(),
+        keep: Vec::new(),
         cv_tau: Vec::new(),
         evaluations: 0,
     };
@@ -377,7 +382,9 @@ fn bonsai_round<M: Prunable>(
     model.set_unit_masks(None)?;
     let fit = lasso_cv(&xs, &ys, config.folds, config.penalties)?;
     let removed = select_within_budget(&groups, &c, &fit.coefficients, budget);
-    model.prune_units(&keep_from_removed(&groups, &removed))?;
+    let keep = keep_from_removed(&groups, &removed);
+    model.prune_units(&keep)?;
+    report.keep.push(keep);
     report.cv_tau.push(fit.cv_tau.unwrap_or(0.0));
     report.removed.push(
         groups
