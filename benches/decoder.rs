@@ -4,26 +4,18 @@
 //! different LoRA per sequence, and with Arrow routing every token over the 4 LoRAs (top 2)
 //! in every adapted layer.
 
+#[path = "common/decoder.rs"]
+mod decoder;
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
 use modula::LoraConfig;
-use modula::models::{
-    ArrowOptions, DecoderConfig, KvCache, LinearLayers, LlamaForCausalLm, route_arrow,
-};
+use modula::models::{ArrowOptions, KvCache, LinearLayers, route_arrow};
 
 fn bench_decoder(c: &mut Criterion) {
     let device = Device::flex();
-    let config = DecoderConfig::from_json(
-        r#"{"model_type": "llama", "vocab_size": 8000, "hidden_size": 256,
-            "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "max_position_embeddings": 2048}"#,
-        "bench config",
-    )
-    .unwrap();
-    let mut model = LlamaForCausalLm::random(&config, 0, &device).unwrap();
-    let (b, p) = (4, 64);
-    let ids: Vec<i64> = (0..b * p).map(|i| (3 + i * 7919 % 7990) as i64).collect();
-    let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [b * p]), &device).reshape([b, p]);
+    let (mut model, ids) = decoder::model_and_prompts(&device);
+    let b = ids.dims()[0];
     let step =
         Tensor::<1, Int>::from_data(TensorData::new(vec![5i64; b], [b]), &device).reshape([b, 1]);
     let mut g = c.benchmark_group("decoder");

@@ -3,24 +3,16 @@
 //! neurons masked (the masked forward costs what the dense one does), and physically pruned;
 //! and one Bonsai round's regression (200 masks over 96 units).
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+#[path = "common/decoder.rs"]
+mod decoder;
+
+use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
-use modula::models::{DecoderConfig, LlamaForCausalLm};
 use modula::prune::{Prunable, lasso_cv};
 
 fn bench_prune(c: &mut Criterion) {
     let device = Device::flex();
-    let config = DecoderConfig::from_json(
-        r#"{"model_type": "llama", "vocab_size": 8000, "hidden_size": 256,
-            "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "max_position_embeddings": 2048}"#,
-        "bench config",
-    )
-    .unwrap();
-    let model = LlamaForCausalLm::random(&config, 0, &device).unwrap();
-    let (b, p) = (4, 64);
-    let ids: Vec<i64> = (0..b * p).map(|i| (3 + i * 7919 % 7990) as i64).collect();
-    let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [b * p]), &device).reshape([b, p]);
+    let (model, ids) = decoder::model_and_prompts(&device);
     let groups = model.unit_groups();
     let keep: Vec<Vec<usize>> = groups.iter().map(|g| (0..g.units / 2).collect()).collect();
     let mut masked = model.clone();
