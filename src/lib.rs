@@ -54,6 +54,8 @@
 //!   [`LoraForward::Auto`] uses a transient `W + s·A B` when that costs less. It goes beyond
 //!   burn-core's own `apply_lora` (one adapter, merged into the weight on every forward, no
 //!   unmerge); see the module docs.
+//! - [`modules::lycoris`]: LoHa (Hadamard) and LoKr (Kronecker) deltas with thin forwards
+//!   and exact LoRA forms; PEFT folders in and out.
 //! - [`modules::ia3`]: (IA)³ output-side and input-side (feed-forward) scaling, merge/unmerge.
 //! - [`modules::adapter`]: bottleneck adapters, sequential and parallel, Houlsby and Pfeiffer
 //!   placements, configurable reduction factor, non-linearity and scaling.
@@ -165,12 +167,15 @@ pub use modules::lora::{
     AdapterSlots, LayerRouter, LoraConfig, LoraEmbedding, LoraForward, LoraInit, LoraLinear,
     LoraModule, SharedLayerRouter,
 };
+pub use modules::lycoris::{
+    FactorPair, KronFactor, LohaModule, LokrLayout, LokrModule, LokrShape, LycorisModule,
+};
 pub use modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
 pub use modules::{ComputeModule, dispatch_modules, dispatch_planned};
 pub use moe::experts::{Expert, ExpertConfig, ExpertKind};
 pub use moe::soft::{SoftMoe, SoftMoeConfig};
 pub use moe::{MoeLayer, MoeLayerConfig};
-pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora};
+pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora, PeftLycoris};
 pub use routers::{
     ArrowRouter, ExpertChoiceRouter, ExpertChoiceRouterConfig, HashRouter, HashRouterConfig,
     NoisyTopKRouter, NoisyTopKRouterConfig, PolytroponRouter, PolytroponRouterConfig,

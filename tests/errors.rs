@@ -129,7 +129,7 @@ fn missing_and_malformed_config_keys() {
     });
     assert!(peft_err(no_r.path()).contains("missing key `r`"));
     let bad_r = edited_lora_folder(|v| v["r"] = serde_json::json!("four"));
-    assert!(peft_err(bad_r.path()).contains("`r` must be a positive integer"));
+    assert!(peft_err(bad_r.path()).contains("r: must be a positive integer"));
     // A mistyped key is named, with what was found and what was expected.
     let bad_flag = edited_lora_folder(|v| v["fan_in_fan_out"] = serde_json::json!("yes"));
     let msg = peft_err(bad_flag.path());

@@ -16,6 +16,7 @@
 pub mod adapter;
 pub mod ia3;
 pub mod lora;
+pub mod lycoris;
 pub mod prefix;
 
 use burn::tensor::Tensor;

@@ -18,6 +18,28 @@ pub enum PeftType {
     /// `"IA3"`.
     #[serde(rename = "IA3")]
     Ia3,
+    /// `"LOHA"` (Hadamard product of low-rank pairs).
+    #[serde(rename = "LOHA")]
+    Loha,
+    /// `"LOKR"` (Kronecker product).
+    #[serde(rename = "LOKR")]
+    Lokr,
+    /// `"PROMPT_TUNING"` (soft tokens before the input).
+    #[serde(rename = "PROMPT_TUNING")]
+    PromptTuning,
+}
+
+impl PeftType {
+    /// The name PEFT writes in `peft_type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lora => "LORA",
+            Self::Ia3 => "IA3",
+            Self::Loha => "LOHA",
+            Self::Lokr => "LOKR",
+            Self::PromptTuning => "PROMPT_TUNING",
+        }
+    }
 }
 
 /// The parts of an `adapter_config.json` modula uses, plus the whole document so that saving
@@ -26,9 +48,9 @@ pub enum PeftType {
 pub struct PeftConfig {
     /// Method.
     pub peft_type: PeftType,
-    /// Default LoRA rank `r`.
+    /// Default rank `r` (LoRA, LoHa, LoKr).
     pub r: usize,
-    /// Default LoRA `lora_alpha`.
+    /// Default alpha: LoRA's `lora_alpha`, LoHa's and LoKr's `alpha`.
     pub lora_alpha: f64,
     /// rsLoRA scaling.
     pub use_rslora: bool,
@@ -45,6 +67,12 @@ pub struct PeftConfig {
     pub target_modules: Value,
     /// IA3 input-side modules.
     pub feedforward_modules: Vec<String>,
+    /// LoKr `decompose_both` (factor the left Kronecker factor too).
+    pub decompose_both: bool,
+    /// LoKr `decompose_factor` (`-1`: near the square root).
+    pub decompose_factor: i64,
+    /// Prompt tuning: `num_virtual_tokens` (0 for other methods).
+    pub num_virtual_tokens: usize,
     /// The full JSON document.
     pub raw: Map<String, Value>,
 }
@@ -75,6 +103,16 @@ struct Keys {
     r: Option<Positive>,
     #[serde(default)]
     lora_alpha: Option<f64>,
+    #[serde(default)]
+    alpha: Option<f64>,
+    #[serde(default)]
+    decompose_both: Option<bool>,
+    #[serde(default)]
+    decompose_factor: Option<i64>,
+    #[serde(default)]
+    num_virtual_tokens: Option<Positive>,
+    #[serde(default)]
+    num_transformer_submodules: Option<usize>,
     #[serde(default)]
     use_rslora: Option<bool>,
     #[serde(default)]
@@ -144,11 +182,7 @@ impl<'de> Deserialize<'de> for Positive {
         v.as_u64()
             .filter(|&n| n > 0)
             .map(|n| Positive(n as usize))
-            .ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "`r` must be a positive integer (also in rank_pattern), got {v}"
-                ))
-            })
+            .ok_or_else(|| serde::de::Error::custom(format!("must be a positive integer, got {v}")))
     }
 }
 
@@ -195,15 +229,19 @@ impl PeftConfig {
         let Value::Object(raw) = value else {
             return Err(bad("the config must be a JSON object".into()));
         };
+        const KNOWN: &str = "LORA, IA3, LOHA, LOKR and PROMPT_TUNING";
         let peft_type = match raw.get("peft_type").and_then(Value::as_str) {
             Some("LORA") => PeftType::Lora,
             Some("IA3") => PeftType::Ia3,
+            Some("LOHA") => PeftType::Loha,
+            Some("LOKR") => PeftType::Lokr,
+            Some("PROMPT_TUNING") => PeftType::PromptTuning,
             Some(other) => {
                 return Err(bad(format!(
-                    "peft_type `{other}` is not supported; modula reads LORA and IA3 adapters"
+                    "peft_type `{other}` is not supported; modula reads {KNOWN} adapters"
                 )));
             }
-            None => return Err(bad("missing string key `peft_type` (LORA or IA3)".into())),
+            None => return Err(bad(format!("missing string key `peft_type` ({KNOWN})"))),
         };
         // The error names the key: "fan_in_fan_out: invalid type: string \"yes\", expected a
         // boolean". Read from the text, not from `raw`, whose map sorts the keys: the patterns
@@ -222,6 +260,9 @@ impl PeftConfig {
             alpha_pattern: Vec::new(),
             target_modules: keys.target_modules,
             feedforward_modules: Vec::new(),
+            decompose_both: keys.decompose_both.unwrap_or(false),
+            decompose_factor: keys.decompose_factor.unwrap_or(-1),
+            num_virtual_tokens: 0,
             raw,
         };
         match peft_type {
@@ -265,6 +306,33 @@ impl PeftConfig {
                     .map(|(k, r)| (k, r.0))
                     .collect();
                 cfg.alpha_pattern = keys.alpha_pattern.map_or_else(Vec::new, |p| p.0);
+            }
+            PeftType::Loha | PeftType::Lokr => {
+                // PEFT's LoHaConfig / LoKrConfig defaults: r = 8, alpha = 8.
+                cfg.r = keys.r.map_or(8, |r| r.0);
+                cfg.lora_alpha = keys.alpha.unwrap_or(8.0);
+                if !cfg.lora_alpha.is_finite() {
+                    return Err(bad(format!("`alpha` {} is not finite", cfg.lora_alpha)));
+                }
+                cfg.rank_pattern = keys
+                    .rank_pattern
+                    .map_or_else(Vec::new, |p| p.0)
+                    .into_iter()
+                    .map(|(k, r)| (k, r.0))
+                    .collect();
+                cfg.alpha_pattern = keys.alpha_pattern.map_or_else(Vec::new, |p| p.0);
+            }
+            PeftType::PromptTuning => {
+                cfg.num_virtual_tokens = keys.num_virtual_tokens.map(|n| n.0).ok_or_else(|| {
+                    bad("missing key `num_virtual_tokens` (a positive integer)".into())
+                })?;
+                if let Some(n) = keys.num_transformer_submodules
+                    && n != 1
+                {
+                    return Err(bad(format!(
+                        "num_transformer_submodules is {n}: prompts for encoder-decoder models are not supported; modula serves decoder-only and encoder models (1)"
+                    )));
+                }
             }
             PeftType::Ia3 => {
                 cfg.feedforward_modules = match keys.feedforward_modules {

@@ -35,12 +35,7 @@ impl PeftIa3 {
         let dir = dir.as_ref();
         let (config, file) = read_folder(dir)?;
         let w_path = file.path().to_path_buf();
-        if config.peft_type != PeftType::Ia3 {
-            return Err(Error::peft(
-                dir,
-                "this is a LoRA adapter; load it with PeftLora::load",
-            ));
-        }
+        super::expect_type(&config, PeftType::Ia3, dir)?;
         let mut modules = BTreeMap::new();
         for (key, t) in file.tensors() {
             let Some((path, _)) = split_key(key, &["ia3_l"]) else {

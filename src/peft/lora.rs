@@ -101,12 +101,7 @@ where
 {
     let (config, file) = read_folder(dir)?;
     let w_path = file.path().to_path_buf();
-    if config.peft_type != PeftType::Lora {
-        return Err(Error::peft(
-            dir,
-            "this is an IA3 adapter; load it with PeftIa3::load",
-        ));
-    }
+    super::expect_type(&config, PeftType::Lora, dir)?;
     let mut halves: BTreeMap<String, (Option<&HostTensor>, Option<&HostTensor>)> = BTreeMap::new();
     let mut embeddings = BTreeSet::new();
     let parts = [

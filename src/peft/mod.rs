@@ -34,11 +34,13 @@ mod folder;
 mod ia3;
 mod keys;
 mod lora;
+mod lycoris;
 pub mod targets;
 
 pub use config::{PeftConfig, PeftType};
 pub use ia3::PeftIa3;
 pub use lora::PeftLora;
+pub use lycoris::PeftLycoris;
 pub use targets::{TargetDecision, TargetRules};
 
 use std::path::Path;
@@ -54,20 +56,43 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The PEFT version whose format modula writes.
 const PEFT_VERSION: &str = "0.21.2";
 
-/// Either kind of adapter, as found in a folder.
+/// [`Error::Peft`] unless `config` is of type `want`, naming the loader for what it is.
+pub(super) fn expect_type(config: &PeftConfig, want: PeftType, dir: &Path) -> Result<()> {
+    if config.peft_type == want {
+        return Ok(());
+    }
+    let loader = match config.peft_type {
+        PeftType::Lora => "PeftLora::load",
+        PeftType::Ia3 => "PeftIa3::load",
+        PeftType::Loha | PeftType::Lokr => "PeftLycoris::load",
+        PeftType::PromptTuning => "PeftPrompt::load",
+    };
+    Err(Error::peft(
+        dir,
+        format!(
+            "this is a {} adapter, not {}; load it with {loader} (or PeftAdapter::load, which takes any kind)",
+            config.peft_type.name(),
+            want.name()
+        ),
+    ))
+}
+
+/// Any kind of adapter, as found in a folder.
 #[derive(Debug)]
 pub enum PeftAdapter {
     /// A LoRA adapter.
     Lora(PeftLora),
     /// An IA3 adapter.
     Ia3(PeftIa3),
+    /// A LoHa or LoKr adapter.
+    Lycoris(PeftLycoris),
 }
 
 impl PeftAdapter {
     /// Loads whatever adapter `dir` holds.
     ///
     /// # Errors
-    /// As [`PeftLora::load`] / [`PeftIa3::load`].
+    /// As [`PeftLora::load`] / [`PeftIa3::load`] / [`PeftLycoris::load`].
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let cfg_path = dir.join(CONFIG_FILE);
@@ -75,11 +100,17 @@ impl PeftAdapter {
         match PeftConfig::from_json(&text, &cfg_path)?.peft_type {
             PeftType::Lora => PeftLora::load(dir, device).map(Self::Lora),
             PeftType::Ia3 => PeftIa3::load(dir, device).map(Self::Ia3),
+            PeftType::Loha | PeftType::Lokr => PeftLycoris::load(dir, device).map(Self::Lycoris),
+            PeftType::PromptTuning => Err(Error::peft(
+                &cfg_path,
+                "a PROMPT_TUNING folder adds soft tokens to the input, not weights to layers; load it with PeftPrompt::load",
+            )),
         }
     }
 
     /// Attaches the adapter to `model` as `name` by PEFT's target rules (PEFT's
-    /// `load_adapter`): [`PeftLora::attach_to_model`] or [`PeftIa3::attach_to_model`].
+    /// `load_adapter`): [`PeftLora::attach_to_model`], [`PeftIa3::attach_to_model`] or
+    /// [`PeftLycoris::attach_to_model`].
     /// Returns the adapted paths.
     ///
     /// # Errors
@@ -92,6 +123,7 @@ impl PeftAdapter {
         match self {
             Self::Lora(a) => a.attach_to_model(model, name),
             Self::Ia3(a) => a.attach_to_model(model, name),
+            Self::Lycoris(a) => a.attach_to_model(model, name),
         }
     }
 }

@@ -1,0 +1,242 @@
+//! PEFT 0.21.2 LoHa, LoKr and prompt-tuning folders on the tiny Llama against PEFT's logits
+//! (tests/data/make_lycoris_goldens.py), saved back in PEFT's format, and refused when bad.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Int, Tensor};
+use common::{assert_close, devices};
+use modula::models::LinearLayers;
+use modula::{PeftAdapter, PeftLycoris, TensorFile};
+
+fn folder(name: &str) -> PathBuf {
+    common::data("tiny_decoders").join(name)
+}
+
+fn golden(name: &str) -> TensorFile {
+    TensorFile::open(folder(name).join("golden.safetensors")).unwrap()
+}
+
+/// The three folders and how many layers each adapts (2 layers × its targets).
+const LYCORIS: [(&str, usize); 3] = [("llama_loha", 6), ("llama_lokr", 6), ("llama_lokr_both", 4)];
+
+/// Each folder, attached by PEFT's target rules, gives PEFT's logits; merged, PEFT's
+/// `merge_and_unload` logits; unmerged, PEFT's logits again and the base weights back;
+/// inactive, the base logits. In one mixed batch row 0 takes LoHa and row 1 LoKr.
+#[test]
+fn loha_and_lokr_folders_give_peft_logits_unmerged_merged_and_mixed() {
+    for device in devices() {
+        let at = |what: &str| format!("{what} on {device:?}");
+        let mut model = modula::checkpoint::load_decoder(folder("llama"), &device).unwrap();
+        let g0 = golden("llama_loha");
+        let ids: Tensor<2, Int> = g0.tensor::<2>("input_ids", &device).unwrap().int();
+        let base = model.forward(ids.clone()).unwrap();
+        let base_weights = model.base_weights();
+        for (name, layers) in LYCORIS {
+            let g = golden(name);
+            let want: Tensor<3> = g.tensor("logits", &device).unwrap();
+            let merged: Tensor<3> = g.tensor("merged_logits", &device).unwrap();
+            let adapter = PeftAdapter::load(folder(name), &device).unwrap();
+            assert!(matches!(adapter, PeftAdapter::Lycoris(_)), "{name}");
+            let paths = adapter.attach_to_model(&mut model, name).unwrap();
+            assert_eq!(paths.len(), layers, "{name}: {paths:?}");
+            model.set_active_adapters(&[name]).unwrap();
+            assert_close(
+                model.forward(ids.clone()).unwrap(),
+                want.clone(),
+                1e-5,
+                &at(name),
+            );
+            model.merge_adapter(name).unwrap();
+            assert_close(
+                model.forward(ids.clone()).unwrap(),
+                merged,
+                1e-5,
+                &at(&format!("{name} merged")),
+            );
+            model.unmerge_adapter(name).unwrap();
+            assert_close(
+                model.forward(ids.clone()).unwrap(),
+                want,
+                1e-5,
+                &at(&format!("{name} unmerged")),
+            );
+            model.set_active_adapters(&[]).unwrap();
+            assert_close(
+                model.forward(ids.clone()).unwrap(),
+                base.clone(),
+                1e-6,
+                &at(&format!("{name} inactive")),
+            );
+        }
+        for ((n, got), (_, before)) in model.base_weights().iter().zip(&base_weights) {
+            let (got, before) = (
+                got.iter::<f32>().collect::<Vec<_>>(),
+                before.iter::<f32>().collect::<Vec<_>>(),
+            );
+            let d = got
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d < 1e-6, "{n}: unmerging left {d}");
+        }
+        let y = model
+            .forward_mixed(ids.clone(), None, &[Some("llama_loha"), Some("llama_lokr")])
+            .unwrap();
+        let [_, s, v] = y.dims();
+        for (i, name) in ["llama_loha", "llama_lokr"].iter().enumerate() {
+            let want: Tensor<3> = golden(name).tensor("logits", &device).unwrap();
+            assert_close(
+                y.clone().slice([i..i + 1, 0..s, 0..v]),
+                want.slice([i..i + 1, 0..s, 0..v]),
+                1e-5,
+                &at(&format!("mixed row {i} ({name})")),
+            );
+        }
+    }
+}
+
+/// Saving a loaded folder writes PEFT's tensors bit for bit under PEFT's keys and a config
+/// that gives every module the same rank and alpha; the saved folder reloads with PEFT's
+/// logits.
+#[test]
+fn loha_and_lokr_folders_save_back_in_peft_format() {
+    let device = burn::tensor::Device::flex();
+    for (name, _) in LYCORIS {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = PeftLycoris::load(folder(name), &device).unwrap();
+        a.save(tmp.path()).unwrap();
+        let (orig, saved) = (
+            TensorFile::open(folder(name).join("adapter_model.safetensors")).unwrap(),
+            TensorFile::open(tmp.path().join("adapter_model.safetensors")).unwrap(),
+        );
+        assert_eq!(orig.tensors(), saved.tensors(), "{name}");
+        let b = PeftLycoris::load(tmp.path(), &device).unwrap();
+        assert_eq!(a.config.peft_type, b.config.peft_type);
+        assert_eq!(
+            (a.config.decompose_both, a.config.decompose_factor),
+            (b.config.decompose_both, b.config.decompose_factor)
+        );
+        for p in a.modules.keys() {
+            assert_eq!(a.config.rank_for(p), b.config.rank_for(p), "{name} {p}");
+            assert_eq!(a.config.alpha_for(p), b.config.alpha_for(p), "{name} {p}");
+        }
+        let mut model = modula::checkpoint::load_decoder(folder("llama"), &device).unwrap();
+        b.attach_to_model(&mut model, "x").unwrap();
+        let g = golden(name);
+        let ids: Tensor<2, Int> = g.tensor::<2>("input_ids", &device).unwrap().int();
+        assert_close(
+            model.forward(ids).unwrap(),
+            g.tensor("logits", &device).unwrap(),
+            1e-5,
+            &format!("{name} saved and reloaded"),
+        );
+    }
+}
+
+/// The exact LoRA forms cost what the math says: LoHa rank r², LoKr rank(W1)·rank(W2).
+#[test]
+fn lora_forms_have_the_product_ranks() {
+    let device = burn::tensor::Device::flex();
+    let loha = PeftLycoris::load(folder("llama_loha"), &device).unwrap();
+    let lora = loha.to_lora();
+    assert_eq!(
+        lora.get("model.layers.0.self_attn.q_proj").unwrap().rank(),
+        4
+    );
+    assert_eq!(lora.get("model.layers.1.mlp.down_proj").unwrap().rank(), 9);
+    let lokr = PeftLycoris::load(folder("llama_lokr"), &device).unwrap();
+    // q_proj 32 -> 48: W1 full [6, 4] (rank <= 4), W2 = [8, 2][2, 8] (rank 2).
+    let q = lokr.to_lora();
+    assert_eq!(q.get("model.layers.0.self_attn.q_proj").unwrap().rank(), 8);
+}
+
+fn copy_folder(from: &Path, to: &Path) {
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// Bad folders are errors that name the problem: a convolution's Tucker core, a missing
+/// factor, a rank that disagrees with the config, an encoder-decoder prompt; a LoKr module
+/// PEFT would shape differently is not saved.
+#[test]
+fn bad_lycoris_folders_are_refused() {
+    use modula::HostTensor;
+    use std::collections::BTreeMap;
+    let device = burn::tensor::Device::flex();
+    let edit = |name: &str, f: &dyn Fn(&mut BTreeMap<String, HostTensor>)| {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_folder(&folder(name), tmp.path());
+        let path = tmp.path().join("adapter_model.safetensors");
+        let mut t = TensorFile::open(&path).unwrap().tensors().clone();
+        f(&mut t);
+        modula::io::write_safetensors(&path, &t, None).unwrap();
+        let e = PeftAdapter::load(tmp.path(), &device)
+            .unwrap_err()
+            .to_string();
+        e
+    };
+    let key = "base_model.model.model.layers.0.self_attn.q_proj";
+    let e = edit("llama_loha", &|t| {
+        t.insert(
+            format!("{key}.hada_t1"),
+            HostTensor {
+                shape: vec![2, 2, 1, 1],
+                data: vec![0.0; 4],
+            },
+        );
+    });
+    assert!(e.contains("hada_t1") && e.contains("convolution"), "{e}");
+    let e = edit("llama_loha", &|t| {
+        t.remove(&format!("{key}.hada_w2_b"));
+    });
+    assert!(e.contains("hada_w2_b") && e.contains("missing"), "{e}");
+    let e = edit("llama_lokr", &|t| {
+        t.remove(&format!("{key}.lokr_w2_a"));
+    });
+    assert!(e.contains("lokr_w2") && e.contains("q_proj"), "{e}");
+    // A rank of 3 in a folder whose config says 2.
+    let e = edit("llama_loha", &|t| {
+        for p in ["hada_w1_a", "hada_w2_a"] {
+            t.insert(
+                format!("{key}.{p}"),
+                HostTensor {
+                    shape: vec![48, 3],
+                    data: vec![0.1; 144],
+                },
+            );
+        }
+        for p in ["hada_w1_b", "hada_w2_b"] {
+            t.insert(
+                format!("{key}.{p}"),
+                HostTensor {
+                    shape: vec![3, 32],
+                    data: vec![0.1; 96],
+                },
+            );
+        }
+    });
+    assert!(e.contains("rank 2") && e.contains("q_proj"), "{e}");
+    // A LoKr module shaped for another config is not saved where PEFT could not load it.
+    let mut a = PeftLycoris::new_lokr(modula::LokrShape::new(2));
+    let m = modula::LokrModule::new(
+        32,
+        48,
+        modula::LokrShape {
+            decompose_factor: 2,
+            ..modula::LokrShape::new(2)
+        },
+        &device,
+    )
+    .unwrap();
+    a.insert("q", modula::LycorisModule::Lokr(m)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let e = a.save(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("`q`") && e.contains("LokrModule::new"), "{e}");
+    assert!(!tmp.path().join("adapter_model.safetensors").exists());
+    let loha = modula::LohaModule::new(32, 48, 2, 4.0, &device).unwrap();
+    assert!(a.insert("q", modula::LycorisModule::Loha(loha)).is_err());
+}
