@@ -618,8 +618,21 @@ fn add_delta(
     Ok(())
 }
 
-/// Merges the PEFT LoRA folder `adapter` into the checkpoint `base` (PEFT's
-/// `merge_and_unload`) and writes the result to `out`.
+/// The LoRA (or exact LoRA form) of a mergeable PEFT folder.
+fn mergeable_as_lora(adapter: &Path) -> Result<PeftLora> {
+    match crate::peft::PeftAdapter::load(adapter, &Device::flex())? {
+        crate::peft::PeftAdapter::Lora(l) => Ok(l),
+        crate::peft::PeftAdapter::Lycoris(l) => Ok(l.to_lora()),
+        crate::peft::PeftAdapter::Ia3(_) => Err(Error::peft(
+            adapter,
+            "bake merges LoRA, LoHa and LoKr folders; merge an IA3 adapter with `PeftIa3::merge_into_model` and save the model",
+        )),
+    }
+}
+
+/// Merges the PEFT LoRA, LoHa or LoKr folder `adapter` into the checkpoint `base` (PEFT's
+/// `merge_and_unload`) and writes the result to `out`. LoHa and LoKr merge through their exact
+/// LoRA forms ([`PeftLycoris::to_lora`](crate::PeftLycoris::to_lora)).
 ///
 /// - `base` a model folder (sharded or not): `out` is a folder with the same shard files and
 ///   index, every tensor in its own dtype, and every other file of `base` (config, tokenizer,
@@ -633,7 +646,9 @@ fn add_delta(
 /// `on_shard(done, total)` is called after each.
 ///
 /// # Errors
-/// [`Error::Invalid`] when `out` is `base`; as [`Checkpoint::open`] and [`PeftLora::load`];
+/// [`Error::Invalid`] when `out` is `base`; as [`Checkpoint::open`] and
+/// [`PeftAdapter::load`](crate::PeftAdapter::load); [`Error::Peft`] for an IA3 or
+/// prompt-tuning folder;
 /// [`Error::SafeTensors`] naming the base and the adapter layer for a layer with no weight,
 /// several candidate weights, or a weight of another shape; [`Error::Io`].
 pub fn bake(
@@ -649,7 +664,7 @@ pub fn bake(
         ));
     }
     let ckpt = Checkpoint::open(base)?;
-    let peft = PeftLora::load(adapter, &Device::flex())?;
+    let peft = mergeable_as_lora(adapter)?;
     let expert = LoraExpert::from_peft(&peft).map_err(|e| match e {
         Error::Peft { .. } => e,
         other => Error::Peft {

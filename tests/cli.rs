@@ -1271,3 +1271,97 @@ fn arrow_and_cluster_work_on_decoder_adapters() {
     };
     assert_eq!(clusters, [family(0), family(1)], "the two families");
 }
+
+/// `--adapter NAME=DIR` takes PEFT LoHa and LoKr folders, mixed per row in one batch, with
+/// PEFT's logits; `bake` merges them into a model folder with PEFT's `merge_and_unload`
+/// logits, and refuses an IA3 folder with status 2.
+#[test]
+fn score_and_bake_take_loha_and_lokr_folders() {
+    let root = data("tiny_decoders");
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let g = TensorFile::open(root.join("llama_loha/golden.safetensors")).unwrap();
+    let rows = golden_rows(&g, "input_ids", 6);
+    let input = write_json(
+        &tmp.path().join("in.json"),
+        serde_json::json!({"input_ids": [rows[0], rows[1]], "adapters": ["loha", "lokr"]}),
+    );
+    let out = tmp.path().join("logits.safetensors");
+    let (ok, _, err) = modula(&[
+        "score",
+        "--model",
+        root.join("llama").to_str().unwrap(),
+        "--adapter",
+        &format!("loha={}", root.join("llama_loha").display()),
+        "--adapter",
+        &format!("lokr={}", root.join("llama_lokr").display()),
+        "--input",
+        &input,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got: Tensor<3> = TensorFile::open(&out)
+        .unwrap()
+        .tensor("logits", &device)
+        .unwrap();
+    for (i, name) in ["llama_loha", "llama_lokr"].iter().enumerate() {
+        let want: Tensor<3> = TensorFile::open(root.join(name).join("golden.safetensors"))
+            .unwrap()
+            .tensor("logits", &device)
+            .unwrap();
+        assert_close(
+            got.clone().slice([i..i + 1, 0..6, 0..64]),
+            want.slice([i..i + 1, 0..6, 0..64]),
+            1e-5,
+            &format!("row {i} through {name}"),
+        );
+    }
+    for name in ["llama_loha", "llama_lokr_both"] {
+        let baked = tmp.path().join(format!("baked_{name}"));
+        let (ok, _, err) = modula(&[
+            "bake",
+            "--base",
+            root.join("llama").to_str().unwrap(),
+            "--out",
+            baked.to_str().unwrap(),
+            root.join(name).to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let plain = write_json(
+            &tmp.path().join("plain.json"),
+            serde_json::json!({"input_ids": [rows[0], rows[1]]}),
+        );
+        let scored = tmp.path().join(format!("{name}.safetensors"));
+        let (ok, _, err) = modula(&[
+            "score",
+            "--model",
+            baked.to_str().unwrap(),
+            "--input",
+            &plain,
+            "--out",
+            scored.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let got: Tensor<3> = TensorFile::open(&scored)
+            .unwrap()
+            .tensor("logits", &device)
+            .unwrap();
+        let want: Tensor<3> = TensorFile::open(root.join(name).join("golden.safetensors"))
+            .unwrap()
+            .tensor("merged_logits", &device)
+            .unwrap();
+        assert_close(got, want, 1e-5, &format!("{name} baked"));
+    }
+    let (code, err) = modula_code(&[
+        "bake",
+        "--base",
+        root.join("llama").to_str().unwrap(),
+        "--out",
+        tmp.path().join("no").to_str().unwrap(),
+        root.join("llama_ia3").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("llama_ia3") && err.contains("IA3"), "{err}");
+    assert!(!tmp.path().join("no").exists());
+}
