@@ -627,6 +627,10 @@ fn mergeable_as_lora(adapter: &Path) -> Result<PeftLora> {
             adapter,
             "bake merges LoRA, LoHa and LoKr folders; merge an IA3 adapter with `PeftIa3::merge_into_model` and save the model",
         )),
+        crate::peft::PeftAdapter::Prompt(_) => Err(Error::peft(
+            adapter,
+            "a prompt-tuning adapter adds soft tokens before the input and has no weights to merge; serve it with --adapter",
+        )),
     }
 }
 

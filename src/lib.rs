@@ -171,11 +171,12 @@ pub use modules::lycoris::{
     FactorPair, KronFactor, LohaModule, LokrLayout, LokrModule, LokrShape, LycorisModule,
 };
 pub use modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
+pub use modules::prompt::PromptEmbedding;
 pub use modules::{ComputeModule, dispatch_modules, dispatch_planned};
 pub use moe::experts::{Expert, ExpertConfig, ExpertKind};
 pub use moe::soft::{SoftMoe, SoftMoeConfig};
 pub use moe::{MoeLayer, MoeLayerConfig};
-pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora, PeftLycoris};
+pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora, PeftLycoris, PeftPrompt};
 pub use routers::{
     ArrowRouter, ExpertChoiceRouter, ExpertChoiceRouterConfig, HashRouter, HashRouterConfig,
     NoisyTopKRouter, NoisyTopKRouterConfig, PolytroponRouter, PolytroponRouterConfig,

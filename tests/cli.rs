@@ -1365,3 +1365,135 @@ fn score_and_bake_take_loha_and_lokr_folders() {
     assert!(err.contains("llama_ia3") && err.contains("IA3"), "{err}");
     assert!(!tmp.path().join("no").exists());
 }
+
+/// `--adapter NAME=DIR` takes a PEFT prompt-tuning folder: rows that name it get PEFT's logits
+/// after the soft tokens (the input positions), rows that name a LoRA adapter or none share
+/// the batch; `generate` continues after the prompt; GPT-2 and `bake` refuse it with status 2.
+#[test]
+fn score_and_generate_take_prompt_tuning_folders() {
+    let root = data("tiny_decoders");
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let g = TensorFile::open(root.join("llama_prompt/golden.safetensors")).unwrap();
+    let rows = golden_rows(&g, "input_ids", 6);
+    let input = write_json(
+        &tmp.path().join("in.json"),
+        serde_json::json!({"input_ids": [rows[0], rows[1], rows[0]], "adapters": ["p", null, "qvd"]}),
+    );
+    let prompt = format!("p={}", root.join("llama_prompt").display());
+    let lora = format!("qvd={}", root.join("llama_lora_qvd").display());
+    let out = tmp.path().join("logits.safetensors");
+    let model = root.join("llama");
+    let (ok, _, err) = modula(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        &prompt,
+        "--adapter",
+        &lora,
+        "--input",
+        &input,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got: Tensor<3> = TensorFile::open(&out)
+        .unwrap()
+        .tensor("logits", &device)
+        .unwrap();
+    let want: Tensor<3> = g.tensor("logits", &device).unwrap();
+    assert_close(
+        got.clone().slice([0..1, 0..6, 0..64]),
+        want.slice([0..1, 3..9, 0..64]),
+        1e-5,
+        "row 0 after the soft prompt",
+    );
+    let base = modula::checkpoint::load_decoder(&model, &device).unwrap();
+    let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(rows[1].clone(), [1, 6]),
+        &device,
+    );
+    assert_close(
+        got.clone().slice([1..2, 0..6, 0..64]),
+        base.forward(ids).unwrap(),
+        1e-5,
+        "row 1 plain",
+    );
+    let mut adapted = modula::checkpoint::load_decoder(&model, &device).unwrap();
+    modula::PeftLora::load(root.join("llama_lora_qvd"), &device)
+        .unwrap()
+        .attach_to_model(&mut adapted, "qvd")
+        .unwrap();
+    let ids0 = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(rows[0].clone(), [1, 6]),
+        &device,
+    );
+    assert_close(
+        got.slice([2..3, 0..6, 0..64]),
+        adapted.forward(ids0).unwrap(),
+        1e-5,
+        "row 2 through the LoRA",
+    );
+    // generate: the same tokens as the library's prefilled generation.
+    let gen_in = write_json(
+        &tmp.path().join("gen.json"),
+        serde_json::json!({"input_ids": [rows[1]], "adapters": ["p"]}),
+    );
+    let gen_out = tmp.path().join("gen_out.json");
+    let (ok, _, err) = modula(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        &prompt,
+        "--input",
+        &gen_in,
+        "--max-new-tokens",
+        "4",
+        "--out",
+        gen_out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gen_out).unwrap()).unwrap();
+    let p = modula::PeftPrompt::load(root.join("llama_prompt"), &device).unwrap();
+    let mut cache = modula::models::KvCache::new();
+    base.prefill_prompts(&[Some(&p.prompt)], None, &mut cache)
+        .unwrap();
+    let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(rows[1].clone(), [1, 6]),
+        &device,
+    );
+    let config = modula::models::GenerationConfig::greedy(&base, 4);
+    let want =
+        modula::models::generate_after(&base, cache, ids, None, None, &config, |_| {}).unwrap();
+    assert_eq!(got["new_tokens"], serde_json::json!(want));
+    // GPT-2 and bake refuse a prompt-tuning folder, naming it.
+    let (code, err) = modula_code(&[
+        "score",
+        "--model",
+        root.join("gpt2").to_str().unwrap(),
+        "--adapter",
+        &prompt,
+        "--input",
+        &gen_in,
+        "--out",
+        tmp.path().join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("prompt-tuning") && err.contains("GPT-2"),
+        "{err}"
+    );
+    let (code, err) = modula_code(&[
+        "bake",
+        "--base",
+        model.to_str().unwrap(),
+        "--out",
+        tmp.path().join("no").to_str().unwrap(),
+        root.join("llama_prompt").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("soft tokens"), "{err}");
+}

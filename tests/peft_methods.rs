@@ -174,10 +174,9 @@ fn bad_lycoris_folders_are_refused() {
         let mut t = TensorFile::open(&path).unwrap().tensors().clone();
         f(&mut t);
         modula::io::write_safetensors(&path, &t, None).unwrap();
-        let e = PeftAdapter::load(tmp.path(), &device)
+        PeftAdapter::load(tmp.path(), &device)
             .unwrap_err()
-            .to_string();
-        e
+            .to_string()
     };
     let key = "base_model.model.model.layers.0.self_attn.q_proj";
     let e = edit("llama_loha", &|t| {
@@ -239,4 +238,154 @@ fn bad_lycoris_folders_are_refused() {
     assert!(!tmp.path().join("adapter_model.safetensors").exists());
     let loha = modula::LohaModule::new(32, 48, 2, 4.0, &device).unwrap();
     assert!(a.insert("q", modula::LycorisModule::Loha(loha)).is_err());
+}
+
+/// PEFT's prompt-tuning folder: the logits of the input tokens are PEFT's after its 3 soft
+/// tokens, and the prompt positions' logits come from the prefill; a row without a prompt in
+/// the same batch gets the plain logits; gradients reach the soft tokens.
+#[test]
+fn prompt_tuning_folders_give_peft_logits() {
+    use modula::models::KvCache;
+    for device in devices() {
+        let at = |what: &str| format!("{what} on {device:?}");
+        let model = modula::checkpoint::load_decoder(folder("llama"), &device).unwrap();
+        let g = golden("llama_prompt");
+        let ids: Tensor<2, Int> = g.tensor::<2>("input_ids", &device).unwrap().int();
+        let want: Tensor<3> = g.tensor("logits", &device).unwrap();
+        let [b, pt, v] = want.dims();
+        let PeftAdapter::Prompt(peft) = PeftAdapter::load(folder("llama_prompt"), &device).unwrap()
+        else {
+            panic!("a prompt-tuning folder loads as PeftAdapter::Prompt");
+        };
+        let p = &peft.prompt;
+        assert_eq!((p.len(), p.width()), (3, 32));
+        let prompts = [Some(p), Some(p)];
+        let got = model
+            .forward_prompted(ids.clone(), None, &prompts, None)
+            .unwrap();
+        assert_close(
+            got,
+            want.clone().slice([0..b, 3..pt, 0..v]),
+            1e-5,
+            &at("tokens"),
+        );
+        let mut cache = KvCache::new();
+        let head = model.prefill_prompts(&prompts, None, &mut cache).unwrap();
+        assert_close(
+            head,
+            want.clone().slice([0..b, 0..3, 0..v]),
+            1e-5,
+            &at("prompt"),
+        );
+        // Row 1 without a prompt: its plain logits, beside row 0's prompted ones.
+        let got = model
+            .forward_prompted(ids.clone(), None, &[Some(p), None], None)
+            .unwrap();
+        let plain = model.forward(ids.clone()).unwrap();
+        assert_close(
+            got.clone().slice([0..1, 0..pt - 3, 0..v]),
+            want.slice([0..1, 3..pt, 0..v]),
+            1e-5,
+            &at("row 0 prompted"),
+        );
+        assert_close(
+            got.slice([1..2, 0..pt - 3, 0..v]),
+            plain.slice([1..2, 0..pt - 3, 0..v]),
+            1e-5,
+            &at("row 1 plain"),
+        );
+        assert!(
+            model
+                .prefill_prompts(&[None, None], None, &mut KvCache::new())
+                .is_err()
+        );
+    }
+    let device = burn::tensor::Device::flex().autodiff();
+    let model = modula::checkpoint::load_decoder(folder("llama"), &device).unwrap();
+    let p = modula::PeftPrompt::load(folder("llama_prompt"), &device)
+        .unwrap()
+        .prompt;
+    let ids: Tensor<2, Int> = golden("llama_prompt")
+        .tensor::<2>("input_ids", &device)
+        .unwrap()
+        .int();
+    let logits = model.forward_prompted(ids, None, &[Some(&p)], None);
+    assert!(logits.is_err(), "one prompt for two rows is a shape error");
+    let ids1: Tensor<2, Int> = Tensor::from_ints([[1, 5, 9]], &device);
+    let loss = model
+        .forward_prompted(ids1, None, &[Some(&p)], None)
+        .unwrap()
+        .powf_scalar(2.0)
+        .mean();
+    let g = modula::transfer::tartan::flat_gradient(loss.reshape([1]), &p);
+    assert_eq!(g.len(), 3 * 32);
+    assert!(g.iter().all(|x| x.is_finite()) && g.iter().any(|x| x.abs() > 1e-6));
+}
+
+/// Greedy generation after a prefilled prompt equals greedy decoding by full prompted
+/// forwards, token by token; the saved folder holds PEFT's tensor and reloads.
+#[test]
+fn prompted_generation_and_saving() {
+    use modula::models::{GenerationConfig, KvCache, generate_after};
+    let device = burn::tensor::Device::flex();
+    let model = modula::checkpoint::load_decoder(folder("llama"), &device).unwrap();
+    let p = modula::PeftPrompt::load(folder("llama_prompt"), &device).unwrap();
+    let prompts = [Some(&p.prompt)];
+    let mut cache = KvCache::new();
+    model.prefill_prompts(&prompts, None, &mut cache).unwrap();
+    let start = vec![2i64, 40, 11];
+    let ids: Tensor<2, Int> = Tensor::from_ints([[2, 40, 11]], &device);
+    let config = GenerationConfig::greedy(&model, 5);
+    let got = generate_after(&model, cache, ids, None, None, &config, |_| {}).unwrap();
+    let mut seq = start.clone();
+    for _ in 0..5 {
+        let n = seq.len();
+        let ids = Tensor::<1, Int>::from_ints(seq.as_slice(), &device).reshape([1, n]);
+        let logits = model.forward_prompted(ids, None, &prompts, None).unwrap();
+        let last: Vec<f32> = logits
+            .slice([0..1, n - 1..n])
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        let best = (0..last.len())
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .unwrap();
+        seq.push(best as i64);
+    }
+    assert_eq!(got[0], seq[start.len()..]);
+    let tmp = tempfile::tempdir().unwrap();
+    p.save(tmp.path()).unwrap();
+    let (a, b) = (
+        TensorFile::open(folder("llama_prompt").join("adapter_model.safetensors")).unwrap(),
+        TensorFile::open(tmp.path().join("adapter_model.safetensors")).unwrap(),
+    );
+    assert_eq!(a.tensors(), b.tensors());
+    let back = modula::PeftPrompt::load(tmp.path(), &device).unwrap();
+    assert_eq!(back.config.num_virtual_tokens, 3);
+    // A prompt of the wrong shape, or for an encoder-decoder model, is refused.
+    let text = std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap();
+    std::fs::write(
+        tmp.path().join("adapter_config.json"),
+        text.replace("\"num_virtual_tokens\": 3", "\"num_virtual_tokens\": 4"),
+    )
+    .unwrap();
+    let e = modula::PeftPrompt::load(tmp.path(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("prompt_embeddings") && e.contains("num_virtual_tokens = 4"),
+        "{e}"
+    );
+    std::fs::write(
+        tmp.path().join("adapter_config.json"),
+        text.replace(
+            "\"num_transformer_submodules\": 1",
+            "\"num_transformer_submodules\": 2",
+        ),
+    )
+    .unwrap();
+    let e = modula::PeftPrompt::load(tmp.path(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("num_transformer_submodules"), "{e}");
 }

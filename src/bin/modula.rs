@@ -453,7 +453,10 @@ struct Batch {
 /// A model with its named adapters and the limits a batch must respect.
 struct Loaded<M> {
     model: M,
+    /// Every adapter name, prompt-tuning ones included.
     names: Vec<String>,
+    /// The prompt-tuning adapters, by name (soft tokens, not layer weights).
+    prompts: BTreeMap<String, modula::PromptEmbedding>,
     vocab: usize,
     positions: usize,
     /// Routers chose the adapters (`--router`): rows name none.
@@ -479,11 +482,17 @@ impl<M: modula::models::LinearLayers> Loaded<M> {
         vocab: usize,
         positions: usize,
     ) -> Result<Self> {
-        let names = attach_adapters(&mut model, &batch.adapters, device)?;
-        let routed = apply_router(&mut model, &names, batch)?;
+        let (names, prompts) = attach_adapters(&mut model, &batch.adapters, device)?;
+        let layered: Vec<String> = names
+            .iter()
+            .filter(|n| !prompts.contains_key(*n))
+            .cloned()
+            .collect();
+        let routed = apply_router(&mut model, &layered, batch)?;
         Ok(Self {
             model,
             names,
+            prompts,
             vocab,
             positions,
             routed,
@@ -494,7 +503,37 @@ impl<M: modula::models::LinearLayers> Loaded<M> {
 impl<M> Loaded<M> {
     /// The per-row adapter names a forward pass takes: none when routers choose.
     fn row_adapters<'a>(&self, names: &'a [Option<String>]) -> Option<Vec<Option<&'a str>>> {
-        (!self.routed).then(|| names.iter().map(Option::as_deref).collect())
+        (!self.routed).then(|| {
+            names
+                .iter()
+                .map(|n| n.as_deref().filter(|n| !self.prompts.contains_key(*n)))
+                .collect()
+        })
+    }
+
+    /// Each row's soft prompt, when some row names a prompt-tuning adapter.
+    fn row_prompts(
+        &self,
+        names: &[Option<String>],
+    ) -> Option<Vec<Option<&modula::PromptEmbedding>>> {
+        let rows: Vec<_> = names
+            .iter()
+            .map(|n| n.as_ref().and_then(|n| self.prompts.get(n)))
+            .collect();
+        rows.iter().any(Option::is_some).then_some(rows)
+    }
+
+    /// [`Error::Invalid`] when prompt-tuning adapters are loaded for a model that takes none.
+    fn refuse_prompts(&self, model: &str) -> Result<()> {
+        match self.prompts.keys().next() {
+            None => Ok(()),
+            Some(name) => Err(invalid(
+                format!("--adapter {name}"),
+                format!(
+                    "a prompt-tuning adapter; modula serves soft prompts on Llama-family decoders, and this model is {model}"
+                ),
+            )),
+        }
     }
 }
 
@@ -598,14 +637,16 @@ fn apply_router(
     Ok(true)
 }
 
-/// Attaches each `NAME=DIR` PEFT folder (LoRA or IA3) to `m` by its target rules; returns the
-/// names.
+/// Attaches each `NAME=DIR` PEFT folder (LoRA, IA3, LoHa, LoKr) to `m` by its target rules and
+/// keeps prompt-tuning folders' soft tokens; returns all the names and the prompts by name.
+#[allow(clippy::type_complexity)]
 fn attach_adapters(
     m: &mut dyn modula::models::LinearLayers,
     adapters: &[String],
     device: &Device,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, BTreeMap<String, modula::PromptEmbedding>)> {
     let mut names = Vec::new();
+    let mut prompts = BTreeMap::new();
     for spec in adapters {
         let (name, dir) = spec
             .split_once('=')
@@ -622,12 +663,18 @@ fn attach_adapters(
                 format!("the name `{name}` is given twice"),
             ));
         }
-        let peft = modula::PeftAdapter::load(dir, device)?;
-        peft.attach_to_model(m, name)
-            .map_err(|e| in_file(Path::new(dir), e))?;
+        match modula::PeftAdapter::load(dir, device)? {
+            modula::PeftAdapter::Prompt(p) => {
+                prompts.insert(name.to_string(), p.prompt);
+            }
+            peft => {
+                peft.attach_to_model(m, name)
+                    .map_err(|e| in_file(Path::new(dir), e))?;
+            }
+        }
         names.push(name.to_string());
     }
-    Ok(names)
+    Ok((names, prompts))
 }
 
 /// Reads and checks an input batch: equal-length rows, a mask of the same shape, one known
@@ -807,16 +854,23 @@ fn run_score(
         let model = modula::checkpoint::load_gpt2(&batch.model, &device)?;
         let (vocab, positions) = (model.config.vocab_size, model.config.n_positions);
         let loaded = Loaded::new(model, batch, &device, vocab, positions)?;
+        loaded.refuse_prompts("GPT-2")?;
         let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
         let names = loaded.row_adapters(&names);
         loaded.model.forward(ids, mask, names.as_deref())?
     } else {
         let loaded = load_model(batch, &device)?;
         let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
-        match (loaded.row_adapters(&names), mask) {
-            (Some(names), mask) => loaded.model.forward_mixed(ids, mask, &names)?,
-            (None, Some(mask)) => loaded.model.forward_masked(ids, mask)?,
-            (None, None) => loaded.model.forward(ids)?,
+        let prompts = loaded.row_prompts(&names);
+        match (loaded.row_adapters(&names), mask, prompts) {
+            (names, mask, Some(prompts)) => {
+                loaded
+                    .model
+                    .forward_prompted(ids, mask, &prompts, names.as_deref())?
+            }
+            (Some(names), mask, None) => loaded.model.forward_mixed(ids, mask, &names)?,
+            (None, Some(mask), None) => loaded.model.forward_masked(ids, mask)?,
+            (None, None, None) => loaded.model.forward(ids)?,
         }
     };
     let mut tensors = BTreeMap::new();
@@ -849,9 +903,11 @@ fn run_generate(
         let m = modula::checkpoint::load_gpt2(&batch.model, &device)?;
         let (vocab, positions) = (m.config.vocab_size, m.config.n_positions);
         let l = Loaded::new(m, batch, &device, vocab, positions)?;
+        l.refuse_prompts("GPT-2")?;
         Loaded {
             model: Box::new(l.model),
             names: l.names,
+            prompts: l.prompts,
             vocab,
             positions,
             routed: l.routed,
@@ -861,13 +917,21 @@ fn run_generate(
         Loaded {
             model: Box::new(l.model),
             names: l.names,
+            prompts: l.prompts,
             vocab: l.vocab,
             positions: l.positions,
             routed: l.routed,
         }
     };
     let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
+    let prompts = loaded.row_prompts(&names);
     let names = loaded.row_adapters(&names);
+    let mut cache = modula::models::KvCache::new();
+    if let Some(prompts) = &prompts {
+        loaded
+            .model
+            .prefill_prompts(prompts, names.as_deref(), &mut cache)?;
+    }
     let mut config = GenerationConfig::greedy(loaded.model.as_ref(), max_new_tokens);
     if let Some(temperature) = temperature {
         config.decoding = Decoding::Sample {
@@ -878,8 +942,9 @@ fn run_generate(
         };
     }
     let pb = bar(max_new_tokens, "tokens");
-    let new_tokens = modula::models::generate(
+    let new_tokens = modula::models::generate_after(
         loaded.model.as_ref(),
+        cache,
         ids,
         mask,
         names.as_deref(),
@@ -909,6 +974,7 @@ fn run_embed(batch: &BatchArgs, out: &Path) -> Result<()> {
         model.config.max_position_embeddings,
     );
     let loaded = Loaded::new(model, batch, &device, vocab, positions)?;
+    loaded.refuse_prompts("an encoder")?;
     let (ids, mask, names) = read_batch(&batch.input, &loaded, &device)?;
     let names = loaded.row_adapters(&names);
     let hidden = loaded

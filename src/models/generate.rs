@@ -18,6 +18,7 @@ use burn::tensor::{Int, Tensor};
 
 use super::llama::{KvCache, LlamaForCausalLm};
 use crate::error::{Error, Result};
+use crate::modules::prompt::PromptEmbedding;
 use crate::rng::SplitMix64;
 use crate::tensor_util::{int_tensor, to_vec_f32};
 
@@ -184,6 +185,24 @@ pub trait CausalLm {
         last_only: bool,
     ) -> Result<Tensor<3>>;
 
+    /// Feeds each sequence's soft prompt into an empty `cache` (prompt tuning; see
+    /// [`LlamaForCausalLm::prefill_prompts`]) and returns the prompt positions' logits.
+    ///
+    /// # Errors
+    /// By default [`Error::Invalid`]: the model takes no soft prompts.
+    fn prefill_prompts(
+        &self,
+        prompts: &[Option<&PromptEmbedding>],
+        adapters: Option<&[Option<&str>]>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>> {
+        let _ = (prompts, adapters, cache);
+        Err(Error::invalid(
+            "soft prompts",
+            "this model does not take prompt-tuning adapters; the Llama family does",
+        ))
+    }
+
     /// The longest sequence its positions cover.
     fn max_positions(&self) -> usize;
 
@@ -208,6 +227,15 @@ impl CausalLm for LlamaForCausalLm {
             cache,
             last_only,
         )
+    }
+
+    fn prefill_prompts(
+        &self,
+        prompts: &[Option<&PromptEmbedding>],
+        adapters: Option<&[Option<&str>]>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>> {
+        LlamaForCausalLm::prefill_prompts(self, prompts, adapters, cache)
     }
 
     fn max_positions(&self) -> usize {
@@ -254,10 +282,36 @@ pub fn generate(
     attention_mask: Option<Tensor<2, Int>>,
     adapters: Option<&[Option<&str>]>,
     config: &GenerationConfig,
+    on_step: impl FnMut(&[Option<i64>]),
+) -> Result<Vec<Vec<i64>>> {
+    generate_after(
+        model,
+        KvCache::new(),
+        input_ids,
+        attention_mask,
+        adapters,
+        config,
+        on_step,
+    )
+}
+
+/// [`generate`] continuing after the positions `cache` already holds: soft prompts fed by
+/// [`LlamaForCausalLm::prefill_prompts`] (prompt tuning), or a shared context.
+///
+/// # Errors
+/// As [`generate`]; the cache's positions count towards the model's limit.
+pub fn generate_after(
+    model: &dyn CausalLm,
+    mut cache: KvCache,
+    input_ids: Tensor<2, Int>,
+    attention_mask: Option<Tensor<2, Int>>,
+    adapters: Option<&[Option<&str>]>,
+    config: &GenerationConfig,
     mut on_step: impl FnMut(&[Option<i64>]),
 ) -> Result<Vec<Vec<i64>>> {
     config.check()?;
     let [b, s] = input_ids.dims();
+    let s = s + cache.len();
     let limit = model.max_positions();
     if s + config.max_new_tokens > limit + 1 {
         return Err(Error::invalid(
@@ -270,7 +324,6 @@ pub fn generate(
         ));
     }
     let device = input_ids.device();
-    let mut cache = KvCache::new();
     let mut chooser = Chooser::new(&config.decoding);
     let mut out: Vec<Vec<i64>> = vec![Vec::new(); b];
     let mut done = vec![false; b];

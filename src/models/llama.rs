@@ -36,6 +36,7 @@ use super::rope::Rope;
 use crate::error::{Error, Result};
 use crate::modules::adapter::AdapterActivation;
 use crate::modules::lora::LoraLinear;
+use crate::modules::prompt::{PromptEmbedding, batch_prompts};
 use crate::moe::MoeLayer;
 use crate::moe::experts::{Expert, ExpertKind};
 use crate::prune::UnitState;
@@ -539,6 +540,59 @@ impl LlamaForCausalLm {
         self.run_cached(input_ids, attention_mask, mix.as_ref(), cache, last_only)
     }
 
+    /// Logits of the input tokens when sequence `i` is preceded by the soft tokens
+    /// `prompts[i]` (prompt tuning, PEFT's `PROMPT_TUNING`; `None`: no prompt): `[batch, seq,
+    /// vocab]`, PEFT's logits without the prompt positions. Shorter prompts are left-padded,
+    /// so rows with different prompts or none share the batch (a row without a prompt gets
+    /// the plain forward's logits). `attention_mask` and `adapters` work as in
+    /// [`forward_cached`](Self::forward_cached), the adapters for the prompt positions too.
+    /// Gradients reach the prompts.
+    ///
+    /// # Errors
+    /// As [`forward_cached`](Self::forward_cached) and
+    /// [`prefill_prompts`](Self::prefill_prompts).
+    pub fn forward_prompted(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        prompts: &[Option<&PromptEmbedding>],
+        adapters: Option<&[Option<&str>]>,
+    ) -> Result<Tensor<3>> {
+        let mut cache = KvCache::new();
+        self.prefill_prompts(prompts, adapters, &mut cache)?;
+        self.forward_cached(input_ids, attention_mask, adapters, &mut cache, false)
+    }
+
+    /// Feeds each sequence's soft prompt (left-padded to the longest) into an empty `cache`,
+    /// so that [`forward_cached`](Self::forward_cached) and
+    /// [`generate_after`](super::generate_after) continue after it; returns the logits at the
+    /// prompt positions, `[batch, P_max, vocab]` (PEFT returns them before the tokens').
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a cache that is not empty or no prompt at all; [`Error::Shape`]
+    /// for a prompt whose width is not the hidden size or an adapter count other than the
+    /// prompt count; as [`forward_cached`](Self::forward_cached).
+    pub fn prefill_prompts(
+        &self,
+        prompts: &[Option<&PromptEmbedding>],
+        adapters: Option<&[Option<&str>]>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>> {
+        if !cache.is_empty() {
+            return Err(Error::invalid(
+                "prefill_prompts cache",
+                "the cache already holds positions; prompts go first, into an empty cache",
+            ));
+        }
+        let device = self.model.embed_tokens.weight.device();
+        let (x, mask) = batch_prompts(prompts, self.config.hidden_size, &device)?;
+        let mix = match adapters {
+            Some(names) => Some(self.mix(prompts.len(), names)?),
+            None => None,
+        };
+        self.run_embedded(x, Some(mask), mix.as_ref(), cache, false)
+    }
+
     /// The mixed-adapter state for a batch of `b` sequences, after checking the names.
     fn mix<'a>(&self, b: usize, adapters: &'a [Option<&'a str>]) -> Result<Mix<'a>> {
         Mix::new(self, b, adapters)
@@ -562,15 +616,28 @@ impl LlamaForCausalLm {
         cache: &mut KvCache,
         last_only: bool,
     ) -> Result<Tensor<3>> {
-        let [b, s] = input_ids.dims();
-        let c = &self.config;
         check_ids(
             input_ids.clone(),
             "token id",
             "the model's vocabulary",
-            c.vocab_size,
+            self.config.vocab_size,
         )?;
-        let device = input_ids.device();
+        let x = self.model.embed_tokens.forward(input_ids);
+        self.run_embedded(x, attention_mask, mix, cache, last_only)
+    }
+
+    /// [`run_cached`](Self::run_cached) from input embeddings `x: [batch, new, d]`.
+    fn run_embedded(
+        &self,
+        mut x: Tensor<3>,
+        attention_mask: Option<Tensor<2, Int>>,
+        mix: Option<&Mix<'_>>,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor<3>> {
+        let [b, s, _] = x.dims();
+        let c = &self.config;
+        let device = x.device();
         let (positions, blocked) = cache.advance(
             attention_mask,
             [b, s],
@@ -579,7 +646,6 @@ impl LlamaForCausalLm {
             &device,
         )?;
         let (cos, sin) = self.rope.cos_sin(positions);
-        let mut x = self.model.embed_tokens.forward(input_ids);
         for (l, layer) in self.model.layers.iter().enumerate() {
             let a = layer.input_layernorm.forward(x.clone());
             x = x + self.attention(&layer.self_attn, a, &cos, &sin, &blocked, mix, cache, l)?;

@@ -33,6 +33,7 @@ pub use bert::{BertConfig, BertModel, mean_pooling};
 pub use config::{DecoderConfig, DecoderFamily};
 pub use generate::{
     CausalLm, Decoding, GenerationConfig, causal_lm_loss, distillation_loss, generate,
+    generate_after,
 };
 pub use gpt2::{Gpt2Config, Gpt2LmHeadModel};
 pub use llama::{

@@ -337,7 +337,7 @@ impl KronFactor {
 /// pair nearest the square root whose smaller member does not exceed `factor` (any, for
 /// `factor = -1`).
 pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
-    if factor > 0 && dimension % factor as usize == 0 {
+    if factor > 0 && dimension.is_multiple_of(factor as usize) {
         return (factor as usize, dimension / factor as usize);
     }
     let factor = if factor == -1 {
@@ -349,7 +349,7 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
     let length = m + n; // as in PEFT, not updated in the loop
     while m < n {
         let mut new_m = m + 1;
-        while dimension % new_m != 0 {
+        while !dimension.is_multiple_of(new_m) {
             new_m += 1;
         }
         let new_n = dimension / new_m;

@@ -4,8 +4,10 @@
 //! pre-trained model, and modula has each:
 //!
 //! - **parameter composition**, modules that modify a host layer's weights:
-//!   [`lora`] (LoRA, rsLoRA, many named adapters per layer, merge/unmerge) and [`ia3`];
-//! - **input composition**, modules that add inputs: [`prefix`] (prefix tuning);
+//!   [`lora`] (LoRA, rsLoRA, many named adapters per layer, merge/unmerge), [`lycoris`]
+//!   (LoHa, LoKr) and [`ia3`];
+//! - **input composition**, modules that add inputs: [`prefix`] (prefix tuning) and
+//!   [`prompt`] (prompt tuning, with input aggregation of several prompts);
 //! - **function composition**, modules that add a function on the hidden state:
 //!   [`adapter`] (bottleneck adapters, Houlsby and Pfeiffer placements).
 //!
@@ -18,6 +20,7 @@ pub mod ia3;
 pub mod lora;
 pub mod lycoris;
 pub mod prefix;
+pub mod prompt;
 
 use burn::tensor::Tensor;
 

@@ -27,6 +27,9 @@ const LOKR_PARTS: [&str; 6] = [
     "lokr_w2",
 ];
 
+/// One side of a LoKr module as read: the full matrix or the low-rank pair.
+type KronSide = (Option<Tensor<2>>, Option<(Tensor<2>, Tensor<2>)>);
+
 /// A LoHa or LoKr adapter read from (or to be written as) a PEFT folder: one
 /// [`LycorisModule`] per module path, all of the config's kind.
 #[derive(Debug)]
@@ -117,27 +120,26 @@ impl PeftLycoris {
                         .map_err(|e| bad(e.to_string()))?,
                 )
             } else {
-                let mut side =
-                    |n: u8| -> Result<(Option<Tensor<2>>, Option<(Tensor<2>, Tensor<2>)>)> {
-                        let full = t.remove(format!("lokr_w{n}").as_str());
-                        let a = t.remove(format!("lokr_w{n}_a").as_str());
-                        let b = t.remove(format!("lokr_w{n}_b").as_str());
-                        match (full, a, b) {
-                            (Some(w), None, None) => Ok((Some(w), None)),
-                            (None, Some(a), Some(b)) => {
-                                if a.dims()[1] != r {
-                                    return Err(bad(format!(
-                                        "lokr_w{n}_a {:?} disagrees with the config's rank {r}; check r / rank_pattern",
-                                        a.dims()
-                                    )));
-                                }
-                                Ok((None, Some((a, b))))
+                let mut side = |n: u8| -> Result<KronSide> {
+                    let full = t.remove(format!("lokr_w{n}").as_str());
+                    let a = t.remove(format!("lokr_w{n}_a").as_str());
+                    let b = t.remove(format!("lokr_w{n}_b").as_str());
+                    match (full, a, b) {
+                        (Some(w), None, None) => Ok((Some(w), None)),
+                        (None, Some(a), Some(b)) => {
+                            if a.dims()[1] != r {
+                                return Err(bad(format!(
+                                    "lokr_w{n}_a {:?} disagrees with the config's rank {r}; check r / rank_pattern",
+                                    a.dims()
+                                )));
                             }
-                            _ => Err(bad(format!(
-                                "needs either lokr_w{n} or both lokr_w{n}_a and lokr_w{n}_b"
-                            ))),
+                            Ok((None, Some((a, b))))
                         }
-                    };
+                        _ => Err(bad(format!(
+                            "needs either lokr_w{n} or both lokr_w{n}_a and lokr_w{n}_b"
+                        ))),
+                    }
+                };
                 let (w1, w1_pair) = side(1)?;
                 let (w2, w2_pair) = side(2)?;
                 LycorisModule::Lokr(

@@ -35,12 +35,14 @@ mod ia3;
 mod keys;
 mod lora;
 mod lycoris;
+mod prompt;
 pub mod targets;
 
 pub use config::{PeftConfig, PeftType};
 pub use ia3::PeftIa3;
 pub use lora::PeftLora;
 pub use lycoris::PeftLycoris;
+pub use prompt::PeftPrompt;
 pub use targets::{TargetDecision, TargetRules};
 
 use std::path::Path;
@@ -86,6 +88,8 @@ pub enum PeftAdapter {
     Ia3(PeftIa3),
     /// A LoHa or LoKr adapter.
     Lycoris(PeftLycoris),
+    /// A prompt-tuning adapter (soft tokens, not layer weights).
+    Prompt(PeftPrompt),
 }
 
 impl PeftAdapter {
@@ -101,10 +105,7 @@ impl PeftAdapter {
             PeftType::Lora => PeftLora::load(dir, device).map(Self::Lora),
             PeftType::Ia3 => PeftIa3::load(dir, device).map(Self::Ia3),
             PeftType::Loha | PeftType::Lokr => PeftLycoris::load(dir, device).map(Self::Lycoris),
-            PeftType::PromptTuning => Err(Error::peft(
-                &cfg_path,
-                "a PROMPT_TUNING folder adds soft tokens to the input, not weights to layers; load it with PeftPrompt::load",
-            )),
+            PeftType::PromptTuning => PeftPrompt::load(dir, device).map(Self::Prompt),
         }
     }
 
@@ -114,7 +115,7 @@ impl PeftAdapter {
     /// Returns the adapted paths.
     ///
     /// # Errors
-    /// As those. Nothing changes on error.
+    /// As those; [`Error::Peft`] for a prompt-tuning adapter. Nothing changes on error.
     pub fn attach_to_model(
         &self,
         model: &mut dyn crate::models::LinearLayers,
@@ -124,6 +125,12 @@ impl PeftAdapter {
             Self::Lora(a) => a.attach_to_model(model, name),
             Self::Ia3(a) => a.attach_to_model(model, name),
             Self::Lycoris(a) => a.attach_to_model(model, name),
+            Self::Prompt(p) => Err(Error::peft(
+                p.source.as_deref().unwrap_or(Path::new("<PEFT prompt>")),
+                format!(
+                    "`{name}` is a prompt-tuning adapter: it adds soft tokens before the input, not weights to layers; pass its prompt to forward_prompted"
+                ),
+            )),
         }
     }
 }
