@@ -178,10 +178,10 @@ pub use moe::soft::{SoftMoe, SoftMoeConfig};
 pub use moe::{MoeLayer, MoeLayerConfig};
 pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora, PeftLycoris, PeftPrompt};
 pub use routers::{
-    ArrowRouter, ExpertChoiceRouter, ExpertChoiceRouterConfig, HashRouter, HashRouterConfig,
-    NoisyTopKRouter, NoisyTopKRouterConfig, PolytroponRouter, PolytroponRouterConfig,
-    SecondExpertPolicy, SequenceTasks, SimilarityRouter, TaskRouted, TopKRouter, TopKRouterConfig,
-    XLoraRouter, XLoraRouterConfig,
+    ArrowRouter, ExpertChoiceRouter, ExpertChoiceRouterConfig, GumbelRouter, HashRouter,
+    HashRouterConfig, NoisyTopKRouter, NoisyTopKRouterConfig, PolytroponRouter,
+    PolytroponRouterConfig, ReinforceRouter, SecondExpertPolicy, SequenceTasks, SimilarityRouter,
+    TaskRouted, TopKRouter, TopKRouterConfig, XLoraRouter, XLoraRouterConfig,
 };
 pub use routing::{
     Aggregator, DispatchPlan, FixedRouter, Router, RouterInput, Routing, WeightedMean, WeightedSum,

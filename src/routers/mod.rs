@@ -14,6 +14,8 @@
 //! | [`TaskRouted`] | a model layer's rows, by their sequences' tasks | task-level routing in a model |
 //! | [`XLoraRouter`] | rows | Buehler & Buehler 2024; L2R (Araujo et al. 2024) |
 //! | [`SimilarityRouter`] | rows | L2R's similarity baseline |
+//! | [`ReinforceRouter`] | rows | hard routing by the score-function estimator (Williams 1992; Rosenbaum et al. 2018) |
+//! | [`GumbelRouter`] | rows | hard routing by Gumbel-softmax straight-through (Jang et al. 2017) |
 //! | [`LmcLayer`](crate::continual::lmc::LmcLayer) | rows | Ostapenko et al. 2021 (LMC local routing) |
 //!
 //! Soft MoE's dispatch ([`SoftMoe`](crate::moe::soft::SoftMoe)) is not a router: it mixes
@@ -30,6 +32,7 @@ pub mod losses;
 pub mod noisy;
 pub mod polytropon;
 pub mod similarity;
+pub mod stochastic;
 pub mod task;
 pub mod topk;
 pub mod xlora;
@@ -41,6 +44,9 @@ pub use hash::{HashRouter, HashRouterConfig};
 pub use noisy::{NoisyTopKRouter, NoisyTopKRouterConfig};
 pub use polytropon::{PolytroponRouter, PolytroponRouterConfig};
 pub use similarity::SimilarityRouter;
+pub use stochastic::{
+    GumbelRouter, ReinforceRouter, ReinforceSample, RewardBaseline, reinforce_loss,
+};
 pub use task::{SequenceTasks, TaskRouted};
 pub use topk::{TopKRouter, TopKRouterConfig};
 pub use xlora::{XLoraRouter, XLoraRouterConfig};
