@@ -657,7 +657,7 @@ fn reinforce_learns_a_hard_routing() {
     let mut baseline = RewardBaseline::new(0.9).unwrap();
     let mut optim = AdamConfig::new().init();
     let x = Tensor::<2>::from_floats([[1.0, 0.0], [-1.0, 0.0]], &device).repeat_dim(0, 16);
-    let want = |row: usize| if row % 2 == 0 { 0 } else { 2 };
+    let want = |row: usize| if row.is_multiple_of(2) { 0 } else { 2 };
     for _ in 0..150 {
         let s = router.sample(&x).unwrap();
         let acts: Vec<i64> = s.actions.clone().into_data().iter::<i64>().collect();
@@ -714,10 +714,10 @@ fn gumbel_straight_through_routes_hard_and_passes_gradients() {
     let w: Vec<f32> = routing.weights().into_data().iter::<f32>().collect();
     assert_eq!(idx.len(), n, "one module per row");
     assert!(w.iter().all(|&w| w == 1.0), "hard weights");
-    for j in 0..3 {
+    for (j, p) in pi.iter().enumerate() {
         let freq = idx.iter().filter(|&&a| a == j as i64).count() as f64 / n as f64;
-        let z = (freq - pi[j]) / (pi[j] * (1.0 - pi[j]) / n as f64).sqrt();
-        assert!(z.abs() < 3.0, "choice {j}: {freq} vs {} (z = {z})", pi[j]);
+        let z = (freq - p) / (p * (1.0 - p) / n as f64).sqrt();
+        assert!(z.abs() < 3.0, "choice {j}: {freq} vs {p} (z = {z})");
     }
     let mut rng = Rng(5);
     let modules: Vec<LoraModule> = (0..3).map(|_| expert(&mut rng, 1, 4, &device)).collect();
