@@ -430,3 +430,79 @@ fn l2r_task_loss_routes_to_the_module_that_predicts_the_label() {
     bad[0] = vec![1.5, 0.0];
     assert!(train_router_on_task_loss(&x, &bad, fresh(), 1, 1e-2, 0).is_err());
 }
+
+/// The reference implementation's LMC routing: per row `softmax(−ln γ / T)` times the batch
+/// prior `softmax(−ln mean_batch γ / T_p)`, renormalised (host arithmetic from the layer's own
+/// `γ`); without the prior, the likelihood alone; a bad prior temperature is refused.
+#[test]
+fn lmc_reference_routing_is_likelihood_times_batch_prior() {
+    use modula::continual::LmcRouting;
+    let device = Device::flex();
+    for prior in [Some(0.5), None] {
+        let config = LmcConfig {
+            temperature: 0.3,
+            routing: LmcRouting::Reference {
+                prior_temperature: prior,
+            },
+            ..LmcConfig::default()
+        };
+        let mut layer = LmcLayer::new(6, 4, config, &device).unwrap();
+        layer.add_module(&device);
+        layer.add_module(&device);
+        let x = Tensor::<2>::random(
+            [5, 6],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let g: Vec<f32> = layer
+            .gammas(&x)
+            .unwrap()
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        let w: Vec<f32> = layer
+            .route(&x)
+            .unwrap()
+            .weights()
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        let soft = |v: &[f64]| {
+            let m = v.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = v.iter().map(|x| (x - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.into_iter().map(|x| x / s).collect::<Vec<_>>()
+        };
+        let mean: Vec<f64> = (0..3)
+            .map(|m| (0..5).map(|r| f64::from(g[r * 3 + m])).sum::<f64>() / 5.0)
+            .collect();
+        let p = match prior {
+            Some(tp) => soft(&mean.iter().map(|v| -v.ln() / tp).collect::<Vec<_>>()),
+            None => vec![1.0; 3],
+        };
+        for r in 0..5 {
+            let like = soft(
+                &(0..3)
+                    .map(|m| -f64::from(g[r * 3 + m]).ln() / 0.3)
+                    .collect::<Vec<_>>(),
+            );
+            let un: Vec<f64> = like.iter().zip(&p).map(|(a, b)| a * b).collect();
+            let s: f64 = un.iter().sum();
+            for m in 0..3 {
+                let want = un[m] / s;
+                assert!(
+                    (f64::from(w[r * 3 + m]) - want).abs() < 1e-5,
+                    "row {r} module {m}: {} vs {want}",
+                    w[r * 3 + m]
+                );
+            }
+        }
+    }
+    let bad = LmcConfig {
+        routing: LmcRouting::Reference {
+            prior_temperature: Some(0.0),
+        },
+        ..LmcConfig::default()
+    };
+    assert!(LmcLayer::new(6, 4, bad, &device).is_err());
+}

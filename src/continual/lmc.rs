@@ -11,7 +11,10 @@
 //! mean of `γ` (1 before it has statistics), so each module's relevance is judged against what
 //! is normal for it (optionally averaged over the batch, the
 //! batch-level prior, when a batch is known to come from one task), and the layer outputs
-//! `Σ_m w_m f_m(x)`. The routing weights carry no gradient into the decoders; decoders learn
+//! `Σ_m w_m f_m(x)`. The authors' reference code routes differently ([`LmcRouting::Reference`]):
+//! `w(x) ∝ softmax_m(−ln γ_m(x) / T) · softmax_m(−ln mean_batch γ_m / T_p)`, a per-row
+//! likelihood times a batch-level structural prior; both forms are available and
+//! examples/continual_text.rs compares them. The routing weights carry no gradient into the decoders; decoders learn
 //! only from the structural loss `Σ_m mean γ_m` over the trainable modules.
 //!
 //! **Expansion.** Each module keeps running statistics (mean, variance) of its `γ` on the data
@@ -103,6 +106,22 @@ impl RunningStats {
     }
 }
 
+/// How an [`LmcLayer`] turns reconstruction errors `γ` into routing weights.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LmcRouting {
+    /// `softmax_m(−γ_m / (T·μ_m))`: each module's error relative to its own running mean
+    /// (modula's default, the form of the paper's equation).
+    Normalized,
+    /// The reference implementation's form: `softmax_m(−ln γ_m / T) · p_m`, renormalised,
+    /// with the batch-level structural prior `p = softmax_m(−ln mean_batch γ_m / T_p)`
+    /// (`prior_temperature = T_p`; `None`: a uniform prior).
+    Reference {
+        /// Temperature `T_p` of the batch-level prior; `None` turns the prior off.
+        prior_temperature: Option<f64>,
+    },
+}
+
 /// Settings of an [`LmcLayer`]. Serialisable; the fields left out of a JSON document take the
 /// defaults.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -112,8 +131,11 @@ pub struct LmcConfig {
     pub temperature: f64,
     /// z-score above which a frozen module calls a batch an outlier.
     pub z_threshold: f64,
-    /// Average the routing over the batch (the batch-level prior).
+    /// Average the routing over the batch (the batch-level prior of the
+    /// [`Normalized`](LmcRouting::Normalized) form).
     pub batch_prior: bool,
+    /// The routing form.
+    pub routing: LmcRouting,
 }
 
 impl Default for LmcConfig {
@@ -122,6 +144,7 @@ impl Default for LmcConfig {
             temperature: 0.1,
             z_threshold: 3.0,
             batch_prior: false,
+            routing: LmcRouting::Normalized,
         }
     }
 }
@@ -179,6 +202,12 @@ impl LmcLayer {
             ));
         }
         crate::routers::check_temperature("LMC temperature", config.temperature)?;
+        if let LmcRouting::Reference {
+            prior_temperature: Some(tp),
+        } = config.routing
+        {
+            crate::routers::check_temperature("LMC prior temperature", tp)?;
+        }
         Ok(Self {
             modules: vec![LmcModule::new(d_in, d_out, device)],
             frozen: vec![false],
@@ -259,6 +288,24 @@ impl LmcLayer {
     /// averaged over the batch under the batch prior. No gradient flows into `γ`.
     fn weights_of(&self, gamma: Tensor<2>) -> Tensor<2> {
         let [rows, m] = gamma.dims();
+        if let LmcRouting::Reference { prior_temperature } = self.config.routing {
+            let gamma = gamma.detach().clamp_min(1e-12);
+            let likelihood = softmax(
+                gamma
+                    .clone()
+                    .log()
+                    .neg()
+                    .div_scalar(self.config.temperature),
+                1,
+            );
+            let Some(tp) = prior_temperature else {
+                return likelihood;
+            };
+            let batch = gamma.mean_dim(0).log();
+            let prior = softmax(batch.neg().div_scalar(tp), 1);
+            let w = likelihood * prior.expand([rows, m]);
+            return w.clone() / w.sum_dim(1).clamp_min(1e-30);
+        }
         let scale: Vec<f32> = self
             .stats
             .iter()

@@ -14,5 +14,5 @@ pub mod lmc;
 pub mod replay;
 
 pub use l2r::{train_router_on_task_loss, train_task_router};
-pub use lmc::{LmcConfig, LmcLayer, LmcModel, LmcModule};
+pub use lmc::{LmcConfig, LmcLayer, LmcModel, LmcModule, LmcRouting};
 pub use replay::{NearestClassMean, ReplayBuffer, ReplayPolicy};
