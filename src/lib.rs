@@ -153,8 +153,8 @@ pub mod tokenizer;
 pub mod transfer;
 
 pub use aggregate::{
-    AdapterFusion, AdapterFusionConfig, LoraFactorMix, LoraMix, RoutedLora, RoutingTrace,
-    TracedRouting, lora_mixture,
+    AdapterFusion, AdapterFusionConfig, LoraFactorMix, LoraMix, RoutedLora, RoutingTrace, Stack,
+    TracedRouting, lora_mixture, stack_routed,
 };
 pub use error::{Error, Result, Scope};
 pub use io::{HostTensor, TensorFile};
@@ -162,6 +162,9 @@ pub use modules::adapter::{
     AdapterActivation, AdapterForm, AdapterPlacement, BlockAdapters, BottleneckAdapter,
     BottleneckConfig,
 };
+pub use modules::compacter::Compacter;
+pub use modules::film::Film;
+pub use modules::hyper::{GeneratedAdapter, HyperAdapters, HyperEmbedding};
 pub use modules::ia3::{Ia3Linear, Ia3Vector};
 pub use modules::lora::{
     AdapterSlots, LayerRouter, LoraConfig, LoraEmbedding, LoraForward, LoraInit, LoraLinear,
@@ -172,6 +175,7 @@ pub use modules::lycoris::{
 };
 pub use modules::prefix::{PrefixAttention, PrefixConfig, PrefixEncoder};
 pub use modules::prompt::PromptEmbedding;
+pub use modules::sparse::{BiasDelta, SparseDelta};
 pub use modules::{ComputeModule, dispatch_modules, dispatch_planned};
 pub use moe::experts::{Expert, ExpertConfig, ExpertKind};
 pub use moe::soft::{SoftMoe, SoftMoeConfig};
@@ -179,7 +183,7 @@ pub use moe::{MoeLayer, MoeLayerConfig};
 pub use peft::{PeftAdapter, PeftConfig, PeftIa3, PeftLora, PeftLycoris, PeftPrompt};
 pub use routers::{
     ArrowRouter, ExpertChoiceRouter, ExpertChoiceRouterConfig, GumbelRouter, HashRouter,
-    HashRouterConfig, NoisyTopKRouter, NoisyTopKRouterConfig, PolytroponRouter,
+    HashRouterConfig, HyperRouter, NoisyTopKRouter, NoisyTopKRouterConfig, PolytroponRouter,
     PolytroponRouterConfig, ReinforceRouter, SecondExpertPolicy, SequenceTasks, SimilarityRouter,
     TaskRouted, TopKRouter, TopKRouterConfig, XLoraRouter, XLoraRouterConfig,
 };

@@ -769,3 +769,159 @@ fn task_routing_per_sequence_equals_a_mixed_batch_and_decodes_alike() {
         "the two tasks' allocations stay equal: {z:?}"
     );
 }
+
+/// A rows router that sends row `r` to the module with the largest of its first three
+/// features (weight 1) and records each call's choices.
+#[derive(Clone, Debug, Default)]
+struct FirstFeatures(Arc<Mutex<Vec<Vec<i64>>>>);
+
+impl Router for FirstFeatures {
+    fn num_modules(&self) -> usize {
+        3
+    }
+
+    fn route_input(&self, input: RouterInput<'_>) -> modula::Result<Routing> {
+        let x = input.into_rows("FirstFeatures")?;
+        let [rows, d] = x.dims();
+        let v: Vec<f32> = x.clone().into_data().iter::<f32>().collect();
+        let picks: Vec<i64> = (0..rows)
+            .map(|r| {
+                let row = &v[r * d..r * d + 3];
+                (0..3).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as i64
+            })
+            .collect();
+        self.0.lock().unwrap().push(picks.clone());
+        Routing::one_per_row(&picks, 3, &x.device())
+    }
+}
+
+/// Routing levels on a decoder: one router deciding per sequence in each layer, or once per
+/// sequence for the whole model (`PerSequence`). Global: the router runs once per forward and
+/// the logits are PEFT's mixed batch with its choices; sequence level: each sequence's logits
+/// are those it gets alone in the batch, all its tokens share each layer's choice, and a
+/// cached decoding step applies the prefill's choices.
+#[test]
+fn routing_levels_sequence_and_global_on_a_decoder() {
+    use modula::routers::{PerSequence, RoutingLevel, SequenceBatch};
+    let device = Device::flex();
+    let rows = [vec![3, 9, 17, 4], vec![60, 2, 8, 31], vec![5, 5, 1, 0]];
+    let names = ["a", "b", "c"];
+    let install = |model: &mut LlamaForCausalLm,
+                   level: RoutingLevel,
+                   batch: &SequenceBatch,
+                   shared: &FirstFeatures| {
+        install_routers(model, &mut |_, layer| {
+            if layer.names().is_empty() {
+                return Ok(None);
+            }
+            // Global: one recording router shared by every layer; otherwise one per layer.
+            let inner = if level == RoutingLevel::Global {
+                shared.clone()
+            } else {
+                FirstFeatures::default()
+            };
+            let r = PerSequence::new(inner, level, batch.clone());
+            Ok(Some(Arc::new(RoutedLora::new(
+                r,
+                names.map(String::from).to_vec(),
+                LoraMix::Output,
+            )?) as _))
+        })
+        .unwrap();
+    };
+    // Global.
+    let mut model = model_with_experts(&device);
+    let batch = SequenceBatch::new();
+    let shared = FirstFeatures::default();
+    install(&mut model, RoutingLevel::Global, &batch, &shared);
+    assert!(
+        model.forward(ids(&rows, &device)).is_err(),
+        "no batch started"
+    );
+    batch.start(3);
+    let got = model.forward(ids(&rows, &device)).unwrap();
+    let calls = shared.0.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "one decision per forward: {calls:?}");
+    let choice: Vec<Option<&str>> = calls[0].iter().map(|&i| Some(names[i as usize])).collect();
+    let plain = model_with_experts(&device);
+    let want = plain
+        .forward_mixed(ids(&rows, &device), None, &choice)
+        .unwrap();
+    assert_close(
+        got,
+        want,
+        1e-5,
+        "global routing = mixed batch of its choices",
+    );
+    batch.start(2);
+    assert!(
+        model.forward(ids(&rows, &device)).is_err(),
+        "3 sequences in a batch of 2"
+    );
+    // Sequence level: batch independence and decoding reuse.
+    let mut model = model_with_experts(&device);
+    let batch = SequenceBatch::new();
+    install(&mut model, RoutingLevel::Sequence, &batch, &shared);
+    batch.start(3);
+    let all = model.forward(ids(&rows, &device)).unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        batch.start(1);
+        let alone = model
+            .forward(ids(std::slice::from_ref(row), &device))
+            .unwrap();
+        assert_close(
+            all.clone().slice([i..i + 1, 0..4, 0..64]),
+            alone,
+            1e-5,
+            &format!("sequence {i}"),
+        );
+    }
+    // The decisions the layers apply, traced: per sequence at prefill, reused by a step.
+    {
+        let level = RoutingLevel::Sequence;
+        let mut model = model_with_experts(&device);
+        let batch = SequenceBatch::new();
+        let trace = RoutingTrace::new();
+        install_routers(&mut model, &mut |path, layer| {
+            if layer.names().is_empty() {
+                return Ok(None);
+            }
+            let r = PerSequence::new(FirstFeatures::default(), level, batch.clone());
+            Ok(Some(Arc::new(
+                RoutedLora::new(r, names.map(String::from).to_vec(), LoraMix::Output)?
+                    .with_trace(path, trace.clone()),
+            ) as _))
+        })
+        .unwrap();
+        batch.start(3);
+        let mut cache = KvCache::new();
+        model
+            .forward_cached(ids(&rows, &device), None, None, &mut cache, true)
+            .unwrap();
+        let prefill = trace.take();
+        model
+            .forward_cached(
+                ids(&[vec![7], vec![8], vec![9]], &device),
+                None,
+                None,
+                &mut cache,
+                true,
+            )
+            .unwrap();
+        let step = trace.take();
+        assert_eq!(prefill.len(), step.len());
+        assert!(!prefill.is_empty());
+        for (p, s) in prefill.iter().zip(&step) {
+            // Every token of a sequence shares its layer's choice, and the step applies it.
+            let first: Vec<i64> = (0..3).map(|i| p.indices[i * 4]).collect();
+            for (i, f) in first.iter().enumerate() {
+                assert!(p.indices[i * 4..i * 4 + 4].iter().all(|m| m == f), "{p:?}");
+            }
+            assert_eq!(
+                s.indices, first,
+                "{}: the step reuses the prefill's choice",
+                p.label
+            );
+        }
+    }
+}

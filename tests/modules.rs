@@ -626,3 +626,275 @@ fn remove_and_merge_and_unload() {
         assert_close(plain.forward(x), only_b, 1e-5, "merge_and_unload");
     }
 }
+
+/// MSE of `a` against `b`.
+fn mse(a: Tensor<2>, b: Tensor<2>) -> Tensor<1> {
+    (a - b).powf_scalar(2.0).mean().reshape([1])
+}
+
+/// LT-SFT on a planted sparse change: full fine-tuning of a linear map finds the 4 changed
+/// entries among the largest moves, and training only those (from the original weight)
+/// recovers the target; BitFit fits a planted bias shift with the weights frozen.
+#[test]
+fn lt_sft_finds_and_fits_a_planted_sparse_change_and_bitfit_fits_a_shift() {
+    use modula::{BiasDelta, SparseDelta};
+    let device = Device::flex().autodiff();
+    device.seed(11);
+    let (d_in, d_out) = (8, 6);
+    let w0 = Tensor::<2>::random(
+        [d_in, d_out],
+        burn::tensor::Distribution::Normal(0.0, 0.5),
+        &device,
+    );
+    let planted = [3i64, 17, 30, 44];
+    let target = SparseDelta::new(
+        &planted,
+        Tensor::from_floats([1.5, -2.0, 1.0, 2.5], &device),
+        d_in,
+        d_out,
+    )
+    .unwrap();
+    let x = Tensor::<2>::random(
+        [64, d_in],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let y = x.clone().matmul(w0.clone() + target.to_dense()).detach();
+    // Phase 1: full fine-tuning of the weight.
+    let mut full = burn::nn::Linear {
+        weight: burn::module::Param::from_tensor(w0.clone()),
+        bias: None,
+    };
+    let mut optim = AdamConfig::new().init();
+    for _ in 0..150 {
+        let loss = mse(full.forward(x.clone()), y.clone());
+        let g = GradientsParams::from_grads(loss.backward(), &full);
+        full = optim.step(0.05, full, g);
+    }
+    let mut pick = SparseDelta::top_k_changes(w0.clone(), full.weight.val(), 4).unwrap();
+    assert_eq!(
+        pick.positions(),
+        planted,
+        "the largest moves are the planted entries"
+    );
+    // Phase 2: only the picked entries train, from the original weight.
+    let mut optim = AdamConfig::new().init();
+    let before = mse(x.clone().matmul(w0.clone()), y.clone()).into_scalar::<f32>();
+    for _ in 0..300 {
+        let out = x.clone().matmul(w0.clone()) + pick.forward_delta(x.clone());
+        let loss = mse(out, y.clone());
+        let g = GradientsParams::from_grads(loss.backward(), &pick);
+        pick = optim.step(0.05, pick, g);
+    }
+    let after = mse(
+        x.clone().matmul(w0.clone()) + pick.forward_delta(x.clone()),
+        y.clone(),
+    )
+    .into_scalar::<f32>();
+    assert!(
+        after < 1e-3 * before,
+        "sparse fit {after} vs {before} before"
+    );
+    let got: Vec<f32> = pick.values.val().into_data().iter::<f32>().collect();
+    for (g, w) in got.iter().zip([1.5, -2.0, 1.0, 2.5]) {
+        assert!((g - w).abs() < 0.02, "{got:?}");
+    }
+    // BitFit: a frozen layer, a planted output shift, the bias delta alone trains.
+    let layer = LinearConfig::new(d_in, d_out).init(&device).no_grad();
+    let shift = Tensor::<2>::from_floats([[0.5, -1.0, 0.0, 2.0, 1.0, -0.5]], &device);
+    let y = layer.forward(x.clone()) + shift.clone().expand([64, d_out]);
+    let mut bit = BiasDelta::new(d_in, d_out, &device).unwrap();
+    let mut optim = AdamConfig::new().init();
+    for _ in 0..200 {
+        let loss = mse(bit.apply(layer.forward(x.clone())).unwrap(), y.clone());
+        let g = GradientsParams::from_grads(loss.backward(), &bit);
+        bit = optim.step(0.05, bit, g);
+    }
+    let got: Vec<f32> = bit.delta.val().into_data().iter::<f32>().collect();
+    let want: Vec<f32> = shift.into_data().iter::<f32>().collect();
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 0.02, "{got:?} vs {want:?}");
+    }
+}
+
+/// One hypernetwork generates both tasks' adapters: trained on two tasks whose targets are
+/// different planted adapters it fits both (each task's error falls below 5 % of its start),
+/// and a bad task or layer is an error.
+#[test]
+fn hypernetwork_adapters_fit_two_tasks_from_one_generator() {
+    use modula::HyperAdapters;
+    let device = Device::flex().autodiff();
+    device.seed(12);
+    let d = 6;
+    let mut hyper = HyperAdapters::new(2, 2, d, 4, 4, 16, &device).unwrap();
+    let x = Tensor::<2>::random(
+        [32, d],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    // Each task's target is a planted bottleneck adapter of the same form.
+    let planted = |seed: u64| {
+        let mut rng = Rng(seed);
+        let (dn, up) = (rng.tensor(d, 4, &device), rng.tensor(4, d, &device));
+        x.clone() + burn::tensor::activation::relu(x.clone().matmul(dn)).matmul(up)
+    };
+    let targets = [planted(21), planted(22)];
+    let err = |h: &HyperAdapters, t: usize| {
+        mse(h.forward(x.clone(), t, 1).unwrap(), targets[t].clone()).into_scalar::<f32>()
+    };
+    let start = [err(&hyper, 0), err(&hyper, 1)];
+    let loss = mse(hyper.forward(x.clone(), 0, 1).unwrap(), targets[0].clone())
+        + mse(hyper.forward(x.clone(), 1, 1).unwrap(), targets[1].clone());
+    let g = modula::transfer::tartan::flat_gradient(loss, &hyper);
+    assert!(g.iter().all(|v| v.is_finite()));
+    let mut optim = AdamConfig::new().init();
+    for _ in 0..400 {
+        let loss = mse(hyper.forward(x.clone(), 0, 1).unwrap(), targets[0].clone())
+            + mse(hyper.forward(x.clone(), 1, 1).unwrap(), targets[1].clone());
+        let g = GradientsParams::from_grads(loss.backward(), &hyper);
+        hyper = optim.step(0.01, hyper, g);
+    }
+    for (t, s) in start.iter().enumerate() {
+        let e = err(&hyper, t);
+        assert!(e < 0.05 * s, "task {t}: {e} from {s}");
+    }
+    assert!(hyper.forward(x.clone(), 2, 0).is_err());
+    assert!(hyper.forward(x.clone(), 0, 2).is_err());
+    assert!(hyper.forward(Tensor::zeros([1, 5], &device), 0, 0).is_err());
+}
+
+/// The hypernetwork router learns task-to-module routing through the dispatch: with three
+/// fixed experts and task t's target the output of expert 2 − t, training the router alone
+/// puts more than 0.9 of each task's weight on its expert.
+#[test]
+fn hypernetwork_router_learns_task_routing_through_the_dispatch() {
+    use modula::HyperRouter;
+    let device = Device::flex().autodiff();
+    device.seed(13);
+    let mut rng = Rng(14);
+    let experts: Vec<LoraModule> = (0..3)
+        .map(|_| {
+            LoraModule::from_factors(
+                rng.tensor(5, 2, &device),
+                rng.tensor(2, 5, &device),
+                2.0,
+                false,
+                0.0,
+            )
+            .unwrap()
+            .no_grad()
+        })
+        .collect();
+    let mut router = HyperRouter::new(2, 1, 3, 4, 8, None, 1.0, &device).unwrap();
+    let x = Tensor::<2>::random(
+        [16, 5],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let tasks: Vec<usize> = (0..16).map(|i| i % 2).collect();
+    let target: Tensor<2> = Tensor::cat(
+        (0..16)
+            .map(|i| experts[2 - tasks[i]].forward_rows(x.clone().slice([i..i + 1, 0..5])))
+            .collect(),
+        0,
+    );
+    let mut optim = AdamConfig::new().init();
+    for _ in 0..300 {
+        let routing = router
+            .route_input(RouterInput::TaskIds {
+                ids: &tasks,
+                device: &device,
+            })
+            .unwrap();
+        let y = dispatch_modules(&experts, &routing, x.clone(), &WeightedSum).unwrap();
+        let g = GradientsParams::from_grads(mse(y, target.clone()).backward(), &router);
+        router = optim.step(0.02, router, g);
+    }
+    let w: Vec<f32> = router
+        .route_at(&[0, 1], 0)
+        .unwrap()
+        .weights()
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    // Row 0 is task 0 (expert 2), row 1 task 1 (expert 1).
+    assert!(w[2] > 0.9 && w[4] > 0.9, "{w:?}");
+    assert!(router.route(&x).is_err(), "rows are not task ids");
+    assert!(HyperRouter::new(2, 1, 3, 4, 8, Some(4), 1.0, &device).is_err());
+}
+
+/// Stacking: a Stack of two bottleneck adapters is the language adapter then the task adapter
+/// by hand; routed per stage, each row gets its own (language, task) pair, equal to that
+/// pair's Stack.
+#[test]
+fn stacking_composes_language_then_task_adapters_per_row() {
+    use modula::{Stack, stack_routed};
+    let device = Device::flex();
+    device.seed(15);
+    let cfg = BottleneckConfig::new(6).with_reduction_factor(2);
+    let langs: Vec<BottleneckAdapter> = (0..2).map(|_| cfg.init(&device).unwrap()).collect();
+    let tasks: Vec<BottleneckAdapter> = (0..3).map(|_| cfg.init(&device).unwrap()).collect();
+    let mut perturb = |a: BottleneckAdapter| {
+        let mut a = a;
+        a.up.weight =
+            a.up.weight
+                .map(|w| w.clone() + w.random_like(burn::tensor::Distribution::Normal(0.0, 0.3)));
+        a
+    };
+    let langs: Vec<_> = langs.into_iter().map(&mut perturb).collect();
+    let tasks: Vec<_> = tasks.into_iter().map(&mut perturb).collect();
+    let x = Tensor::<2>::random(
+        [4, 6],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let h1 = x.clone() + langs[1].delta(x.clone());
+    let by_hand = h1.clone() + tasks[2].delta(h1);
+    let stack = Stack::new(vec![langs[1].clone(), tasks[2].clone()]).unwrap();
+    assert_close(stack.forward(x.clone()), by_hand, 1e-6, "stack");
+    let pairs = [(0usize, 1usize), (1, 2), (1, 0), (0, 2)];
+    let lang = Routing::one_per_row(&pairs.map(|p| p.0 as i64), 2, &device).unwrap();
+    let task = Routing::one_per_row(&pairs.map(|p| p.1 as i64), 3, &device).unwrap();
+    let y = stack_routed(x.clone(), &[(&langs, &lang), (&tasks, &task)]).unwrap();
+    for (i, (l, t)) in pairs.iter().enumerate() {
+        let s = Stack::new(vec![langs[*l].clone(), tasks[*t].clone()]).unwrap();
+        assert_close(
+            y.clone().slice([i..i + 1, 0..6]),
+            s.forward(x.clone().slice([i..i + 1, 0..6])),
+            1e-5,
+            &format!("row {i}"),
+        );
+    }
+    assert!(Stack::<BottleneckAdapter>::new(vec![]).is_err());
+    assert!(stack_routed::<BottleneckAdapter>(x, &[]).is_err());
+}
+
+/// Compacter: the shared rules get gradient from every layer that uses them.
+#[test]
+fn compacter_rules_are_shared_across_layers() {
+    use modula::Compacter;
+    let device = Device::flex().autodiff();
+    let mut c = Compacter::new(2, 8, 4, 2, &device).unwrap();
+    let x = Tensor::<2>::random(
+        [3, 8],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    // Give the up projections a value so the rules matter in the output.
+    for l in &mut c.layers {
+        l.up_t = burn::module::Param::from_tensor(Tensor::ones([2, 4], &device));
+    }
+    let one = |l: usize| {
+        c.forward(l, x.clone())
+            .unwrap()
+            .powf_scalar(2.0)
+            .sum()
+            .reshape([1])
+    };
+    let g0 = modula::transfer::tartan::flat_gradient(one(0), &c);
+    let g1 = modula::transfer::tartan::flat_gradient(one(1), &c);
+    // The rules are the first 8 numbers in parameter order: both layers move them.
+    assert!(g0[..8].iter().any(|v| v.abs() > 1e-6) && g1[..8].iter().any(|v| v.abs() > 1e-6));
+    // Layer 0's loss does not reach layer 1's factors.
+    assert!(g0[8 + 24..].iter().all(|v| *v == 0.0));
+}

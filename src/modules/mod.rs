@@ -5,22 +5,29 @@
 //!
 //! - **parameter composition**, modules that modify a host layer's weights:
 //!   [`lora`] (LoRA, rsLoRA, many named adapters per layer, merge/unmerge), [`lycoris`]
-//!   (LoHa, LoKr) and [`ia3`];
+//!   (LoHa, LoKr), [`sparse`] (LT-SFT sparse deltas, BitFit bias deltas) and [`ia3`];
 //! - **input composition**, modules that add inputs: [`prefix`] (prefix tuning) and
 //!   [`prompt`] (prompt tuning, with input aggregation of several prompts);
 //! - **function composition**, modules that add a function on the hidden state:
-//!   [`adapter`] (bottleneck adapters, Houlsby and Pfeiffer placements).
+//!   [`adapter`] (bottleneck adapters, Houlsby and Pfeiffer placements), [`compacter`]
+//!   (PHM / Compacter adapters with shared rules) and [`film`] (conditioned scale and shift);
+//! - **hypernetworks** that generate modules: [`hyper`] (HyperFormer-style adapters from task
+//!   and layer embeddings).
 //!
 //! Any of them can also serve as a routed expert: the [`ComputeModule`] trait is what the
 //! sparse dispatch ([`DispatchPlan`]) calls on the rows a module
 //! was routed.
 
 pub mod adapter;
+pub mod compacter;
+pub mod film;
+pub mod hyper;
 pub mod ia3;
 pub mod lora;
 pub mod lycoris;
 pub mod prefix;
 pub mod prompt;
+pub mod sparse;
 
 use burn::tensor::Tensor;
 

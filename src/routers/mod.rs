@@ -11,9 +11,11 @@
 //! | [`HashRouter`] | token ids | Roller et al. 2021 |
 //! | [`ArrowRouter`] | rows | Ostapenko et al. 2024 (Arrow) |
 //! | [`PolytroponRouter`] | task ids | Ponti et al. 2023 |
+//! | [`PerSequence`] | a model layer's rows, pooled per sequence | routing levels: token, sequence, global |
 //! | [`TaskRouted`] | a model layer's rows, by their sequences' tasks | task-level routing in a model |
 //! | [`XLoraRouter`] | rows | Buehler & Buehler 2024; L2R (Araujo et al. 2024) |
 //! | [`SimilarityRouter`] | rows | L2R's similarity baseline |
+//! | [`HyperRouter`] | task ids | hypernetwork routing (Hyper-X, Üstün et al. 2022) |
 //! | [`ReinforceRouter`] | rows | hard routing by the score-function estimator (Williams 1992; Rosenbaum et al. 2018) |
 //! | [`GumbelRouter`] | rows | hard routing by Gumbel-softmax straight-through (Jang et al. 2017) |
 //! | [`LmcLayer`](crate::continual::lmc::LmcLayer) | rows | Ostapenko et al. 2021 (LMC local routing) |
@@ -28,6 +30,8 @@ pub mod arrow;
 pub mod capacity;
 pub mod expert_choice;
 pub mod hash;
+pub mod hyper;
+pub mod level;
 pub mod losses;
 pub mod noisy;
 pub mod polytropon;
@@ -41,6 +45,8 @@ pub use arrow::ArrowRouter;
 pub use capacity::SecondExpertPolicy;
 pub use expert_choice::{ExpertChoiceRouter, ExpertChoiceRouterConfig};
 pub use hash::{HashRouter, HashRouterConfig};
+pub use hyper::HyperRouter;
+pub use level::{PerSequence, RoutingLevel, SequenceBatch};
 pub use noisy::{NoisyTopKRouter, NoisyTopKRouterConfig};
 pub use polytropon::{PolytroponRouter, PolytroponRouterConfig};
 pub use similarity::SimilarityRouter;
