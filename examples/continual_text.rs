@@ -744,7 +744,7 @@ fn main() -> Res<()> {
         kept: String,
     }
     let mut rows = Vec::new();
-    let pb = bar(SEEDS.len() * 5 + 1, "methods")?;
+    let pb = bar(SEEDS.len() * 6 + 1, "methods")?;
     let mut run = |method: &str, f: &mut dyn FnMut(u64) -> Res<(Curve, String)>| -> Res<()> {
         let t0 = Instant::now();
         let (mut finals, mut forgetting, mut kept) = (Vec::new(), Vec::new(), String::new());
@@ -772,16 +772,24 @@ fn main() -> Res<()> {
         let (c, kept) = linear_sequential(train, test, dim, Some(20), seed)?;
         Ok((c, format!("{kept} embeddings × {dim} floats")))
     })?;
+    let at_z1 = LmcConfig {
+        z_threshold: 1.0,
+        ..LmcConfig::default()
+    };
     let reference = LmcConfig {
         routing: LmcRouting::Reference {
             prior_temperature: Some(0.1),
         },
-        ..LmcConfig::default()
+        ..at_z1.clone()
     };
     for (name, config) in [
-        ("LMC on the frozen embeddings", LmcConfig::default()),
         (
-            "LMC, the reference code's routing (likelihood × batch prior)",
+            "LMC on the frozen embeddings (new module at z > 3)",
+            LmcConfig::default(),
+        ),
+        ("LMC, new module at z > 1, the paper's routing", at_z1),
+        (
+            "LMC, new module at z > 1, the reference code's routing (likelihood × batch prior)",
             reference,
         ),
     ] {
@@ -948,11 +956,14 @@ fn main() -> Res<()> {
         md,
         "\n**LMC** (Ostapenko et al. 2021): one 64-wide layer of modules (a ReLU function and a \
          structural decoder each) over the embeddings and a head per task; a new module joins \
-         when every frozen one calls a task's first batch an outlier (z > 3). Two routing \
-         forms: modula's default `softmax_m(−γ_m / (T·μ_m))` (reconstruction error against \
-         each module's running mean, T = 0.1), and the authors' reference code, \
-         `softmax_m(−ln γ_m / T) · softmax_m(−ln mean_batch γ_m / T_p)` renormalised (T = \
-         T_p = 0.1, their published settings)."
+         when every frozen one calls a task's first batch an outlier (z above a threshold). At \
+         the default z > 3 no task looks new to the first module, so one module serves all \
+         three and the routing form cannot matter; at z > 1 every task gets its own module and \
+         the two routing forms differ: modula's default `softmax_m(−γ_m / (T·μ_m))` \
+         (reconstruction error against each module's running mean, T = 0.1, the form of the \
+         paper's equation) and the authors' reference code, `softmax_m(−ln γ_m / T) · \
+         softmax_m(−ln mean_batch γ_m / T_p)` renormalised (T = T_p = 0.1, their published \
+         settings)."
     )?;
     writeln!(
         md,
