@@ -299,13 +299,6 @@ impl PeftConfig {
                         "bias=\"{b}\" trains bias terms, which modula does not load; use bias=\"none\""
                     )));
                 }
-                cfg.rank_pattern = keys
-                    .rank_pattern
-                    .map_or_else(Vec::new, |p| p.0)
-                    .into_iter()
-                    .map(|(k, r)| (k, r.0))
-                    .collect();
-                cfg.alpha_pattern = keys.alpha_pattern.map_or_else(Vec::new, |p| p.0);
             }
             PeftType::Loha | PeftType::Lokr => {
                 // PEFT's LoHaConfig / LoKrConfig defaults: r = 8, alpha = 8.
@@ -314,13 +307,6 @@ impl PeftConfig {
                 if !cfg.lora_alpha.is_finite() {
                     return Err(bad(format!("`alpha` {} is not finite", cfg.lora_alpha)));
                 }
-                cfg.rank_pattern = keys
-                    .rank_pattern
-                    .map_or_else(Vec::new, |p| p.0)
-                    .into_iter()
-                    .map(|(k, r)| (k, r.0))
-                    .collect();
-                cfg.alpha_pattern = keys.alpha_pattern.map_or_else(Vec::new, |p| p.0);
             }
             PeftType::PromptTuning => {
                 cfg.num_virtual_tokens = keys.num_virtual_tokens.map(|n| n.0).ok_or_else(|| {
@@ -342,6 +328,14 @@ impl PeftConfig {
                 };
             }
         }
+        // Rank and alpha patterns (LoRA, LoHa, LoKr; other methods have none).
+        cfg.rank_pattern = keys
+            .rank_pattern
+            .map_or_else(Vec::new, |p| p.0)
+            .into_iter()
+            .map(|(k, r)| (k, r.0))
+            .collect();
+        cfg.alpha_pattern = keys.alpha_pattern.map_or_else(Vec::new, |p| p.0);
         for (set, what) in [
             (
                 &keys.modules_to_save,
