@@ -15,39 +15,20 @@
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/tiny_llama.rs"]
+mod tiny_llama;
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use modula::HostTensor;
 use modula::checkpoint::load_decoder;
 use modula::models::{GenerationConfig, LinearLayers, causal_lm_loss};
 use modula::prelude::*;
-
-fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/tiny_decoders")
-        .join(name)
-}
-
-fn ids(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
-    let (b, s) = (rows.len(), rows[0].len());
-    Tensor::<1, Int>::from_data(TensorData::new(rows.concat(), [b * s]), device).reshape([b, s])
-}
-
-/// Sequences repeating a 4-token pattern from a few starting offsets: what the new adapter
-/// learns to continue.
-fn pattern_rows(len: usize) -> Vec<Vec<i64>> {
-    let pattern = [11i64, 22, 33, 44];
-    (0..4)
-        .map(|o| (0..len).map(|i| pattern[(i + o) % 4]).collect())
-        .collect()
-}
+use tiny_llama::{data, ids, pattern_rows, test_rows, write_logits};
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     println!("allocator: {}", alloc::name());
@@ -124,18 +105,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     // 3. Save it for PEFT, with modula's logits on a test batch beside it.
     let saved = PeftLora::from_model(&trained, "pattern")?;
     saved.save(&out)?;
-    let test_rows = vec![vec![22i64, 33, 44, 11, 22, 33], vec![1, 5, 9, 63, 0, 7]];
-    let logits = trained.forward(ids(&test_rows, &device))?;
-    let mut tensors = BTreeMap::new();
-    tensors.insert(
-        "input_ids".to_string(),
-        HostTensor {
-            shape: vec![2, 6],
-            data: test_rows.concat().iter().map(|&v| v as f32).collect(),
-        },
-    );
-    tensors.insert("logits".to_string(), HostTensor::from_tensor(logits));
-    modula::io::write_safetensors(out.join("modula_logits.safetensors"), &tensors, None)?;
+    let logits = trained.forward(ids(&test_rows(), &device))?;
+    write_logits(&out, logits)?;
     println!("saved the adapter as a PEFT folder: {}", out.display());
 
     // 4. Serve a mixed batch: each row its own adapter, generated greedily.

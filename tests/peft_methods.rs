@@ -389,3 +389,32 @@ fn prompted_generation_and_saving() {
         .to_string();
     assert!(e.contains("num_transformer_submodules"), "{e}");
 }
+
+/// Folders modula wrote (examples/peft_methods.rs: a trained soft prompt, a LoHa and a LoKr
+/// built from their modules) load in PEFT 0.21.2 with modula's logits:
+/// tests/data/tiny_decoders/modula_{prompt,loha,lokr} hold them with the logits PEFT computes
+/// from them (`peft_golden.safetensors`, by tests/data/check_modula_outputs.py), and modula
+/// reading them back gives the same.
+#[test]
+fn folders_modula_saved_give_peft_the_same_logits() {
+    let device = burn::tensor::Device::flex();
+    for name in ["modula_prompt", "modula_loha", "modula_lokr"] {
+        let g = TensorFile::open(folder(name).join("peft_golden.safetensors")).unwrap();
+        let ids: Tensor<2, Int> = g.tensor::<2>("input_ids", &device).unwrap().int();
+        let want: Tensor<3> = g.tensor("logits", &device).unwrap();
+        let mut model = modula::checkpoint::load_decoder(folder("llama"), &device).unwrap();
+        let got = match PeftAdapter::load(folder(name), &device).unwrap() {
+            PeftAdapter::Prompt(p) => {
+                let b = ids.dims()[0];
+                model
+                    .forward_prompted(ids, None, &vec![Some(&p.prompt); b], None)
+                    .unwrap()
+            }
+            other => {
+                other.attach_to_model(&mut model, "x").unwrap();
+                model.forward(ids).unwrap()
+            }
+        };
+        assert_close(got, want, 1e-5, name);
+    }
+}

@@ -6,7 +6,8 @@ stored goldens (a manual check; the Rust tests compare modula's own reading of t
     python tests/data/check_modula_outputs.py adapter SAVED_ADAPTER_DIR GOLDEN.safetensors
 
 `baked`: a model folder written by `modula bake --base tests/data/tiny_decoders/llama`, loaded by
-transformers alone. `adapter`: a PEFT folder written by modula (`PeftLora::save`), loaded by PEFT
+transformers alone. For a prompt-tuning folder the input tokens' logits are compared (PEFT
+returns the soft tokens' positions first). `adapter`: a PEFT folder written by modula (`PeftLora::save`), loaded by PEFT
 onto tests/data/tiny_decoders/llama. Both are compared with the `logits` of GOLDEN.safetensors
 for its `input_ids` (PEFT's logits with the original adapter, e.g.
 tiny_decoders/llama_lora_qvd/golden.safetensors, or modula's own, the
@@ -36,6 +37,9 @@ def main():
         model = PeftModel.from_pretrained(model, folder).eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
+    # A prompt-tuning adapter: PEFT returns the soft tokens' positions first; modula's logits
+    # are the input tokens' (the last seq positions).
+    logits = logits[:, logits.shape[1] - ids.shape[1]:, :]
     if kind == "adapter":
         from safetensors.torch import save_file
         save_file({"input_ids": golden["input_ids"], "logits": logits.contiguous()},
