@@ -207,6 +207,79 @@ fn main() -> modula::Result<()> {
         t_lin,
     );
 
+    // --- LoHa, LoKr (r = 8) and a 1 % sparse delta: the thin forwards against forming the
+    // dense delta on every call, as PEFT's LoHa / LoKr layers do (same backend, one run).
+    {
+        use modula::{KronFactor, LohaModule, LokrModule, LokrShape, SparseDelta};
+        let u = |r: usize, c: usize| {
+            Tensor::<2>::random([r, c], Distribution::Uniform(-0.05, 0.05), &device)
+        };
+        let loha = LohaModule::from_factors(u(d, 8), u(8, d), u(d, 8), u(8, d), 16.0)?;
+        let mut lokr = LokrModule::new(d, d, LokrShape::new(8), &device)?;
+        if let KronFactor::Full(w) = &mut lokr.w1 {
+            let [o, i] = w.shape().dims::<2>();
+            *w = burn::module::Param::from_tensor(u(o, i));
+        }
+        let k = d * d / 100;
+        let positions: Vec<i64> = (0..k as i64).map(|i| i * 100 + (i % 97)).collect();
+        let sparse = SparseDelta::new(&positions, u(1, k).reshape([k]), d, d)?;
+        let t = report.time(
+            "structured_deltas",
+            warm,
+            reps,
+            &mut [
+                &mut || {
+                    let y = loha.delta_forward(x.clone());
+                    sync(&device);
+                    black_box(y);
+                },
+                &mut || {
+                    let y = x.clone().matmul(loha.delta_weight());
+                    sync(&device);
+                    black_box(y);
+                },
+                &mut || {
+                    let y = lokr.delta_forward(x.clone());
+                    sync(&device);
+                    black_box(y);
+                },
+                &mut || {
+                    let y = x.clone().matmul(lokr.delta_weight());
+                    sync(&device);
+                    black_box(y);
+                },
+                &mut || {
+                    let y = sparse.forward_delta(x.clone());
+                    sync(&device);
+                    black_box(y);
+                },
+                &mut || {
+                    let y = x.clone().matmul(sparse.to_dense());
+                    sync(&device);
+                    black_box(y);
+                },
+            ],
+        );
+        report.ratio(
+            "loha thin / dense",
+            "loha_r8_thin_fwd_over_dense_delta_fwd_time",
+            t[0],
+            t[1],
+        );
+        report.ratio(
+            "lokr thin / dense",
+            "lokr_r8_thin_fwd_over_dense_delta_fwd_time",
+            t[2],
+            t[3],
+        );
+        report.ratio(
+            "sparse 1% / dense",
+            "sparse_delta_1pct_fwd_over_dense_delta_fwd_time",
+            t[4],
+            t[5],
+        );
+    }
+
     // --- Training step: fwd + bwd. Linear: dX, dW, db. LoRA: dX + dA, dB, base frozen.
     let ad = device.clone().autodiff();
     let lin_t = LinearConfig::new(d, d).init(&ad);
@@ -302,6 +375,53 @@ fn main() -> modula::Result<()> {
         t_all8,
         t_dense,
     );
+
+    // --- Hard learned routing: one module of 8 per row by Gumbel-max sampling (REINFORCE,
+    // with the log-probabilities it keeps) and by Gumbel straight-through, against the top-1
+    // softmax gate on the same rows, then the dispatch of the chosen expert.
+    {
+        use modula::routers::{GumbelRouter, ReinforceRouter};
+        let gate = TopKRouterConfig::new(d, 8).with_k(1).init(&device)?;
+        let gumbel = GumbelRouter::new(d, 8, 1.0, &device)?;
+        let reinforce = ReinforceRouter::new(d, 8, 1.0, &device)?;
+        let t = report.time(
+            "hard_routing",
+            warm,
+            reps,
+            &mut [
+                &mut || {
+                    let r = gate.route(&x).expect("valid");
+                    let y = dispatch_modules(&experts, &r, x.clone(), &WeightedSum);
+                    sync(&device);
+                    black_box(y.ok());
+                },
+                &mut || {
+                    let r = gumbel.route(&x).expect("valid");
+                    let y = dispatch_modules(&experts, &r, x.clone(), &WeightedSum);
+                    sync(&device);
+                    black_box(y.ok());
+                },
+                &mut || {
+                    let s = reinforce.sample(&x).expect("valid");
+                    let y = dispatch_modules(&experts, &s.routing, x.clone(), &WeightedSum);
+                    sync(&device);
+                    black_box((y.ok(), s.log_prob));
+                },
+            ],
+        );
+        report.ratio(
+            "gumbel / top-1",
+            "gumbel_st_routed_layer_over_top1_gate_time",
+            t[1],
+            t[0],
+        );
+        report.ratio(
+            "reinforce / top-1",
+            "reinforce_routed_layer_over_top1_gate_time",
+            t[2],
+            t[0],
+        );
+    }
 
     // --- MoE layer: E = 8, top-2, SwiGLU d_ff = 2·d, `tokens` tokens (Mixtral-style block).
     let (e, k, d_ff) = (8, 2, 2 * d);
