@@ -147,8 +147,13 @@ fn missing_and_malformed_config_keys() {
         v.as_object_mut().unwrap().remove("peft_type");
     });
     assert!(peft_err(no_type.path()).contains("peft_type"));
-    let other = edited_lora_folder(|v| v["peft_type"] = serde_json::json!("LOHA"));
-    assert!(peft_err(other.path()).contains("not supported"));
+    let other = edited_lora_folder(|v| v["peft_type"] = serde_json::json!("OFT"));
+    let msg = peft_err(other.path());
+    assert!(msg.contains("not supported") && msg.contains("LOHA"), "{msg}");
+    // A supported type read with another type's loader names the loader to use.
+    let loha = edited_lora_folder(|v| v["peft_type"] = serde_json::json!("LOHA"));
+    let msg = peft_err(loha.path());
+    assert!(msg.contains("PeftLycoris::load"), "{msg}");
     let dir = tempfile::tempdir().unwrap();
     copy_folder(&data("peft_lora_tiny_mlp"), dir.path());
     std::fs::write(dir.path().join("adapter_config.json"), "{ not json").unwrap();
