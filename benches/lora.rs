@@ -109,7 +109,7 @@ fn bench_structured_deltas(c: &mut Criterion) {
     });
     g.bench_function("sparse_1pct_thin", |b| {
         b.iter(|| {
-            let y = sparse.forward_delta(x.clone());
+            let y = sparse.forward_thin(x.clone());
             sync();
             y
         })

@@ -223,6 +223,8 @@ fn main() -> modula::Result<()> {
         let k = d * d / 100;
         let positions: Vec<i64> = (0..k as i64).map(|i| i * 100 + (i % 97)).collect();
         let sparse = SparseDelta::new(&positions, u(1, k).reshape([k]), d, d)?;
+        // A decoding step's few rows.
+        let x8 = x.clone().slice([0..8, 0..d]);
         let t = report.time(
             "structured_deltas",
             warm,
@@ -249,12 +251,27 @@ fn main() -> modula::Result<()> {
                     black_box(y);
                 },
                 &mut || {
-                    let y = sparse.forward_delta(x.clone());
+                    let y = sparse.forward_thin(x.clone());
                     sync(&device);
                     black_box(y);
                 },
                 &mut || {
                     let y = x.clone().matmul(sparse.to_dense());
+                    sync(&device);
+                    black_box(y);
+                },
+                &mut || {
+                    let y = sparse.forward_delta(x.clone());
+                    sync(&device);
+                    black_box(y);
+                },
+                &mut || {
+                    let y = sparse.forward_thin(x8.clone());
+                    sync(&device);
+                    black_box(y);
+                },
+                &mut || {
+                    let y = x8.clone().matmul(sparse.to_dense());
                     sync(&device);
                     black_box(y);
                 },
@@ -273,10 +290,22 @@ fn main() -> modula::Result<()> {
             t[3],
         );
         report.ratio(
-            "sparse 1% / dense",
-            "sparse_delta_1pct_fwd_over_dense_delta_fwd_time",
+            "sparse 1% thin",
+            "sparse_delta_1pct_thin_fwd_over_dense_delta_fwd_time",
             t[4],
             t[5],
+        );
+        report.ratio(
+            "sparse 1% auto",
+            "sparse_delta_1pct_auto_fwd_over_dense_delta_fwd_time",
+            t[6],
+            t[5],
+        );
+        report.ratio(
+            "sparse 1% 8 rows",
+            "sparse_delta_1pct_8_rows_thin_over_dense_delta_time",
+            t[7],
+            t[8],
         );
     }
 

@@ -149,7 +149,10 @@ fn missing_and_malformed_config_keys() {
     assert!(peft_err(no_type.path()).contains("peft_type"));
     let other = edited_lora_folder(|v| v["peft_type"] = serde_json::json!("OFT"));
     let msg = peft_err(other.path());
-    assert!(msg.contains("not supported") && msg.contains("LOHA"), "{msg}");
+    assert!(
+        msg.contains("not supported") && msg.contains("LOHA"),
+        "{msg}"
+    );
     // A supported type read with another type's loader names the loader to use.
     let loha = edited_lora_folder(|v| v["peft_type"] = serde_json::json!("LOHA"));
     let msg = peft_err(loha.path());
