@@ -32,7 +32,7 @@ use modula::{
     PromptEmbedding,
 };
 
-use tiny_llama::{data, ids, pattern_rows, test_rows, write_logits};
+use tiny_llama::{data, ids, out_dir, pattern_rows, test_rows, write_logits};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -69,15 +69,7 @@ fn continue_greedy(
 
 fn main() -> Res<()> {
     println!("allocator: {}", alloc::name());
-    let args: Vec<String> = std::env::args().collect();
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map_or_else(
-            || std::env::temp_dir().join("modula-peft-methods"),
-            PathBuf::from,
-        );
+    let out = out_dir("modula-peft-methods");
     let device = Device::flex();
     device.seed(0);
     let mut md = String::from(

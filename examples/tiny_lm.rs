@@ -28,19 +28,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use modula::checkpoint::load_decoder;
 use modula::models::{GenerationConfig, LinearLayers, causal_lm_loss};
 use modula::prelude::*;
-use tiny_llama::{data, ids, pattern_rows, test_rows, write_logits};
+use tiny_llama::{data, ids, out_dir, pattern_rows, test_rows, write_logits};
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     println!("allocator: {}", alloc::name());
-    let args: Vec<String> = std::env::args().collect();
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map_or_else(
-            || std::env::temp_dir().join("modula-tiny-lm-adapter"),
-            PathBuf::from,
-        );
+    let out = out_dir("modula-tiny-lm-adapter");
     let device = Device::flex();
     let mut md = String::from("# A small LM with PEFT adapters (examples/tiny_lm.rs)\n\n");
 

@@ -15,6 +15,15 @@ pub fn data(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The folder given as `--out DIR`, or `default` under the system's temporary folder.
+pub fn out_dir(default: &str) -> PathBuf {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(|| std::env::temp_dir().join(default), PathBuf::from)
+}
+
 /// Rows of token ids (equal lengths) as a `[rows, len]` tensor.
 pub fn ids(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
     let (b, s) = (rows.len(), rows[0].len());
