@@ -326,7 +326,9 @@ impl Checkpoint {
     /// Reads tensor `name` as `f32` (F16, BF16 and F64 converted exactly or rounded to nearest).
     ///
     /// # Errors
-    /// [`Error::Invalid`] for a name the checkpoint lacks; [`Error::Io`] for a failed read.
+    /// [`Error::Invalid`] for a name the checkpoint lacks; [`Error::Io`] for a failed read;
+    /// [`Error::NonFinite`] for NaN or infinite values under the default
+    /// [`NonFinitePolicy`](crate::io::NonFinitePolicy).
     pub fn read(&self, name: &str) -> Result<HostTensor> {
         let e = self.entries.get(name).ok_or_else(|| {
             Error::invalid(
@@ -361,6 +363,7 @@ impl Checkpoint {
                 ));
             }
         };
+        crate::io::check_loaded(&data, &shard.path, name)?;
         Ok(HostTensor {
             shape: e.shape.clone(),
             data,

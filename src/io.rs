@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::module::Param;
 use burn::nn::Linear;
@@ -67,7 +68,8 @@ impl TensorFile {
     ///
     /// # Errors
     /// [`Error::Io`] if unreadable; [`Error::SafeTensors`] if truncated or malformed, or if a
-    /// tensor has an unsupported dtype.
+    /// tensor has an unsupported dtype; [`Error::NonFinite`] for NaN or infinite values under
+    /// the default [`NonFinitePolicy`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -97,6 +99,7 @@ impl TensorFile {
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             let data = decode(&view).map_err(|why| st_err(format!("tensor `{name}`: {why}")))?;
+            check_loaded(&data, &path, &name)?;
             tensors.insert(
                 name,
                 HostTensor {
@@ -215,6 +218,57 @@ pub fn linear_from_torch(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Result<L
     })
 }
 
+/// What the loaders ([`TensorFile`], [`Checkpoint`](crate::checkpoint::Checkpoint), and
+/// through them the model and PEFT loaders) do with NaN or infinite weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NonFinitePolicy {
+    /// An [`Error::NonFinite`] naming the file, the tensor and the first bad value (the
+    /// default): a corrupt download or a diverged run is caught at load, not as NaN logits.
+    #[default]
+    Refuse,
+    /// Load them as they are (for users who know the values are intended).
+    Allow,
+}
+
+static ALLOW_NON_FINITE: AtomicBool = AtomicBool::new(false);
+
+/// Sets, for the whole process, what loading does with NaN or infinite weights (the `modula`
+/// tool's `--allow-non-finite`).
+pub fn set_non_finite_policy(policy: NonFinitePolicy) {
+    ALLOW_NON_FINITE.store(policy == NonFinitePolicy::Allow, Ordering::Relaxed);
+}
+
+/// The current [`NonFinitePolicy`].
+pub fn non_finite_policy() -> NonFinitePolicy {
+    if ALLOW_NON_FINITE.load(Ordering::Relaxed) {
+        NonFinitePolicy::Allow
+    } else {
+        NonFinitePolicy::Refuse
+    }
+}
+
+/// Applies the [`NonFinitePolicy`] to the loaded values of tensor `name` of `file`.
+///
+/// # Errors
+/// [`Error::NonFinite`] under [`NonFinitePolicy::Refuse`] when a value is NaN or infinite.
+pub(crate) fn check_loaded(values: &[f32], file: &Path, name: &str) -> Result<()> {
+    if non_finite_policy() == NonFinitePolicy::Allow {
+        return Ok(());
+    }
+    let Some(first) = values.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let count = values.iter().filter(|v| !v.is_finite()).count();
+    Err(Error::non_finite(format!(
+        "{}: tensor `{name}` holds {count} NaN or infinite value(s), the first {} at flat index \
+         {first}; the file is corrupt or the run that wrote it diverged (to load it anyway: \
+         modula::io::set_non_finite_policy(NonFinitePolicy::Allow), or the tool's \
+         --allow-non-finite)",
+        file.display(),
+        values[first]
+    )))
+}
+
 fn decode(view: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
     decode_le(view.dtype(), view.data())
 }
@@ -262,7 +316,8 @@ pub fn write_safetensors(
 /// gives it (F32, F16, BF16 or F64; F32 when absent), rounding to nearest.
 ///
 /// # Errors
-/// As [`write_safetensors`]; [`Error::SafeTensors`] for another dtype.
+/// As [`write_safetensors`]; [`Error::SafeTensors`] for another dtype or a finite value that
+/// would overflow F16 / BF16 (before anything is written).
 pub(crate) fn write_safetensors_as(
     path: &Path,
     tensors: &BTreeMap<String, HostTensor>,
@@ -284,6 +339,24 @@ pub(crate) fn write_safetensors_as(
         }
         let dtype = dtypes.get(name).copied().unwrap_or(Dtype::F32);
         let d = &t.data;
+        let overflow = |max: f32, kind: &str| -> Result<()> {
+            match d.iter().position(|v| v.is_finite() && v.abs() > max) {
+                None => Ok(()),
+                Some(i) => Err(Error::SafeTensors {
+                    path: path.to_path_buf(),
+                    why: format!(
+                        "tensor `{name}`: value {} at flat index {i} overflows {kind} (largest \
+                         finite {max:e}); nothing was written; keep this tensor in F32 or rescale it",
+                        d[i]
+                    ),
+                }),
+            }
+        };
+        match dtype {
+            Dtype::F16 => overflow(half::f16::MAX.to_f32(), "F16")?,
+            Dtype::BF16 => overflow(half::bf16::MAX.to_f32(), "BF16")?,
+            _ => {}
+        }
         let bytes: Vec<u8> = match dtype {
             Dtype::F32 => d.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Dtype::F16 => d
@@ -360,5 +433,44 @@ impl crate::models::WeightSource for TensorFile {
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A finite value F16 (or BF16) cannot hold is refused before anything is written.
+    #[test]
+    fn f16_and_bf16_overflow_is_refused_before_writing() {
+        let dir = std::env::temp_dir().join(format!("modula-io-overflow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let mut t = BTreeMap::new();
+        t.insert(
+            "w".to_string(),
+            HostTensor {
+                shape: vec![3],
+                data: vec![1.0, 7.0e4, -2.0],
+            },
+        );
+        let mut dt = BTreeMap::new();
+        dt.insert("w".to_string(), Dtype::F16);
+        let e = write_safetensors_as(&path, &t, &dt, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`w`") && e.contains("F16") && e.contains("index 1"),
+            "{e}"
+        );
+        assert!(!path.exists());
+        dt.insert("w".to_string(), Dtype::BF16);
+        write_safetensors_as(&path, &t, &dt, None).unwrap();
+        t.get_mut("w").unwrap().data[2] = f32::MAX;
+        let e = write_safetensors_as(&path, &t, &dt, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("BF16") && e.contains("index 2"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -55,3 +55,33 @@ pub fn ensure_finite<const D: usize>(t: &Tensor<D>, what: &str) -> Result<()> {
         Err(Error::non_finite(what))
     }
 }
+
+/// Checks router logits `[rows, modules]`: `−∞` masks a module (it is never chosen and gets
+/// weight 0), but NaN, `+∞`, or a row whose every logit is `−∞` (nothing to choose) are errors;
+/// `what` names the tensor in the error. Large finite logits are fine: every softmax subtracts
+/// the row's maximum first.
+pub fn check_logits(t: &Tensor<2>, what: &str) -> Result<()> {
+    let nan_or_pos_inf = (t.clone().is_nan().int() + t.clone().equal_elem(f32::INFINITY).int())
+        .sum()
+        .into_scalar::<i64>();
+    if nan_or_pos_inf > 0 {
+        return Err(Error::non_finite(format!(
+            "{what} ({nan_or_pos_inf} NaN or +inf values; -inf masks a module, nothing else may be non-finite)"
+        )));
+    }
+    let empty_rows = t
+        .clone()
+        .is_finite()
+        .int()
+        .sum_dim(1)
+        .equal_elem(0)
+        .int()
+        .sum()
+        .into_scalar::<i64>();
+    if empty_rows > 0 {
+        return Err(Error::non_finite(format!(
+            "{what}: {empty_rows} row(s) mask every module with -inf; leave at least one finite logit per row"
+        )));
+    }
+    Ok(())
+}

@@ -29,6 +29,10 @@ use modula::{Error, PeftLora, Result};
     about = "Modular deep learning tools for PEFT LoRA adapters"
 )]
 struct Cli {
+    /// Load weights that hold NaN or infinite values (refused by default, naming the file and
+    /// tensor).
+    #[arg(long, global = true)]
+    allow_non_finite: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -1134,6 +1138,9 @@ fn run_decode(model: &Path, input: &Path, skip_special_tokens: bool, out: &Path)
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if cli.allow_non_finite {
+        modula::io::set_non_finite_policy(modula::io::NonFinitePolicy::Allow);
+    }
     match cli.command {
         Command::Inspect { dir } => {
             println!(

@@ -17,7 +17,7 @@ use super::topk::validate_gate;
 use crate::error::Result;
 use crate::modules::check_last_dim;
 use crate::routing::{Router, RouterInput, Routing};
-use crate::tensor_util::{ensure_finite, float_tensor, int_tensor, to_vec_i64};
+use crate::tensor_util::{check_logits, float_tensor, int_tensor, to_vec_i64};
 
 /// Configuration of a [`ExpertChoiceRouter`]: the gate width, the experts and the capacity factor.
 #[derive(burn::config::Config, Debug)]
@@ -72,7 +72,7 @@ impl ExpertChoiceRouter {
     /// # Errors
     /// [`Error::NonFinite`](crate::Error::NonFinite) for NaN/inf logits.
     pub fn route_logits(&self, logits: Tensor<2>) -> Result<Routing> {
-        ensure_finite(&logits, "router logits")?;
+        check_logits(&logits, "router logits")?;
         let [t, e] = logits.dims();
         let device = logits.device();
         let scores = activation::softmax(logits, 1);

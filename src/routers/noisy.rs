@@ -26,7 +26,7 @@ use super::topk::validate_gate;
 use crate::error::{Error, Result};
 use crate::modules::check_last_dim;
 use crate::routing::{Router, RouterInput, Routing};
-use crate::tensor_util::ensure_finite;
+use crate::tensor_util::check_logits;
 
 /// Configuration of a [`NoisyTopKRouter`].
 #[derive(Config, Debug)]
@@ -118,7 +118,7 @@ impl NoisyTopKRouter {
                 ),
             ));
         }
-        ensure_finite(&clean, "router logits")?;
+        check_logits(&clean, "router logits")?;
         let [t, e] = clean.dims();
         let k = self.k;
         let noisy = clean.clone() + eps * noise_std.clone();

@@ -33,7 +33,7 @@ use super::topk::validate_gate;
 use crate::error::{Error, Result};
 use crate::modules::check_last_dim;
 use crate::routing::{Router, RouterInput, Routing};
-use crate::tensor_util::{ensure_finite, float_tensor};
+use crate::tensor_util::{check_logits, float_tensor};
 
 /// Gumbel noise `−log(−log u)` of `logits`' shape.
 fn gumbel_like(logits: &Tensor<2>) -> Tensor<2> {
@@ -55,7 +55,7 @@ fn gate(d_model: usize, num_modules: usize, device: &Device) -> Result<Linear> {
 fn gate_logits(gate: &Linear, x: &Tensor<2>) -> Result<Tensor<2>> {
     check_last_dim(x, gate.weight.shape().dims::<2>()[0], "router input")?;
     let logits = gate.forward(x.clone());
-    ensure_finite(&logits, "router logits")?;
+    check_logits(&logits, "router logits")?;
     Ok(logits)
 }
 
@@ -259,7 +259,7 @@ impl GumbelRouter {
     /// # Errors
     /// [`Error::NonFinite`] for NaN or infinite logits.
     pub fn route_logits(&self, logits: Tensor<2>) -> Result<Routing> {
-        ensure_finite(&logits, "router logits")?;
+        check_logits(&logits, "router logits")?;
         let [rows, e] = logits.dims();
         let device = logits.device();
         if !self.training.is_enabled() {

@@ -24,7 +24,7 @@ use super::losses::{load_balancing_loss, router_entropy, z_loss};
 use crate::error::{Error, Result};
 use crate::modules::check_last_dim;
 use crate::routing::{Router, RouterInput, Routing};
-use crate::tensor_util::ensure_finite;
+use crate::tensor_util::check_logits;
 
 /// Configuration of a [`TopKRouter`].
 #[derive(Config, Debug)]
@@ -161,7 +161,7 @@ impl TopKRouter {
     /// # Errors
     /// [`Error::NonFinite`] if a logit is NaN or infinite.
     pub fn route_logits(&self, logits: Tensor<2>) -> Result<Routing> {
-        ensure_finite(&logits, "router logits")?;
+        check_logits(&logits, "router logits")?;
         let [_, e] = logits.dims();
         let mut probs = burn::tensor::activation::softmax(logits.clone(), 1);
         if let Some(m) = &self.expert_mask {

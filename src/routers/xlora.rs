@@ -12,7 +12,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::routing::{Router, RouterInput, Routing};
-use crate::tensor_util::ensure_finite;
+use crate::tensor_util::check_logits;
 
 /// Configuration of a [`XLoraRouter`]: a classifier `d_in → hidden → experts` (ReLU).
 #[derive(burn::config::Config, Debug)]
@@ -110,7 +110,7 @@ impl Router for XLoraRouter {
     fn route_input(&self, input: RouterInput<'_>) -> Result<Routing> {
         let x = input.into_rows("XLoraRouter")?;
         let logits = self.logits(x)?.div_scalar(self.temperature);
-        ensure_finite(&logits, "X-LoRA logits")?;
+        check_logits(&logits, "X-LoRA logits")?;
         match self.top_k {
             None => Routing::from_dense(softmax(logits, 1)),
             Some(k) => {

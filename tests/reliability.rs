@@ -1,0 +1,157 @@
+//! Hostile and broken inputs (issue 17): non-finite weights are refused at load with an
+//! opt-out, and routing with masked (−∞) or huge logits stays finite.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use burn::tensor::{Device, Tensor};
+use modula::io::{NonFinitePolicy, set_non_finite_policy, write_safetensors};
+use modula::{HostTensor, Router, TensorFile, TopKRouterConfig};
+
+fn modula_cli(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_modula"))
+        .args(args)
+        .output()
+        .expect("the modula binary runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A copy of the tiny Llama folder whose `tensor` holds a NaN at flat index 5.
+fn poisoned_llama(dir: &Path, tensor: &str) {
+    let src = common::data("tiny_decoders/llama");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let path = dir.join("model.safetensors");
+    let mut t = TensorFile::open(&path).unwrap().tensors().clone();
+    t.get_mut(tensor).unwrap().data[5] = f32::NAN;
+    write_safetensors(&path, &t, None).unwrap();
+}
+
+/// NaN or infinite weights are an error naming the file, the tensor and the first bad index,
+/// in a safetensors file, a model folder and the tool (status 2); the process-wide opt-out
+/// (`--allow-non-finite` in the tool) loads them.
+#[test]
+fn non_finite_weights_are_refused_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("w.safetensors");
+    let mut t = BTreeMap::new();
+    t.insert(
+        "w".to_string(),
+        HostTensor {
+            shape: vec![2, 3],
+            data: vec![0.0, 1.0, 2.0, f32::INFINITY, 4.0, f32::NAN],
+        },
+    );
+    write_safetensors(&file, &t, None).unwrap();
+    let e = TensorFile::open(&file).unwrap_err().to_string();
+    assert!(
+        e.contains("`w`") && e.contains("2 NaN or infinite") && e.contains("index 3"),
+        "{e}"
+    );
+    let model = tmp.path().join("llama");
+    std::fs::create_dir(&model).unwrap();
+    let name = "model.layers.1.mlp.down_proj.weight";
+    poisoned_llama(&model, name);
+    let device = Device::flex();
+    let e = modula::checkpoint::load_decoder(&model, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(name) && e.contains("index 5"), "{e}");
+    let input = tmp.path().join("in.json");
+    std::fs::write(&input, r#"{"input_ids": [[1, 2, 3]]}"#).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let args = [
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (code, err) = modula_cli(&args);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(name) && err.contains("--allow-non-finite"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let mut allowed = vec!["--allow-non-finite"];
+    allowed.extend(args);
+    let (code, err) = modula_cli(&allowed);
+    assert_eq!(code, Some(0), "{err}");
+    // The library's opt-out, then back to the default for the rest of this process.
+    set_non_finite_policy(NonFinitePolicy::Allow);
+    let loaded = TensorFile::open(&file).map(|f| f.get("w").unwrap().data[3]);
+    set_non_finite_policy(NonFinitePolicy::Refuse);
+    assert_eq!(loaded.unwrap(), f32::INFINITY);
+    assert!(TensorFile::open(&file).is_err());
+}
+
+/// Router logits may mask modules with −∞ and may be huge: the weights stay finite and a
+/// masked module is never chosen, by the top-k gate and by the Gumbel and REINFORCE routers;
+/// NaN, +∞ or a row with every module masked are errors.
+#[test]
+fn routing_with_masked_or_huge_logits_stays_finite() {
+    use modula::routers::{GumbelRouter, ReinforceRouter};
+    let device = Device::flex();
+    let ninf = f32::NEG_INFINITY;
+    let gate = TopKRouterConfig::new(4, 4).with_k(2).init(&device).unwrap();
+    let logits = Tensor::<2>::from_floats(
+        [
+            [0.0, ninf, 2.0, ninf],
+            [1e30, 0.0, ninf, 5.0],
+            [-1e30, 1e30, 3.0, 0.0],
+        ],
+        &device,
+    );
+    let r = gate.route_logits(logits.clone()).unwrap();
+    let w: Vec<f32> = r.weights().into_data().iter::<f32>().collect();
+    let idx: Vec<i64> = r.indices().into_data().iter::<i64>().collect();
+    assert!(w.iter().all(|v| v.is_finite()), "{w:?}");
+    assert_eq!(&idx[0..2], &[2, 0]);
+    assert_eq!(idx[2], 0, "the huge logit wins");
+    assert!(
+        !idx[2..4].contains(&2),
+        "a masked module is never chosen: {idx:?}"
+    );
+    for bad in [
+        [[0.0, f32::NAN, 1.0, 1.0]],
+        [[0.0, f32::INFINITY, 1.0, 1.0]],
+        [[ninf, ninf, ninf, ninf]],
+    ] {
+        let e = gate
+            .route_logits(Tensor::<2>::from_floats(bad, &device))
+            .unwrap_err();
+        assert!(matches!(e, modula::Error::NonFinite { .. }), "{e}");
+    }
+    // Gumbel and REINFORCE sample 2000 rows whose module 1 is masked.
+    let x = Tensor::<2>::ones([2000, 1], &device);
+    let mask_gate = |g: &mut burn::nn::Linear| {
+        g.weight = burn::module::Param::from_tensor(Tensor::<2>::from_floats(
+            [[0.5, ninf, -0.5, 0.0]],
+            &device,
+        ));
+    };
+    let mut gumbel = GumbelRouter::new(1, 4, 1.0, &device).unwrap();
+    mask_gate(&mut gumbel.gate);
+    let mut reinforce = ReinforceRouter::new(1, 4, 1.0, &device).unwrap();
+    mask_gate(&mut reinforce.gate);
+    let s = reinforce.sample(&x).unwrap();
+    let lp: Vec<f32> = s.log_prob.into_data().iter::<f32>().collect();
+    assert!(lp.iter().all(|v| v.is_finite()));
+    for routing in [gumbel.route(&x).unwrap(), s.routing] {
+        let idx: Vec<i64> = routing.indices().into_data().iter::<i64>().collect();
+        assert!(!idx.contains(&1));
+        let w: Vec<f32> = routing.weights().into_data().iter::<f32>().collect();
+        assert!(w.iter().all(|v| v.is_finite()));
+    }
+}
