@@ -232,7 +232,20 @@ impl Checkpoint {
                 )
             })?;
             let [s, t] = e.data_offsets;
-            let want = e.shape.iter().product::<usize>() as u64 * size;
+            let want = e
+                .shape
+                .iter()
+                .try_fold(size, |acc, &d| acc.checked_mul(d as u64))
+                .ok_or_else(|| {
+                    st_error(
+                        path,
+                        format!(
+                            "tensor `{name}`: shape {:?} holds more elements than can be \
+                             addressed; the header is corrupt",
+                            e.shape
+                        ),
+                    )
+                })?;
             if t < s || t - s != want {
                 return Err(st_error(
                     path,
@@ -267,6 +280,23 @@ impl Checkpoint {
                     ),
                 ));
             }
+        }
+        // Tensors may not share bytes (the format lays them end to end).
+        let mut spans: Vec<(u64, u64, &str)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.shard == shard)
+            .map(|(n, e)| (e.start, e.end, n.as_str()))
+            .collect();
+        spans.sort_unstable();
+        if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(st_error(
+                path,
+                format!(
+                    "tensors `{}` and `{}` overlap in the file; the header is corrupt",
+                    w[0].2, w[1].2
+                ),
+            ));
         }
         if let Some(listed) = listed
             && let Some(name) = listed

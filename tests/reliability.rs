@@ -155,3 +155,132 @@ fn routing_with_masked_or_huge_logits_stays_finite() {
         assert!(w.iter().all(|v| v.is_finite()));
     }
 }
+
+/// A safetensors file made of `header` (JSON text) and `data` bytes.
+fn safetensors_bytes(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Hostile safetensors headers are typed errors, found before any allocation the header
+/// asks for, in both readers (`TensorFile`, and `Checkpoint`, which reads headers itself for
+/// positional reads): a tensor far larger than its bytes, a shape whose element count
+/// overflows, offsets past the end, overlapping tensors, a header length past the file, JSON
+/// nested 100 000 deep.
+#[test]
+fn hostile_safetensors_headers_are_typed_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "huge",
+            safetensors_bytes(
+                r#"{"w":{"dtype":"F32","shape":[1099511627776],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+        ),
+        (
+            "overflow",
+            safetensors_bytes(
+                r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#,
+                &[],
+            ),
+        ),
+        (
+            "past the end",
+            safetensors_bytes(
+                r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                &[0; 8],
+            ),
+        ),
+        (
+            "overlap",
+            safetensors_bytes(
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+                &[0; 12],
+            ),
+        ),
+        ("header length", {
+            let mut b = u64::MAX.to_le_bytes().to_vec();
+            b.extend_from_slice(b"{}");
+            b
+        }),
+        (
+            "nested",
+            safetensors_bytes(&format!(r#"{{"__metadata__":{nested}}}"#), &[]),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let path = tmp.path().join("model.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        let e = TensorFile::open(&path).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(e, modula::Error::SafeTensors { .. }),
+            "{what}: {e:?}"
+        );
+        let e = modula::checkpoint::Checkpoint::open(&path)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            matches!(e, modula::Error::SafeTensors { .. }),
+            "{what}: {e:?}"
+        );
+    }
+}
+
+/// Absurd `config.json` values are typed errors naming the key, before the weights are read:
+/// zero heads, a hidden size the heads do not divide (without `head_dim`), a vocabulary of
+/// 10^12, sizes whose products overflow, negative numbers, JSON nested 100 000 deep.
+#[test]
+fn absurd_model_configs_are_typed_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::data("tiny_decoders/llama");
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let device = Device::flex();
+    let edits: Vec<(&str, &str, serde_json::Value)> = vec![
+        ("zero heads", "num_attention_heads", serde_json::json!(0)),
+        (
+            "vocabulary",
+            "vocab_size",
+            serde_json::json!(1_000_000_000_000u64),
+        ),
+        ("layers", "num_hidden_layers", serde_json::json!(1u64 << 40)),
+        ("width", "intermediate_size", serde_json::json!(1u64 << 62)),
+        ("negative", "hidden_size", serde_json::json!(-32)),
+    ];
+    for (what, key, value) in edits {
+        let mut c = base.clone();
+        c[key] = value;
+        std::fs::write(tmp.path().join("config.json"), c.to_string()).unwrap();
+        let e = modula::checkpoint::load_decoder(tmp.path(), &device)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) || e.contains("shape"), "{what}: {e}");
+    }
+    // Hidden size not divisible by the heads, without an explicit head_dim.
+    let mut c = base.clone();
+    c.as_object_mut().unwrap().remove("head_dim");
+    c["hidden_size"] = serde_json::json!(30);
+    std::fs::write(tmp.path().join("config.json"), c.to_string()).unwrap();
+    let e = modula::checkpoint::load_decoder(tmp.path(), &device)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hidden_size") && e.contains("head_dim"), "{e}");
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    std::fs::write(
+        tmp.path().join("config.json"),
+        format!(r#"{{"x": {nested}}}"#),
+    )
+    .unwrap();
+    assert!(modula::checkpoint::load_decoder(tmp.path(), &device).is_err());
+}

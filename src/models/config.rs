@@ -182,7 +182,18 @@ impl DecoderConfig {
             num_hidden_layers: r.usize("num_hidden_layers")?.unwrap_or(32),
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
-            head_dim: r.usize("head_dim")?.unwrap_or(hidden_size / heads),
+            head_dim: match r.usize("head_dim")? {
+                Some(d) => d,
+                None if hidden_size % heads == 0 => hidden_size / heads,
+                None => {
+                    return Err(r.bad(
+                        "hidden_size",
+                        format!(
+                            "{hidden_size} is not divisible by num_attention_heads = {heads}; give head_dim explicitly"
+                        ),
+                    ));
+                }
+            },
             rms_norm_eps: r.f64("rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
             max_position_embeddings: r
                 .usize("max_position_embeddings")?

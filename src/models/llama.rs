@@ -293,15 +293,41 @@ impl LlamaForCausalLm {
         device: &Device,
     ) -> Result<Self> {
         let c = config;
+        // Counts from config.json bound every list built below: the last layer (and expert) it
+        // names must be in the weights before anything of that size is allocated.
+        let names = weights.names();
+        let has = |n: &str| names.iter().any(|m| m == n);
+        let last = c
+            .num_hidden_layers
+            .checked_sub(1)
+            .map(|l| format!("model.layers.{l}.input_layernorm.weight"));
+        if let Some(last) = last.filter(|n| !has(n)) {
+            return Err(Error::invalid(
+                "config.json: key `num_hidden_layers`",
+                format!(
+                    "{} layers, but `{last}` is missing from the weights; the config does not belong to them",
+                    c.num_hidden_layers
+                ),
+            ));
+        }
+        if let Some((experts, _)) = c.experts
+            && let Some(e) = experts.checked_sub(1)
+            && !has(&format!(
+                "model.layers.0.block_sparse_moe.experts.{e}.w1.weight"
+            ))
+        {
+            return Err(Error::invalid(
+                "config.json: key `num_local_experts`",
+                format!("{experts} experts, but the weights hold no expert {e} in layer 0"),
+            ));
+        }
         // One list says which tensors the model takes and their shapes.
         let shapes: HashMap<String, Vec<usize>> = checkpoint_shapes(c).into_iter().collect();
         // transformers itself ignores a tied lm_head copy and old RoPE buffers.
         let ignored = |n: &str| {
             (c.tie_word_embeddings && n == "lm_head.weight") || n.ends_with("rotary_emb.inv_freq")
         };
-        check_no_extra(weights, &weights.names(), |n| {
-            shapes.contains_key(n) || ignored(n)
-        })?;
+        check_no_extra(weights, &names, |n| shapes.contains_key(n) || ignored(n))?;
         let w = Loader {
             src: weights,
             shapes: &shapes,
