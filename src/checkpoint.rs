@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::io::{HostTensor, atomic_write};
+use crate::io::HostTensor;
 use crate::library::LoraExpert;
 use crate::models::{
     BertConfig, BertModel, DecoderConfig, Gpt2Config, Gpt2LmHeadModel, LlamaForCausalLm,
@@ -679,8 +679,10 @@ fn mergeable_as_lora(adapter: &Path) -> Result<PeftLora> {
 ///
 /// Every adapter layer must find its weight (`{path}.weight`, or the one key ending in
 /// `.{path}.weight`) before anything is written. Shards are merged and written one at a time
-/// (the peak memory is one shard in `f32`), each through a temporary file and a rename;
-/// `on_shard(done, total)` is called after each.
+/// (the peak memory is one shard in `f32`) into a temporary folder beside `out`, which
+/// replaces `out` in one step when complete ([`write_dir_atomically`](crate::io::write_dir_atomically)):
+/// a kill leaves the old `out` or the finished one. `on_shard(done, total)` is called after
+/// each shard.
 ///
 /// # Errors
 /// [`Error::Invalid`] when `out` is `base`; as [`Checkpoint::open`] and
@@ -736,30 +738,35 @@ pub fn bake(
         }
     }
     let shards = ckpt.shard_files();
-    let folder = base.is_dir();
-    if folder {
-        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    for (i, (shard, names)) in shards.iter().enumerate() {
-        let mut tensors = BTreeMap::new();
-        for name in names {
-            tensors.insert(name.to_string(), ckpt.read(name)?);
+    // Every shard of a folder is merged in memory one at a time (the peak is one shard in
+    // f32), written into a temporary folder that replaces `out` only when complete.
+    let write_shards = |dest: &Path, folder: bool, on_shard: &mut dyn FnMut(usize, usize)| {
+        for (i, (shard, names)) in shards.iter().enumerate() {
+            let mut tensors = BTreeMap::new();
+            for name in names {
+                tensors.insert(name.to_string(), ckpt.read(name)?);
+            }
+            merge_lora_into(&mut tensors, &expert, peft.config.fan_in_fan_out, shard)?;
+            let metadata = Some(ckpt.shards[i].metadata.clone());
+            if folder {
+                let dtypes: BTreeMap<String, Dtype> = names
+                    .iter()
+                    .map(|n| (n.to_string(), ckpt.entries[*n].dtype))
+                    .collect();
+                let path = dest.join(shard.file_name().unwrap_or_default());
+                crate::io::write_safetensors_as(&path, &tensors, &dtypes, metadata)?;
+            } else {
+                crate::io::write_safetensors(dest, &tensors, metadata)?;
+            }
+            on_shard(i + 1, shards.len());
         }
-        merge_lora_into(&mut tensors, &expert, peft.config.fan_in_fan_out, shard)?;
-        let metadata = Some(ckpt.shards[i].metadata.clone());
-        if folder {
-            let dtypes: BTreeMap<String, Dtype> = names
-                .iter()
-                .map(|n| (n.to_string(), ckpt.entries[*n].dtype))
-                .collect();
-            let path = out.join(shard.file_name().unwrap_or_default());
-            crate::io::write_safetensors_as(&path, &tensors, &dtypes, metadata)?;
-        } else {
-            crate::io::write_safetensors(out, &tensors, metadata)?;
-        }
-        on_shard(i + 1, shards.len());
+        Ok::<(), Error>(())
+    };
+    if !base.is_dir() {
+        return write_shards(out, false, &mut on_shard);
     }
-    if folder {
+    crate::io::write_dir_atomically(out, false, |tmp| {
+        write_shards(tmp, true, &mut on_shard)?;
         // The index and every other file (config.json, tokenizer files, …) as they are.
         let entries = std::fs::read_dir(base).map_err(|e| Error::io(base, e))?;
         for entry in entries {
@@ -768,10 +775,9 @@ pub fn bake(
             let name = entry.file_name();
             let is_shard = shards.iter().any(|(p, _)| p.file_name() == Some(&name));
             if from.is_file() && !is_shard {
-                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
-                atomic_write(&out.join(&name), &bytes)?;
+                std::fs::copy(&from, tmp.join(&name)).map_err(|e| Error::io(&from, e))?;
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }

@@ -398,11 +398,25 @@ pub(crate) fn write_safetensors_as(
     atomic_write(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename: a kill
+/// at any moment leaves `path`'s old content or its new content. Temporary files that killed
+/// writers left behind are removed first (those of processes that no longer run).
 ///
 /// # Errors
 /// [`Error::Io`].
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let (dir, name) = split_path(path);
+    remove_stale_temporaries(dir, &name);
+    let tmp = dir.join(temporary_name(&name));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// `path`'s folder (`.` for a bare name) and file name.
+fn split_path(path: &Path) -> (&Path, String) {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -411,12 +425,121 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    (dir, name)
+}
+
+/// The temporary sibling of `name` this process writes: `.{name}.tmp-{pid}`.
+fn temporary_name(name: &str) -> String {
+    format!(".{name}.tmp-{}", std::process::id())
+}
+
+/// Removes `dir/.{name}.tmp-{pid}` files and folders of processes that no longer run (Linux,
+/// where `/proc` says; elsewhere nothing is removed).
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let p = entry.path();
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
+}
+
+/// Writes a folder atomically: `write` fills a temporary sibling folder (to which, with
+/// `keep_others`, the plain files of the old `dir` that `write` did not write are then copied),
+/// which then takes `dir`'s place in one step (Linux: `renameat2(RENAME_EXCHANGE)`; a new `dir`: one rename).
+/// A kill at any moment leaves the old folder or the new one, never a mixture; temporaries of
+/// killed writers are removed on the next write. Elsewhere than Linux an existing folder is
+/// replaced by two renames, with a short window where `dir` is missing.
+///
+/// # Errors
+/// [`Error::Io`]; `write`'s errors (the temporary folder is removed, `dir` is untouched).
+pub fn write_dir_atomically(
+    dir: &Path,
+    keep_others: bool,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let (parent, name) = split_path(dir);
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    remove_stale_temporaries(parent, &name);
+    let tmp = parent.join(temporary_name(&name));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let filled = write(&tmp).and_then(|()| {
+        if keep_others {
+            keep_other_files(dir, &tmp)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = filled {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let swapped = if dir.is_dir() {
+        exchange(&tmp, dir)
+    } else {
+        std::fs::rename(&tmp, dir)
+    };
+    if let Err(e) = swapped {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::io(dir, e));
+    }
+    // After an exchange the temporary name holds the old folder.
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    Ok(())
+}
+
+/// Copies the plain files of `old` that `new` lacks into `new` (a README, a user's notes).
+fn keep_other_files(old: &Path, new: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(old) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let target = new.join(entry.file_name());
+        if entry.path().is_file() && !target.exists() {
+            std::fs::copy(entry.path(), &target).map_err(|e| Error::io(&target, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Swaps two folders in one step.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE).map_err(std::io::Error::from)
+}
+
+/// Replaces `b` by `a` with two renames (no atomic exchange here); `a` then holds the old `b`.
+#[cfg(not(target_os = "linux"))]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    let old = a.with_extension("old");
+    std::fs::rename(b, &old)?;
+    std::fs::rename(a, b)?;
+    std::fs::rename(&old, a)
 }
 
 impl crate::models::WeightSource for TensorFile {

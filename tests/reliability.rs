@@ -284,3 +284,95 @@ fn absurd_model_configs_are_typed_errors() {
     .unwrap();
     assert!(modula::checkpoint::load_decoder(tmp.path(), &device).is_err());
 }
+
+/// Every file of a folder, by name.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `modula bake` killed with SIGKILL at random moments, many times, over a folder that holds
+/// an older bake: each time the folder holds the old bake or the new one, file for file, never
+/// a mixture, and no temporary file inside it; temporaries the killed writers left beside it
+/// are gone after the next completed write.
+#[test]
+fn killed_writes_leave_the_old_or_the_new_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = common::data("tiny_decoders");
+    let bake = |adapter: &str, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_modula"))
+            .args([
+                "bake",
+                "--base",
+                root.join("llama_sharded_bf16").to_str().unwrap(),
+                "--out",
+            ])
+            .arg(out)
+            .arg(root.join(adapter))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (old_dir, new_dir, dest) = (
+        tmp.path().join("old"),
+        tmp.path().join("new"),
+        tmp.path().join("dest"),
+    );
+    let t0 = std::time::Instant::now();
+    assert!(bake("llama_lora_all", &old_dir).wait().unwrap().success());
+    let took = t0.elapsed();
+    assert!(bake("llama_lora_qvd", &new_dir).wait().unwrap().success());
+    let (old, new) = (snapshot(&old_dir), snapshot(&new_dir));
+    assert_ne!(old, new);
+    let mut rng = common::Rng(17);
+    let (mut killed, mut finished) = (0, 0);
+    for _ in 0..120 {
+        // Start from the old bake.
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).unwrap();
+        }
+        std::fs::create_dir(&dest).unwrap();
+        for (name, bytes) in &old {
+            std::fs::write(dest.join(name), bytes).unwrap();
+        }
+        let mut child = bake("llama_lora_qvd", &dest);
+        let wait = took.mul_f32(1.5 * rng.uniform());
+        std::thread::sleep(wait);
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+        } else {
+            finished += 1;
+        }
+        child.wait().unwrap();
+        let now = snapshot(&dest);
+        assert!(
+            now == old || now == new,
+            "a mixture after a kill: {:?}",
+            now.keys()
+        );
+        assert!(now.keys().all(|n| !n.starts_with('.')), "{:?}", now.keys());
+    }
+    assert!(
+        killed >= 30,
+        "only {killed} of 120 runs were killed mid-way"
+    );
+    // One completed write sweeps the temporaries of the killed ones.
+    assert!(bake("llama_lora_qvd", &dest).wait().unwrap().success());
+    let stray: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".dest"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+    assert_eq!(snapshot(&dest), new);
+    eprintln!("killed {killed}, finished {finished}");
+}

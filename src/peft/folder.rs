@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use super::config::PeftConfig;
 use super::{CONFIG_FILE, PEFT_VERSION, WEIGHTS_FILE};
 use crate::error::{Error, Result};
-use crate::io::{HostTensor, TensorFile, atomic_write, write_safetensors};
+use crate::io::{HostTensor, TensorFile, atomic_write, write_dir_atomically, write_safetensors};
 
 /// Reads a folder's config and opens its weights.
 pub(super) fn read_folder(dir: &Path) -> Result<(PeftConfig, TensorFile)> {
@@ -85,18 +85,20 @@ pub(super) fn lora_config_template() -> Map<String, Value> {
     m
 }
 
-/// Writes a config document and its tensors into `dir`.
+/// Writes a config document and its tensors into `dir`, as one atomic folder write
+/// ([`write_dir_atomically`]: a kill leaves the old folder or the new one, never new weights
+/// beside an old config).
 pub(super) fn write_folder(
     dir: &Path,
     doc: Map<String, Value>,
     tensors: &BTreeMap<String, HostTensor>,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_safetensors(dir.join(WEIGHTS_FILE), tensors, None)?;
-    let cfg_path = dir.join(CONFIG_FILE);
     let text = serde_json::to_string_pretty(&Value::Object(doc)).map_err(|e| Error::Json {
-        path: cfg_path.clone(),
+        path: dir.join(CONFIG_FILE),
         source: e,
     })?;
-    atomic_write(&cfg_path, text.as_bytes())
+    write_dir_atomically(dir, true, |tmp| {
+        write_safetensors(tmp.join(WEIGHTS_FILE), tensors, None)?;
+        atomic_write(&tmp.join(CONFIG_FILE), text.as_bytes())
+    })
 }
