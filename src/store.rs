@@ -6,12 +6,16 @@
 //!   library.json                 index: format, version, one entry per expert
 //!   experts/<name>/adapter_config.json
 //!   experts/<name>/adapter_model.safetensors
+//!   library.lock                 the writers' lock
 //! ```
 //!
 //! Every write is atomic: an expert's folder is written under a temporary name and renamed
 //! into place, and the index is replaced by rename, so an interrupted write never leaves a
 //! half-written expert or index behind. All experts of a library adapt the same layers with
-//! the same shapes (one base model); [`ExpertLibrary::add`] checks it.
+//! the same shapes (one base model); [`ExpertLibrary::add`] checks it. Writers in several
+//! processes ([`ExpertLibrary::add`], [`ExpertLibrary::remove`]) take turns under an exclusive
+//! lock on `library.lock` and apply their change to the index as it is on disk, so none of
+//! their changes is lost.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +29,8 @@ use crate::library::factors::LoraExpert;
 use crate::peft::PeftLora;
 
 const INDEX: &str = "library.json";
+/// The writers' lock file.
+const LOCK: &str = "library.lock";
 const FORMAT: &str = "modula-expert-library";
 
 /// What the caller says about an expert when adding it.
@@ -176,6 +182,49 @@ impl ExpertLibrary {
     /// [`Error::Io`] on write failures (the library is then unchanged).
     pub fn add(&mut self, name: &str, adapter: &PeftLora, info: ExpertInfo) -> Result<()> {
         check_name(name)?;
+        self.locked(|lib| lib.add_unlocked(name, adapter, info))
+    }
+
+    /// Runs `f` holding the library's writer lock (`library.lock`, an exclusive `flock` through
+    /// the standard library), on the index as it is on disk now, so that writers in other
+    /// processes lose nothing: each one's change lands on top of the others'.
+    ///
+    /// # Errors
+    /// [`Error::Io`] for a lock file that cannot be opened; [`Error::Invalid`] ("locked") when
+    /// another writer holds the lock for 60 s (retry later); `f`'s and
+    /// [`open`](Self::open)'s errors.
+    fn locked<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let path = self.dir.join(LOCK);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let start = std::time::Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if start.elapsed().as_secs() < 60 => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::invalid(
+                        format!("expert library {}", self.dir.display()),
+                        "locked by another writer for 60 s; retry when it has finished",
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+            }
+        }
+        // Another process may have written since this handle read the index.
+        self.experts = Self::open(&self.dir)?.experts;
+        let out = f(self);
+        let _ = file.unlock();
+        out
+    }
+
+    fn add_unlocked(&mut self, name: &str, adapter: &PeftLora, info: ExpertInfo) -> Result<()> {
         if self.experts.iter().any(|e| e.name == name) {
             return Err(Error::DuplicateAdapter {
                 name: name.into(),
@@ -305,6 +354,10 @@ impl ExpertLibrary {
     /// # Errors
     /// Unknown name; [`Error::Io`].
     pub fn remove(&mut self, name: &str) -> Result<()> {
+        self.locked(|lib| lib.remove_unlocked(name))
+    }
+
+    fn remove_unlocked(&mut self, name: &str) -> Result<()> {
         let pos = self
             .experts
             .iter()

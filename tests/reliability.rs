@@ -376,3 +376,72 @@ fn killed_writes_leave_the_old_or_the_new_folder() {
     assert_eq!(snapshot(&dest), new);
     eprintln!("killed {killed}, finished {finished}");
 }
+
+/// The concurrent-writer test's worker process (this test binary, run by
+/// `concurrent_library_writers_lose_nothing` with `--ignored`): with
+/// `MODULA_LIBRARY_WORKER=DIR,PREFIX` it adds experts `PREFIX-0..20` to the library in DIR and
+/// removes every third.
+#[test]
+#[ignore = "a worker process of concurrent_library_writers_lose_nothing"]
+fn library_writer_worker() {
+    let spec = std::env::var("MODULA_LIBRARY_WORKER").expect("MODULA_LIBRARY_WORKER=DIR,PREFIX");
+    let (dir, prefix) = spec.split_once(',').unwrap();
+    let device = Device::flex();
+    let mut lib = modula::store::ExpertLibrary::open_or_create(dir).unwrap();
+    let src = common::data("peft_lora_tiny_mlp");
+    for i in 0..20 {
+        let name = format!("{prefix}-{i}");
+        lib.import_peft(&name, &src, Default::default(), &device)
+            .unwrap();
+        if i % 3 == 0 {
+            lib.remove(&name).unwrap();
+        }
+    }
+}
+
+/// Two processes add and remove experts in one library at once: every add that was not
+/// removed is in the index with a loadable folder, nothing removed is left, and no folder is
+/// orphaned.
+#[test]
+fn concurrent_library_writers_lose_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lib");
+    modula::store::ExpertLibrary::open_or_create(&dir).unwrap();
+    let workers: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|p| {
+            Command::new(std::env::current_exe().unwrap())
+                .args(["--ignored", "--exact", "library_writer_worker"])
+                .env("MODULA_LIBRARY_WORKER", format!("{},{p}", dir.display()))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut w in workers {
+        assert!(w.wait().unwrap().success());
+    }
+    let lib = modula::store::ExpertLibrary::open(&dir).unwrap();
+    let mut want: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|p| {
+            (0..20)
+                .filter(|i| i % 3 != 0)
+                .map(move |i| format!("{p}-{i}"))
+        })
+        .collect();
+    want.sort();
+    let mut got: Vec<String> = lib.names().iter().map(|n| n.to_string()).collect();
+    got.sort();
+    assert_eq!(got, want, "{} operations", 3 * (20 + 7));
+    let mut folders: Vec<String> = std::fs::read_dir(dir.join("experts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    folders.sort();
+    assert_eq!(folders, want);
+    let device = Device::flex();
+    for n in &want {
+        lib.get(n, &device).unwrap();
+    }
+}
