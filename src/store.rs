@@ -165,13 +165,36 @@ impl ExpertLibrary {
             .ok_or_else(|| self.unknown(name))
     }
 
-    /// The PEFT folder of expert `name`.
+    /// The PEFT folder of expert `name`, confined to the library: the name is a plain folder
+    /// name (an index edited by hand could say otherwise), and neither the folder nor its files
+    /// may be symbolic links (which could point anywhere).
     ///
     /// # Errors
-    /// As [`meta`](Self::meta).
+    /// As [`meta`](Self::meta); [`Error::Invalid`] for a name or link that would leave the
+    /// library folder.
     pub fn expert_dir(&self, name: &str) -> Result<PathBuf> {
         self.meta(name)?;
-        Ok(self.dir.join("experts").join(name))
+        check_name(name)?;
+        let dir = self.dir.join("experts").join(name);
+        let linked =
+            |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+        let escapes = std::iter::once(dir.clone())
+            .chain(
+                ["adapter_config.json", "adapter_model.safetensors"]
+                    .iter()
+                    .map(|f| dir.join(f)),
+            )
+            .find(|p| linked(p));
+        if let Some(p) = escapes {
+            return Err(Error::invalid(
+                format!("expert `{name}`"),
+                format!(
+                    "{} is a symbolic link; an expert's folder and files must be inside the library",
+                    p.display()
+                ),
+            ));
+        }
+        Ok(dir)
     }
 
     /// Adds an expert.

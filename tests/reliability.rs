@@ -445,3 +445,56 @@ fn concurrent_library_writers_lose_nothing() {
         lib.get(n, &device).unwrap();
     }
 }
+
+/// Expert names cannot leave the library folder: `..`, absolute paths, separators and hidden
+/// names are refused on add, an index edited to name `../x` is refused on read, and an expert
+/// folder (or file) replaced by a symbolic link to elsewhere is refused on read; removing such
+/// an expert removes the link, never what it points to.
+#[test]
+fn expert_names_and_links_stay_inside_the_library() {
+    use modula::store::ExpertLibrary;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lib");
+    let device = Device::flex();
+    let src = common::data("peft_lora_tiny_mlp");
+    let mut lib = ExpertLibrary::open_or_create(&dir).unwrap();
+    for bad in ["../escape", "/tmp/abs", "a/b", ".hidden", "..", ""] {
+        let e = lib.import_peft(bad, &src, Default::default(), &device);
+        assert!(
+            matches!(e, Err(modula::Error::Invalid { .. })),
+            "{bad}: {e:?}"
+        );
+    }
+    assert!(!tmp.path().join("escape").exists());
+    lib.import_peft("e", &src, Default::default(), &device)
+        .unwrap();
+    // An index edited by hand to point outside.
+    let index = dir.join("library.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    std::fs::write(&index, text.replace("\"e\"", "\"../../outside\"")).unwrap();
+    let edited = ExpertLibrary::open(&dir).unwrap();
+    assert!(edited.get("../../outside", &device).is_err());
+    std::fs::write(&index, text).unwrap();
+    // The expert folder replaced by a link to a PEFT folder outside the library.
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(src.join(f), outside.join(f)).unwrap();
+    }
+    let expert = dir.join("experts/e");
+    std::fs::remove_dir_all(&expert).unwrap();
+    std::os::unix::fs::symlink(&outside, &expert).unwrap();
+    let mut lib = ExpertLibrary::open(&dir).unwrap();
+    let e = lib.get("e", &device).unwrap_err().to_string();
+    assert!(e.contains("symbolic link"), "{e}");
+    assert!(lib.factors("e").is_err());
+    lib.remove("e").unwrap();
+    assert!(
+        outside.join("adapter_model.safetensors").exists(),
+        "the link's target is kept"
+    );
+    assert!(
+        std::fs::symlink_metadata(&expert).is_err(),
+        "the link is gone"
+    );
+}
