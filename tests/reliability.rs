@@ -498,3 +498,95 @@ fn expert_names_and_links_stay_inside_the_library() {
         "the link is gone"
     );
 }
+
+/// Resident memory of this process in bytes (Linux `/proc/self/statm`).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// Steady serving, short form, in a process of its own (resident memory is per process and
+/// other tests run beside it): see `serving_worker`.
+#[test]
+fn serving_thousands_of_requests_keeps_memory_flat() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "serving_worker", "--nocapture"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resident memory"), "{err}");
+}
+
+/// 1 200 (`MODULA_SOAK_REQUESTS`) generation requests on the tiny Llama with two LoRA adapters, random batch sizes,
+/// prompt lengths, left padding, adapters per row and lengths: none panics, and resident
+/// memory after the first 200 grows by less than 5 % (run by
+/// `serving_thousands_of_requests_keeps_memory_flat`).
+#[test]
+#[ignore = "run in its own process by serving_thousands_of_requests_keeps_memory_flat"]
+fn serving_worker() {
+    use modula::models::{GenerationConfig, LinearLayers};
+    let device = Device::flex();
+    let root = common::data("tiny_decoders");
+    let mut model = modula::checkpoint::load_decoder(root.join("llama"), &device).unwrap();
+    for (name, dir) in [("qvd", "llama_lora_qvd"), ("all", "llama_lora_all")] {
+        modula::PeftLora::load(root.join(dir), &device)
+            .unwrap()
+            .attach_to_model(&mut model, name)
+            .unwrap();
+    }
+    assert_eq!(model.adapter_names().len(), 2);
+    let mut rng = common::Rng(99);
+    let names = [None, Some("qvd"), Some("all")];
+    // MODULA_SOAK_REQUESTS sets the length (docs/reliability.md: the long soak).
+    let total: usize = std::env::var("MODULA_SOAK_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1200)
+        .max(400);
+    let mut after_warmup = 0;
+    for request in 0..total {
+        if request == 200 {
+            after_warmup = rss_bytes();
+        }
+        if request % (total / 10) == 0 {
+            eprintln!(
+                "request {request}: resident {:.1} MB",
+                rss_bytes() as f64 / 1e6
+            );
+        }
+        let b = 1 + (rng.next_u64() % 3) as usize;
+        let s = 1 + (rng.next_u64() % 8) as usize;
+        let mut ids = Vec::with_capacity(b * s);
+        let mut mask = Vec::with_capacity(b * s);
+        for _ in 0..b {
+            let pad = (rng.next_u64() % s as u64) as usize;
+            for t in 0..s {
+                ids.push((rng.next_u64() % 64) as i64);
+                mask.push(i64::from(t >= pad));
+            }
+        }
+        let ids =
+            Tensor::<1, burn::tensor::Int>::from_ints(ids.as_slice(), &device).reshape([b, s]);
+        let mask =
+            Tensor::<1, burn::tensor::Int>::from_ints(mask.as_slice(), &device).reshape([b, s]);
+        let adapters: Vec<Option<&str>> = (0..b)
+            .map(|_| names[(rng.next_u64() % 3) as usize])
+            .collect();
+        let config = GenerationConfig::greedy(&model, 1 + (rng.next_u64() % 6) as usize);
+        let out = model
+            .generate(ids, Some(mask), Some(&adapters), &config, |_| {})
+            .unwrap();
+        assert_eq!(out.len(), b);
+    }
+    let end = rss_bytes();
+    let growth = end as f64 / after_warmup as f64 - 1.0;
+    eprintln!(
+        "resident memory after 200 requests {:.1} MB, after {total} {:.1} MB ({:+.2} %)",
+        after_warmup as f64 / 1e6,
+        end as f64 / 1e6,
+        100.0 * growth
+    );
+    assert!(growth < 0.05, "grew {:.2} %", 100.0 * growth);
+}
