@@ -590,3 +590,129 @@ fn serving_worker() {
     );
     assert!(growth < 0.05, "grew {:.2} %", 100.0 * growth);
 }
+
+/// One random mutation of `bytes`: flip a byte, set one to an edge value, cut the tail, drop
+/// or repeat a span, or splice in digits and brackets (what parsers choke on).
+fn mutate(bytes: &[u8], rng: &mut common::Rng) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    let n = b.len().max(1);
+    let at = (rng.next_u64() as usize) % n;
+    match rng.next_u64() % 6 {
+        0 if !b.is_empty() => b[at] ^= 1 << (rng.next_u64() % 8),
+        1 if !b.is_empty() => {
+            b[at] = [0u8, 0xff, 0x7f, 0x80, b'"', b'9'][(rng.next_u64() % 6) as usize]
+        }
+        2 => b.truncate(at),
+        3 => {
+            let end = (at + 1 + (rng.next_u64() as usize) % 16).min(b.len());
+            b.drain(at.min(b.len())..end);
+        }
+        4 => {
+            let end = (at + 1 + (rng.next_u64() as usize) % 16).min(b.len());
+            let span = b[at.min(b.len())..end].to_vec();
+            b.splice(
+                at.min(b.len())..at.min(b.len()),
+                span.repeat(1 + (rng.next_u64() % 4) as usize),
+            );
+        }
+        _ => {
+            let junk: &[&[u8]] = &[
+                b"[[[[[[",
+                b"99999999999999999999",
+                b"-1",
+                b"null",
+                b"1e308",
+                b"\"\\u0000\"",
+            ];
+            b.splice(
+                at.min(b.len())..at.min(b.len()),
+                junk[(rng.next_u64() % 6) as usize].iter().copied(),
+            );
+        }
+    }
+    b
+}
+
+/// The stable-toolchain guard of the fuzzed entry points (the libFuzzer targets are separate,
+/// docs/reliability.md): thousands of random mutations of valid inputs to the safetensors
+/// reader, the checkpoint reader, `adapter_config.json`, a PEFT folder, `config.json`, the
+/// expert-library index and the tool's input JSON; every one returns (an error is fine, the
+/// tool's status 2), none panics.
+#[test]
+fn mutated_inputs_never_panic() {
+    use modula::models::DecoderConfig;
+    use modula::{PeftAdapter, PeftConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let mut rng = common::Rng(2026);
+    let lora = common::data("peft_lora_tiny_mlp");
+    let weights = std::fs::read(lora.join("adapter_model.safetensors")).unwrap();
+    let peft_cfg = std::fs::read(lora.join("adapter_config.json")).unwrap();
+    let llama_cfg = std::fs::read(common::data("tiny_decoders/llama/config.json")).unwrap();
+    let lib_dir = tmp.path().join("lib");
+    let mut lib = modula::store::ExpertLibrary::open_or_create(&lib_dir).unwrap();
+    lib.import_peft("e", &lora, Default::default(), &device)
+        .unwrap();
+    let index = std::fs::read(lib_dir.join("library.json")).unwrap();
+    let folder = tmp.path().join("peft");
+    std::fs::create_dir(&folder).unwrap();
+    let (mut runs, mut errors) = (0usize, 0usize);
+    let mut check = |what: &str, r: std::thread::Result<bool>| {
+        runs += 1;
+        match r {
+            Ok(ok) => errors += usize::from(!ok),
+            Err(_) => panic!("{what} panicked on a mutated input"),
+        }
+    };
+    for _ in 0..600 {
+        let w = mutate(&weights, &mut rng);
+        let r = std::panic::catch_unwind(|| TensorFile::from_bytes(&w, "m.safetensors").is_ok());
+        check("TensorFile::from_bytes", r);
+        let path = tmp.path().join("m.safetensors");
+        std::fs::write(&path, &w).unwrap();
+        let r = std::panic::catch_unwind(|| modula::checkpoint::Checkpoint::open(&path).is_ok());
+        check("Checkpoint::open", r);
+        let c = String::from_utf8_lossy(&mutate(&peft_cfg, &mut rng)).into_owned();
+        let r = std::panic::catch_unwind(|| PeftConfig::from_json(&c, "cfg").is_ok());
+        check("PeftConfig::from_json", r);
+        std::fs::write(folder.join("adapter_config.json"), c.as_bytes()).unwrap();
+        std::fs::write(folder.join("adapter_model.safetensors"), &w).unwrap();
+        let r = std::panic::catch_unwind(|| PeftAdapter::load(&folder, &device).is_ok());
+        check("PeftAdapter::load", r);
+        let c = String::from_utf8_lossy(&mutate(&llama_cfg, &mut rng)).into_owned();
+        let r = std::panic::catch_unwind(|| DecoderConfig::from_json(&c, "config.json").is_ok());
+        check("DecoderConfig::from_json", r);
+        std::fs::write(lib_dir.join("library.json"), mutate(&index, &mut rng)).unwrap();
+        let r = std::panic::catch_unwind(|| {
+            modula::store::ExpertLibrary::open(&lib_dir)
+                .and_then(|l| l.get("e", &device).map(|_| ()))
+                .is_ok()
+        });
+        check("ExpertLibrary::open", r);
+    }
+    // The tool's input JSON: it exits 0 or 2 (bad input), never with a panic's 101.
+    let model = common::data("tiny_decoders/llama");
+    let batch = br#"{"input_ids": [[1, 5, 9], [2, 40, 11]], "attention_mask": [[1, 1, 1], [0, 1, 1]], "adapters": [null, null]}"#;
+    let input = tmp.path().join("in.json");
+    let out = tmp.path().join("out.safetensors");
+    for _ in 0..150 {
+        std::fs::write(&input, mutate(batch, &mut rng)).unwrap();
+        let (code, err) = modula_cli(&[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        runs += 1;
+        errors += usize::from(code == Some(2));
+        assert!(matches!(code, Some(0) | Some(2)), "exit {code:?}: {err}");
+    }
+    eprintln!("{runs} mutated inputs, {errors} refused with an error, no panic");
+    assert!(
+        errors > runs / 4,
+        "the mutations should mostly break the inputs: {errors}/{runs}"
+    );
+}
