@@ -22,6 +22,21 @@ fn modula_cli(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// `modula score --model MODEL --input INPUT --out OUT`, with `extra` flags first.
+fn score_cli(extra: &[&str], model: &Path, input: &Path, out: &Path) -> (Option<i32>, String) {
+    let mut args: Vec<&str> = extra.to_vec();
+    args.extend([
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    modula_cli(&args)
+}
+
 /// A copy of the tiny Llama folder whose `tensor` holds a NaN at flat index 5.
 fn poisoned_llama(dir: &Path, tensor: &str) {
     let src = common::data("tiny_decoders/llama");
@@ -68,25 +83,14 @@ fn non_finite_weights_are_refused_unless_allowed() {
     let input = tmp.path().join("in.json");
     std::fs::write(&input, r#"{"input_ids": [[1, 2, 3]]}"#).unwrap();
     let out = tmp.path().join("out.safetensors");
-    let args = [
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let (code, err) = modula_cli(&args);
+    let (code, err) = score_cli(&[], &model, &input, &out);
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains(name) && err.contains("--allow-non-finite"),
         "{err}"
     );
     assert!(!out.exists());
-    let mut allowed = vec!["--allow-non-finite"];
-    allowed.extend(args);
-    let (code, err) = modula_cli(&allowed);
+    let (code, err) = score_cli(&["--allow-non-finite"], &model, &input, &out);
     assert_eq!(code, Some(0), "{err}");
     // The library's opt-out, then back to the default for the rest of this process.
     set_non_finite_policy(NonFinitePolicy::Allow);
@@ -697,15 +701,7 @@ fn mutated_inputs_never_panic() {
     let out = tmp.path().join("out.safetensors");
     for _ in 0..150 {
         std::fs::write(&input, mutate(batch, &mut rng)).unwrap();
-        let (code, err) = modula_cli(&[
-            "score",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let (code, err) = score_cli(&[], &model, &input, &out);
         runs += 1;
         errors += usize::from(code == Some(2));
         assert!(matches!(code, Some(0) | Some(2)), "exit {code:?}: {err}");
