@@ -272,20 +272,13 @@ impl ExpertLibrary {
         }
         let experts = self.dir.join("experts");
         std::fs::create_dir_all(&experts).map_err(|e| Error::io(&experts, e))?;
-        let tmp = experts.join(format!(".tmp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let result = adapter.save(&tmp).and_then(|()| {
-            let dest = experts.join(name);
-            if dest.exists() {
-                // A stale folder without an index entry (an interrupted add): replace it.
-                std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
-            }
-            std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))
-        });
-        if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
+        let dest = experts.join(name);
+        if std::fs::symlink_metadata(&dest).is_ok() {
+            // A stale folder without an index entry (an interrupted add): replace it whole.
+            std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
         }
+        // The save writes a temporary sibling and renames it into place (write_dir_atomically).
+        adapter.save(&dest)?;
         self.experts.push(ExpertMeta {
             name: name.into(),
             rank: adapter.config.r,
