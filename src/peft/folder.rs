@@ -45,6 +45,45 @@ pub(super) fn py_number(x: f64) -> Value {
     }
 }
 
+/// The per-module rank and alpha overrides PEFT writes (`rank_pattern`, `alpha_pattern`): an
+/// anchored pattern for each module whose rank or alpha differs from the config's defaults.
+/// The one builder behind the LoRA and the LoHa / LoKr writers.
+pub(super) struct Patterns {
+    defaults: (usize, f64),
+    rank: Map<String, Value>,
+    alpha: Map<String, Value>,
+}
+
+impl Patterns {
+    /// No overrides yet against the defaults `r` and `alpha`.
+    pub(super) fn new(r: usize, alpha: f64) -> Self {
+        Self {
+            defaults: (r, alpha),
+            rank: Map::new(),
+            alpha: Map::new(),
+        }
+    }
+
+    /// Records module `path`'s rank and alpha where they differ from the defaults.
+    pub(super) fn add(&mut self, path: &str, rank: usize, alpha: f64) {
+        let key = || format!("^{}$", regex::escape(path));
+        if rank != self.defaults.0 {
+            self.rank.insert(key(), json!(rank));
+        }
+        if alpha != self.defaults.1 {
+            self.alpha.insert(key(), py_number(alpha));
+        }
+    }
+
+    /// Writes `r`, the alpha under `alpha_key` and both patterns into `doc`.
+    pub(super) fn write(self, doc: &mut Map<String, Value>, alpha_key: &str) {
+        doc.insert("r".into(), json!(self.defaults.0));
+        doc.insert(alpha_key.into(), py_number(self.defaults.1));
+        doc.insert("rank_pattern".into(), Value::Object(self.rank));
+        doc.insert("alpha_pattern".into(), Value::Object(self.alpha));
+    }
+}
+
 /// The keys PEFT 0.21 writes for a LoRA, with its defaults.
 pub(super) fn lora_config_template() -> Map<String, Value> {
     let mut m = Map::new();

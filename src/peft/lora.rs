@@ -4,10 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
 use super::config::{PeftConfig, PeftType};
-use super::folder::{lora_config_template, py_number, read_folder, write_folder};
+use super::folder::{Patterns, lora_config_template, read_folder, write_folder};
 use super::keys::{KEY_PREFIX, split_key};
 use super::targets::{TargetDecision, TargetRules};
 use crate::error::{Error, Result, Scope};
@@ -548,17 +548,10 @@ pub(super) fn write_lora_folder(
     entries: Vec<LoraEntry<'_>>,
 ) -> Result<()> {
     let mut tensors = BTreeMap::new();
-    let mut rank_pattern = Map::new();
-    let mut alpha_pattern = Map::new();
-    let (r0, a0) = (config.r, config.lora_alpha);
+    let mut patterns = Patterns::new(config.r, config.lora_alpha);
     let mut targets = Vec::with_capacity(entries.len());
     for e in entries {
-        if e.rank != r0 {
-            rank_pattern.insert(format!("^{}$", regex::escape(e.path)), json!(e.rank));
-        }
-        if e.alpha != a0 {
-            alpha_pattern.insert(format!("^{}$", regex::escape(e.path)), py_number(e.alpha));
-        }
+        patterns.add(e.path, e.rank, e.alpha);
         let (ka, kb) = if e.embedding {
             ("lora_embedding_A", "lora_embedding_B")
         } else {
@@ -573,11 +566,8 @@ pub(super) fn write_lora_folder(
         doc.insert(k.clone(), v.clone());
     }
     doc.insert("peft_type".into(), json!("LORA"));
-    doc.insert("r".into(), json!(r0));
-    doc.insert("lora_alpha".into(), py_number(a0));
+    patterns.write(&mut doc, "lora_alpha");
     doc.insert("use_rslora".into(), json!(use_rslora));
-    doc.insert("rank_pattern".into(), Value::Object(rank_pattern));
-    doc.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
     doc.insert("target_modules".into(), json!(targets));
     doc.insert("inference_mode".into(), json!(true));
     write_folder(dir, doc, &tensors)

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 use serde_json::{Map, Value, json};
 
 use super::config::{PeftConfig, PeftType};
-use super::folder::{py_number, read_folder, write_folder};
+use super::folder::{Patterns, read_folder, write_folder};
 use super::keys::{KEY_PREFIX, split_key};
 use super::lora::PeftLora;
 use super::{PEFT_VERSION, expect_type};
@@ -250,9 +250,8 @@ impl PeftLycoris {
         if self.modules.is_empty() {
             return Err(Error::invalid(what, "there are no modules to save"));
         }
-        let (r0, a0) = (self.config.r, self.config.lora_alpha);
         let mut tensors = BTreeMap::new();
-        let (mut rank_pattern, mut alpha_pattern) = (Map::new(), Map::new());
+        let mut patterns = Patterns::new(self.config.r, self.config.lora_alpha);
         let mut put = |path: &str, part: &str, t: Tensor<2>| {
             tensors.insert(
                 format!("{KEY_PREFIX}{path}.{part}"),
@@ -300,13 +299,7 @@ impl PeftLycoris {
                     (m.rank, m.alpha)
                 }
             };
-            let key = format!("^{}$", regex::escape(path));
-            if rank != r0 {
-                rank_pattern.insert(key.clone(), json!(rank));
-            }
-            if alpha != a0 {
-                alpha_pattern.insert(key, py_number(alpha));
-            }
+            patterns.add(path, rank, alpha);
         }
         let mut doc = Map::new();
         for (k, v) in [
@@ -339,10 +332,7 @@ impl PeftLycoris {
         let targets: Vec<&String> = self.modules.keys().collect();
         doc.insert("peft_type".into(), json!(self.config.peft_type.name()));
         doc.insert("peft_version".into(), json!(PEFT_VERSION));
-        doc.insert("r".into(), json!(r0));
-        doc.insert("alpha".into(), py_number(a0));
-        doc.insert("rank_pattern".into(), Value::Object(rank_pattern));
-        doc.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
+        patterns.write(&mut doc, "alpha");
         doc.insert("target_modules".into(), json!(targets));
         doc.insert("inference_mode".into(), json!(true));
         write_folder(dir.as_ref(), doc, &tensors)
