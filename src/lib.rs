@@ -143,6 +143,7 @@ pub mod modules;
 pub mod moe;
 pub mod peft;
 pub mod prune;
+pub mod request;
 pub(crate) mod rng;
 pub mod routers;
 pub mod routing;

@@ -445,15 +445,6 @@ fn run_bake(base: &Path, out: &Path, adapter: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The batch of a `score` / `generate` input file.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Batch {
-    input_ids: Vec<Vec<i64>>,
-    attention_mask: Option<Vec<Vec<i64>>>,
-    adapters: Option<Vec<Option<String>>>,
-}
-
 /// A model with its named adapters and the limits a batch must respect.
 struct Loaded<M> {
     model: M,
@@ -693,126 +684,25 @@ fn read_batch<M>(
     Option<burn::tensor::Tensor<2, burn::tensor::Int>>,
     Vec<Option<String>>,
 )> {
-    let batch: Batch = read_json(path)?;
-    let bad = |key: String, why: String| invalid(format!("{}: key `{key}`", path.display()), why);
-    let rows = batch.input_ids.len();
-    let seq = batch.input_ids.first().map_or(0, Vec::len);
-    if rows == 0 || seq == 0 {
-        return Err(bad(
-            "input_ids".into(),
-            "needs at least one row of at least one token".into(),
-        ));
-    }
-    let vocab = loaded.vocab as i64;
-    for (r, row) in batch.input_ids.iter().enumerate() {
-        if row.len() != seq {
-            return Err(bad(
-                format!("input_ids[{r}]"),
-                format!(
-                    "{} tokens but row 0 has {seq}; pad rows on the left to one length",
-                    row.len()
-                ),
-            ));
-        }
-        if let Some((i, t)) = row
-            .iter()
-            .enumerate()
-            .find(|(_, t)| **t < 0 || **t >= vocab)
-        {
-            return Err(bad(
-                format!("input_ids[{r}][{i}]"),
-                format!("token id {t} is outside the model's vocabulary (0..{vocab})"),
-            ));
-        }
-    }
-    let positions = loaded.positions;
-    if seq > positions {
-        return Err(bad(
-            "input_ids".into(),
-            format!(
-                "rows of {seq} tokens exceed the model's max_position_embeddings = {positions}"
-            ),
-        ));
-    }
-    let ids: Vec<i64> = batch.input_ids.concat();
-    let to_tensor = |v: &[i64]| {
+    let limits = modula::request::BatchLimits {
+        vocab: loaded.vocab,
+        positions: loaded.positions,
+        adapters: &loaded.names,
+        routed: loaded.routed,
+    };
+    let batch = modula::request::BatchRequest::from_json(&read_text(path)?)
+        .and_then(|b| b.check(&limits))
+        .map_err(|e| in_request(path, e))?;
+    let (rows, seq) = (batch.rows, batch.seq);
+    let to_tensor = |v: Vec<i64>| {
         burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(
-            burn::tensor::TensorData::new(v.to_vec(), [v.len()]),
+            burn::tensor::TensorData::new(v, [rows * seq]),
             device,
         )
         .reshape([rows, seq])
     };
-    let mask = match &batch.attention_mask {
-        None => None,
-        Some(m) => {
-            if m.len() != rows {
-                return Err(bad(
-                    "attention_mask".into(),
-                    format!("{} rows but input_ids has {rows}", m.len()),
-                ));
-            }
-            for (r, row) in m.iter().enumerate() {
-                if row.len() != seq {
-                    return Err(bad(
-                        format!("attention_mask[{r}]"),
-                        format!("{} values but input_ids rows have {seq}", row.len()),
-                    ));
-                }
-                if let Some((i, v)) = row.iter().enumerate().find(|(_, v)| **v != 0 && **v != 1) {
-                    return Err(bad(
-                        format!("attention_mask[{r}][{i}]"),
-                        format!("{v}: the mask holds 1 for tokens and 0 for padding"),
-                    ));
-                }
-            }
-            Some(to_tensor(&m.concat()))
-        }
-    };
-    if loaded.routed && batch.adapters.is_some() {
-        return Err(bad(
-            "adapters".into(),
-            "names adapters per row, but --router chooses them; leave the key out (or drop --router)".into(),
-        ));
-    }
-    let adapters = match batch.adapters {
-        _ if loaded.routed => vec![None; rows],
-        Some(a) => {
-            if a.len() != rows {
-                return Err(bad(
-                    "adapters".into(),
-                    format!("{} names but input_ids has {rows} rows", a.len()),
-                ));
-            }
-            if let Some((r, n)) = a.iter().enumerate().find_map(|(r, n)| {
-                n.as_ref()
-                    .filter(|n| !loaded.names.contains(n))
-                    .map(|n| (r, n))
-            }) {
-                return Err(bad(
-                    format!("adapters[{r}]"),
-                    format!(
-                        "`{n}` is not a loaded adapter (loaded: {:?}); add --adapter {n}=DIR",
-                        loaded.names
-                    ),
-                ));
-            }
-            a
-        }
-        None => match loaded.names.as_slice() {
-            [] => vec![None; rows],
-            [one] => vec![Some(one.clone()); rows],
-            many => {
-                return Err(bad(
-                    "adapters".into(),
-                    format!(
-                        "absent, but {} adapters are loaded ({many:?}); name each row's adapter (or null)",
-                        many.len()
-                    ),
-                ));
-            }
-        },
-    };
-    Ok((to_tensor(&ids), mask, adapters))
+    let mask = batch.attention_mask.map(to_tensor);
+    Ok((to_tensor(batch.input_ids), mask, batch.adapters))
 }
 
 /// Whether `dir/config.json` declares `model_type: gpt2` (unreadable configs are reported by
@@ -999,39 +889,20 @@ fn run_embed(batch: &BatchArgs, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The JSON `tokenize` reads.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Texts {
-    texts: Vec<String>,
-    #[serde(default)]
-    adapters: Option<Vec<Option<String>>>,
-}
-
-/// The JSON `decode` reads.
-#[derive(serde::Deserialize)]
-struct IdRows {
-    #[serde(default)]
-    new_tokens: Option<Vec<Vec<i64>>>,
-    #[serde(default)]
-    input_ids: Option<Vec<Vec<i64>>>,
-    #[serde(default)]
-    attention_mask: Option<Vec<Vec<i64>>>,
-}
-
-/// Reads `path` as JSON into `T`, naming the file and the key that does not fit.
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+/// The text of a request file.
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
         source: e,
-    })?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        invalid(
-            format!("{}: key `{}`", path.display(), e.path()),
-            e.inner().to_string(),
-        )
     })
+}
+
+/// A request's [`Error::Invalid`] with the file it came from in front of the key.
+fn in_request(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Invalid { what, why } => invalid(format!("{}: {what}", path.display()), why),
+        other => other,
+    }
 }
 
 fn run_tokenize(
@@ -1058,25 +929,8 @@ fn run_tokenize(
     let mut tok = Tokenizer::from_folder(model)?;
     tok.set_max_length(max_length)
         .map_err(|e| in_file(model, e))?;
-    let texts: Texts = read_json(input)?;
-    if texts.texts.is_empty() {
-        return Err(invalid(
-            format!("{}: key `texts`", input.display()),
-            "needs at least one text",
-        ));
-    }
-    if let Some(a) = &texts.adapters
-        && a.len() != texts.texts.len()
-    {
-        return Err(invalid(
-            format!("{}: key `adapters`", input.display()),
-            format!(
-                "{} names but there are {} texts",
-                a.len(),
-                texts.texts.len()
-            ),
-        ));
-    }
+    let texts = modula::request::TextsRequest::from_json(&read_text(input)?)
+        .map_err(|e| in_request(input, e))?;
     let refs: Vec<&str> = texts.texts.iter().map(String::as_str).collect();
     let batch = tok.encode_batch(&refs, !no_special_tokens, side)?;
     let mut json = serde_json::json!({
@@ -1093,42 +947,17 @@ fn run_tokenize(
 
 fn run_decode(model: &Path, input: &Path, skip_special_tokens: bool, out: &Path) -> Result<()> {
     let tok = modula::tokenizer::Tokenizer::from_folder(model)?;
-    let rows: IdRows = read_json(input)?;
-    let key = |k: &str| format!("{}: key `{k}`", input.display());
-    let (name, ids) = match (rows.new_tokens, rows.input_ids) {
-        (Some(r), _) => ("new_tokens", r),
-        (None, Some(r)) => ("input_ids", r),
-        (None, None) => {
-            return Err(invalid(
-                input.display().to_string(),
-                "has neither `new_tokens` (generate's output) nor `input_ids`",
-            ));
-        }
-    };
-    let mask = rows.attention_mask.filter(|_| name == "input_ids");
-    if let Some(m) = &mask {
-        let shape = |r: &[Vec<i64>]| r.iter().map(Vec::len).collect::<Vec<_>>();
-        if shape(m) != shape(&ids) {
-            return Err(invalid(
-                key("attention_mask"),
-                "its rows must have the lengths of the `input_ids` rows",
-            ));
-        }
-    }
-    let mut texts = Vec::with_capacity(ids.len());
-    for (r, row) in ids.iter().enumerate() {
-        let kept: Vec<i64> = match &mask {
-            Some(m) => row
-                .iter()
-                .zip(&m[r])
-                .filter(|(_, m)| **m != 0)
-                .map(|(t, _)| *t)
-                .collect(),
-            None => row.clone(),
-        };
-        let text = tok
-            .decode(&kept, skip_special_tokens)
-            .map_err(|e| invalid(key(&format!("{name}[{r}]")), e.to_string()))?;
+    let rows = modula::request::IdRowsRequest::from_json(&read_text(input)?)
+        .and_then(|r| r.rows())
+        .map_err(|e| in_request(input, e))?;
+    let mut texts = Vec::with_capacity(rows.rows.len());
+    for (r, row) in rows.rows.iter().enumerate() {
+        let text = tok.decode(row, skip_special_tokens).map_err(|e| {
+            invalid(
+                format!("{}: key `{}[{r}]`", input.display(), rows.key),
+                e.to_string(),
+            )
+        })?;
         texts.push(text);
     }
     let json = serde_json::json!({ "texts": texts });
