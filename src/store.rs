@@ -11,7 +11,10 @@
 //!
 //! Every write is atomic: an expert's folder is written under a temporary name and renamed
 //! into place, and the index is replaced by rename, so an interrupted write never leaves a
-//! half-written expert or index behind. All experts of a library adapt the same layers with
+//! half-written expert or index behind. The index is the library: an expert is added when the
+//! index names it (its folder is written first) and removed when the index drops it (its
+//! folder is deleted after), so a writer killed between the two leaves a folder no one lists,
+//! which the next writer removes. All experts of a library adapt the same layers with
 //! the same shapes (one base model); [`ExpertLibrary::add`] checks it. Writers in several
 //! processes ([`ExpertLibrary::add`], [`ExpertLibrary::remove`]) take turns under an exclusive
 //! lock on `library.lock` and apply their change to the index as it is on disk, so none of
@@ -242,7 +245,7 @@ impl ExpertLibrary {
         }
         // Another process may have written since this handle read the index.
         self.experts = Self::open(&self.dir)?.experts;
-        let out = f(self);
+        let out = self.sweep().and_then(|()| f(self));
         let _ = file.unlock();
         out
     }
@@ -273,11 +276,7 @@ impl ExpertLibrary {
         let experts = self.dir.join("experts");
         std::fs::create_dir_all(&experts).map_err(|e| Error::io(&experts, e))?;
         let dest = experts.join(name);
-        if std::fs::symlink_metadata(&dest).is_ok() {
-            // A stale folder without an index entry (an interrupted add): replace it whole.
-            std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
-        }
-        // The save writes a temporary sibling and renames it into place (write_dir_atomically).
+        // A stale folder of this name (an interrupted add) was swept under the lock. The save writes a temporary sibling and renames it into place (write_dir_atomically).
         adapter.save(&dest)?;
         self.experts.push(ExpertMeta {
             name: name.into(),
@@ -386,6 +385,37 @@ impl ExpertLibrary {
         }
         let dir = self.dir.join("experts").join(name);
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))
+    }
+
+    /// Removes what killed writers left in `experts/`: every entry the index does not list (an
+    /// add killed after its folder landed but before the index named it, a remove killed
+    /// between the index and the folder, a save's temporary folder). Runs under the writer
+    /// lock, when no other writer is half-way; a symbolic link is removed, never followed.
+    fn sweep(&self) -> Result<()> {
+        let experts = self.dir.join("experts");
+        let Ok(entries) = std::fs::read_dir(&experts) else {
+            return Ok(());
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&experts, e))?;
+            let name = entry.file_name();
+            if self.experts.iter().any(|e| *name == *e.name) {
+                continue;
+            }
+            let path = entry.path();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            let gone = if is_dir {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            gone.or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
     }
 
     fn write_index(&self) -> Result<()> {

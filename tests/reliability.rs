@@ -303,10 +303,83 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// `modula bake` killed with SIGKILL at random moments, many times, over a folder that holds
-/// an older bake: each time the folder holds the old bake or the new one, file for file, never
-/// a mixture, and no temporary file inside it; temporaries the killed writers left beside it
-/// are gone after the next completed write.
+/// What [`kill_loop`] counted.
+struct Kills {
+    /// Writers still running when the kill came.
+    killed: usize,
+    /// Writers that had finished first.
+    finished: usize,
+}
+
+/// Runs `write(dest)` (a `modula` command writing the folder `dest`) `runs` times over a
+/// folder holding `old`, killing it with SIGKILL at a random moment within 1.5 times
+/// `took`, and asserts each time that `dest` holds `old` or `new`, file for file, with no
+/// temporary inside; then one completed write leaves `new` and no temporary beside `dest`.
+fn kill_loop(
+    runs: usize,
+    took: std::time::Duration,
+    write: impl Fn(&Path) -> std::process::Child,
+    old: &BTreeMap<String, Vec<u8>>,
+    new: &BTreeMap<String, Vec<u8>>,
+    dest: &Path,
+    seed: u64,
+) -> Kills {
+    let mut rng = common::Rng(seed);
+    let mut kills = Kills {
+        killed: 0,
+        finished: 0,
+    };
+    for _ in 0..runs {
+        // Start from the old folder.
+        if dest.exists() {
+            std::fs::remove_dir_all(dest).unwrap();
+        }
+        std::fs::create_dir(dest).unwrap();
+        for (name, bytes) in old {
+            std::fs::write(dest.join(name), bytes).unwrap();
+        }
+        let mut child = write(dest);
+        std::thread::sleep(took.mul_f32(1.5 * rng.uniform()));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills.killed += 1;
+        } else {
+            kills.finished += 1;
+        }
+        child.wait().unwrap();
+        let now = snapshot(dest);
+        let differ = |other: &BTreeMap<String, Vec<u8>>| -> Vec<String> {
+            let keys: std::collections::BTreeSet<&String> =
+                now.keys().chain(other.keys()).collect();
+            keys.into_iter()
+                .filter(|k| now.get(*k) != other.get(*k))
+                .cloned()
+                .collect()
+        };
+        assert!(
+            now == *old || now == *new,
+            "a mixture after a kill: {:?} differ from the old folder, {:?} from the new",
+            differ(old),
+            differ(new)
+        );
+        assert!(now.keys().all(|n| !n.starts_with('.')), "{:?}", now.keys());
+    }
+    // One completed write sweeps the temporaries of the killed ones.
+    assert!(write(dest).wait().unwrap().success());
+    let prefix = format!(".{}", dest.file_name().unwrap().to_string_lossy());
+    let stray: Vec<String> = std::fs::read_dir(dest.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+    assert_eq!(snapshot(dest), *new);
+    kills
+}
+
+/// `modula bake` killed with SIGKILL at random moments, 120 times, over a folder that holds
+/// an older bake (three shards written one at a time): each time the folder holds the old bake
+/// or the new one, never a mixture, and no temporary is left behind.
 #[test]
 fn killed_writes_leave_the_old_or_the_new_folder() {
     let tmp = tempfile::tempdir().unwrap();
@@ -336,49 +409,53 @@ fn killed_writes_leave_the_old_or_the_new_folder() {
     assert!(bake("llama_lora_qvd", &new_dir).wait().unwrap().success());
     let (old, new) = (snapshot(&old_dir), snapshot(&new_dir));
     assert_ne!(old, new);
-    let mut rng = common::Rng(17);
-    let (mut killed, mut finished) = (0, 0);
-    for _ in 0..120 {
-        // Start from the old bake.
-        if dest.exists() {
-            std::fs::remove_dir_all(&dest).unwrap();
-        }
-        std::fs::create_dir(&dest).unwrap();
-        for (name, bytes) in &old {
-            std::fs::write(dest.join(name), bytes).unwrap();
-        }
-        let mut child = bake("llama_lora_qvd", &dest);
-        let wait = took.mul_f32(1.5 * rng.uniform());
-        std::thread::sleep(wait);
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            killed += 1;
-        } else {
-            finished += 1;
-        }
-        child.wait().unwrap();
-        let now = snapshot(&dest);
-        assert!(
-            now == old || now == new,
-            "a mixture after a kill: {:?}",
-            now.keys()
-        );
-        assert!(now.keys().all(|n| !n.starts_with('.')), "{:?}", now.keys());
-    }
-    assert!(
-        killed >= 30,
-        "only {killed} of 120 runs were killed mid-way"
+    let kills = kill_loop(
+        120,
+        took,
+        |d| bake("llama_lora_qvd", d),
+        &old,
+        &new,
+        &dest,
+        17,
     );
-    // One completed write sweeps the temporaries of the killed ones.
-    assert!(bake("llama_lora_qvd", &dest).wait().unwrap().success());
-    let stray: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".dest"))
-        .collect();
-    assert!(stray.is_empty(), "{stray:?}");
-    assert_eq!(snapshot(&dest), new);
-    eprintln!("killed {killed}, finished {finished}");
+    assert!(
+        kills.killed >= 30,
+        "only {} of 120 runs were killed mid-way",
+        kills.killed
+    );
+    eprintln!("bake: killed {}, finished {}", kills.killed, kills.finished);
+
+    // `modula merge --out` over an older merge with other weights.
+    let merge = |weights: &str, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_modula"))
+            .args(["merge", "--method", "linear", "--weights", weights, "--out"])
+            .arg(out)
+            .args([root.join("llama_lora_all"), root.join("llama_lora_all")])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (old_dir, new_dir, dest) = (
+        tmp.path().join("old_merge"),
+        tmp.path().join("new_merge"),
+        tmp.path().join("dest_merge"),
+    );
+    let t0 = std::time::Instant::now();
+    assert!(merge("0.5,0.5", &old_dir).wait().unwrap().success());
+    let took = t0.elapsed();
+    assert!(merge("0.2,0.3", &new_dir).wait().unwrap().success());
+    let (old, new) = (snapshot(&old_dir), snapshot(&new_dir));
+    assert_ne!(old, new);
+    let kills = kill_loop(60, took, |d| merge("0.2,0.3", d), &old, &new, &dest, 18);
+    assert!(
+        kills.killed >= 15,
+        "only {} of 60 runs were killed mid-way",
+        kills.killed
+    );
+    eprintln!(
+        "merge: killed {}, finished {}",
+        kills.killed, kills.finished
+    );
 }
 
 /// The concurrent-writer test's worker process (this test binary, run by
@@ -448,6 +525,109 @@ fn concurrent_library_writers_lose_nothing() {
     for n in &want {
         lib.get(n, &device).unwrap();
     }
+}
+
+/// The library states a [`library_writer_worker`] run with `prefix` passes through: after
+/// each of its adds and removes, the names of its experts then listed.
+fn worker_states(prefix: &str) -> Vec<std::collections::BTreeSet<String>> {
+    let mut state = std::collections::BTreeSet::new();
+    let mut states = vec![state.clone()];
+    for i in 0..20 {
+        state.insert(format!("{prefix}-{i}"));
+        states.push(state.clone());
+        if i % 3 == 0 {
+            state.remove(&format!("{prefix}-{i}"));
+            states.push(state.clone());
+        }
+    }
+    states
+}
+
+/// Library writers (adds and removes in a worker process) killed with SIGKILL at random
+/// moments, 60 times: after each kill the index reads, names the experts of one state the
+/// writer passed through (each add and remove lands whole or not at all), and every listed
+/// expert loads; the next write removes what the killed writer left unlisted (an expert
+/// folder written but not yet indexed, a folder whose removal was cut short, temporaries), so
+/// the experts folder then holds exactly the listed experts and no temporary is left.
+#[test]
+fn killed_library_writers_leave_a_consistent_library() {
+    use modula::store::ExpertLibrary;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lib");
+    ExpertLibrary::open_or_create(&dir).unwrap();
+    let worker = |prefix: &str| {
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "library_writer_worker"])
+            .env(
+                "MODULA_LIBRARY_WORKER",
+                format!("{},{prefix}", dir.display()),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let t0 = std::time::Instant::now();
+    assert!(worker("whole").wait().unwrap().success());
+    let took = t0.elapsed();
+    let device = Device::flex();
+    let src = common::data("peft_lora_tiny_mlp");
+    let mut rng = common::Rng(19);
+    let (mut killed, mut finished, mut swept) = (0, 0, 0);
+    for run in 0..60 {
+        let prefix = format!("k{run}");
+        let mut child = worker(&prefix);
+        std::thread::sleep(took.mul_f32(1.2 * rng.uniform()));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+        } else {
+            finished += 1;
+        }
+        child.wait().unwrap();
+        let mut lib = ExpertLibrary::open(&dir).unwrap();
+        let mine: std::collections::BTreeSet<String> = lib
+            .names()
+            .iter()
+            .filter(|n| n.starts_with(&format!("{prefix}-")))
+            .map(|n| n.to_string())
+            .collect();
+        assert!(
+            worker_states(&prefix).contains(&mine),
+            "run {run}: {mine:?} is no state the writer passed through"
+        );
+        for name in lib.names() {
+            lib.factors(name).unwrap();
+        }
+        let folders = |dir: &Path| -> std::collections::BTreeSet<String> {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        let listed: std::collections::BTreeSet<String> =
+            lib.names().iter().map(|n| n.to_string()).collect();
+        swept += folders(&dir.join("experts")).difference(&listed).count();
+        // The next write: add a probe, then remove this run's experts and the probe.
+        lib.import_peft("probe", &src, Default::default(), &device)
+            .unwrap();
+        for name in mine.iter().map(String::as_str).chain(["probe"]) {
+            lib.remove(name).unwrap();
+        }
+        let listed: std::collections::BTreeSet<String> =
+            lib.names().iter().map(|n| n.to_string()).collect();
+        assert_eq!(folders(&dir.join("experts")), listed, "run {run}");
+        let stray: Vec<String> = folders(&dir)
+            .into_iter()
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(stray.is_empty(), "run {run}: {stray:?}");
+    }
+    assert!(
+        killed >= 20,
+        "only {killed} of 60 writers were killed mid-way"
+    );
+    eprintln!("library: killed {killed}, finished {finished}, swept {swept} unlisted entries");
 }
 
 /// Expert names cannot leave the library folder: `..`, absolute paths, separators and hidden
@@ -644,6 +824,7 @@ fn mutate(bytes: &[u8], rng: &mut common::Rng) -> Vec<u8> {
 /// tool's status 2), none panics.
 #[test]
 fn mutated_inputs_never_panic() {
+    const REQUEST: &[u8] = br#"{"input_ids": [[1, 5, 9], [2, 40, 11]], "attention_mask": [[1, 1, 1], [0, 1, 1]], "adapters": [null, null]}"#;
     use modula::models::DecoderConfig;
     use modula::{PeftAdapter, PeftConfig};
     let tmp = tempfile::tempdir().unwrap();
@@ -693,14 +874,28 @@ fn mutated_inputs_never_panic() {
                 .is_ok()
         });
         check("ExpertLibrary::open", r);
+        let b = String::from_utf8_lossy(&mutate(REQUEST, &mut rng)).into_owned();
+        let r = std::panic::catch_unwind(|| {
+            let names = ["a".to_string()];
+            let limits = modula::request::BatchLimits {
+                vocab: 64,
+                positions: 8,
+                adapters: &names,
+                routed: false,
+            };
+            let batch = modula::request::BatchRequest::from_json(&b).and_then(|r| r.check(&limits));
+            let texts = modula::request::TextsRequest::from_json(&b);
+            let rows = modula::request::IdRowsRequest::from_json(&b).and_then(|r| r.rows());
+            batch.is_ok() && texts.is_ok() && rows.is_ok()
+        });
+        check("modula::request", r);
     }
     // The tool's input JSON: it exits 0 or 2 (bad input), never with a panic's 101.
     let model = common::data("tiny_decoders/llama");
-    let batch = br#"{"input_ids": [[1, 5, 9], [2, 40, 11]], "attention_mask": [[1, 1, 1], [0, 1, 1]], "adapters": [null, null]}"#;
     let input = tmp.path().join("in.json");
     let out = tmp.path().join("out.safetensors");
     for _ in 0..150 {
-        std::fs::write(&input, mutate(batch, &mut rng)).unwrap();
+        std::fs::write(&input, mutate(REQUEST, &mut rng)).unwrap();
         let (code, err) = score_cli(&[], &model, &input, &out);
         runs += 1;
         errors += usize::from(code == Some(2));
