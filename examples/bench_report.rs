@@ -836,7 +836,9 @@ fn load_memory(
             .arg(&dir)
             .output()
     });
+    let costs = reliability_costs(&dir, report);
     let _ = std::fs::remove_dir_all(&dir);
+    costs?;
     let grown = child.ok().and_then(|o| {
         String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
             l.strip_prefix("load-peak-bytes ")?
@@ -857,6 +859,65 @@ fn load_memory(
         }
         None => println!("llama load        peak memory not measurable here (needs Linux /proc)"),
     }
+    Ok(())
+}
+
+/// What the reliability guards cost (issue 17), on the benchmark's Llama folder: loading with
+/// the non-finite check (every weight scanned) over loading without it, and the crash-safe,
+/// flushed write of its `model.safetensors` (temporary file, `fsync`, rename, folder `fsync`:
+/// `io::atomic_write`) over a plain `std::fs::write` of the same bytes.
+fn reliability_costs(dir: &std::path::Path, report: &mut Report) -> modula::Result<()> {
+    use modula::io::{NonFinitePolicy, atomic_write, set_non_finite_policy};
+    let device = Device::flex();
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).map_err(|e| modula::Error::Io {
+        path: file.clone(),
+        source: e,
+    })?;
+    let t = report.time(
+        "reliability_load",
+        1,
+        5,
+        &mut [
+            &mut || {
+                set_non_finite_policy(NonFinitePolicy::Refuse);
+                black_box(modula::checkpoint::load_decoder(dir, &device).expect("loads"));
+            },
+            &mut || {
+                set_non_finite_policy(NonFinitePolicy::Allow);
+                black_box(modula::checkpoint::load_decoder(dir, &device).expect("loads"));
+                set_non_finite_policy(NonFinitePolicy::Refuse);
+            },
+        ],
+    );
+    report.ratio(
+        "load checked/unchecked",
+        "llama_load_non_finite_check_over_allow",
+        t[0],
+        t[1],
+    );
+    let (safe, plain) = (dir.join("safe.safetensors"), dir.join("plain.safetensors"));
+    let t = report.time(
+        "reliability_write",
+        1,
+        5,
+        &mut [
+            &mut || atomic_write(&safe, &bytes).expect("writes"),
+            &mut || std::fs::write(&plain, &bytes).expect("writes"),
+        ],
+    );
+    println!(
+        "write {:.0} MB       crash-safe {:.1} ms, plain {:.1} ms",
+        bytes.len() as f64 / 1e6,
+        t[0] * 1e3,
+        t[1] * 1e3
+    );
+    report.ratio(
+        "write safe/plain",
+        "safetensors_crash_safe_write_over_plain_write",
+        t[0],
+        t[1],
+    );
     Ok(())
 }
 

@@ -399,20 +399,66 @@ pub(crate) fn write_safetensors_as(
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename: a kill
-/// at any moment leaves `path`'s old content or its new content. Temporary files that killed
-/// writers left behind are removed first (those of processes that no longer run).
+/// at any moment leaves `path`'s old content or its new content. The file is flushed to the
+/// disk before the rename and the folder after it, so a power loss or an OS crash cannot leave
+/// a renamed but empty file either. Temporary files that killed writers left behind are
+/// removed first (those of processes that no longer run).
 ///
 /// # Errors
 /// [`Error::Io`].
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let (dir, name) = split_path(path);
     remove_stale_temporaries(dir, &name);
     let tmp = dir.join(temporary_name(&name));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
-    })
+    })?;
+    sync_dir(dir)
+}
+
+/// Flushes a folder's entries (names, renames) to the disk (Unix; elsewhere the rename is
+/// durable by itself or cannot be flushed). Filesystems that cannot flush a folder are not an
+/// error.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let synced = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        if let Err(e) = synced
+            && !matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+            )
+        {
+            return Err(Error::io(dir, e));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Flushes every file of `dir` (not its subfolders) and then `dir` itself to the disk.
+fn sync_files(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_file() {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    sync_dir(dir)
 }
 
 /// `path`'s folder (`.` for a bare name) and file name.
@@ -466,8 +512,10 @@ fn remove_stale_temporaries(dir: &Path, name: &str) {
 /// Writes a folder atomically: `write` fills a temporary sibling folder (to which, with
 /// `keep_others`, the plain files of the old `dir` that `write` did not write are then copied),
 /// which then takes `dir`'s place in one step (Linux: `renameat2(RENAME_EXCHANGE)`; a new `dir`: one rename).
-/// A kill at any moment leaves the old folder or the new one, never a mixture; temporaries of
-/// killed writers are removed on the next write. Elsewhere than Linux an existing folder is
+/// A kill at any moment leaves the old folder or the new one, never a mixture; the new
+/// folder's files, the folder and its parent are flushed to the disk before this returns, so a
+/// power loss after it cannot undo it either. Temporaries of killed writers are removed on the
+/// next write. Elsewhere than Linux an existing folder is
 /// replaced by two renames, with a short window where `dir` is missing.
 ///
 /// # Errors
@@ -485,13 +533,15 @@ pub fn write_dir_atomically(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let filled = write(&tmp).and_then(|()| {
-        if keep_others {
-            keep_other_files(dir, &tmp)
-        } else {
-            Ok(())
-        }
-    });
+    let filled = write(&tmp)
+        .and_then(|()| {
+            if keep_others {
+                keep_other_files(dir, &tmp)
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| sync_files(&tmp));
     if let Err(e) = filled {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -505,6 +555,7 @@ pub fn write_dir_atomically(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(Error::io(dir, e));
     }
+    sync_dir(parent)?;
     // After an exchange the temporary name holds the old folder.
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;

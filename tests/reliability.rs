@@ -446,7 +446,16 @@ fn killed_writes_leave_the_old_or_the_new_folder() {
     assert!(merge("0.2,0.3", &new_dir).wait().unwrap().success());
     let (old, new) = (snapshot(&old_dir), snapshot(&new_dir));
     assert_ne!(old, new);
-    let kills = kill_loop(60, took, |d| merge("0.2,0.3", d), &old, &new, &dest, 18);
+    // A merge is quick: kill within 0.9 of its time, so that most kills land mid-way.
+    let kills = kill_loop(
+        60,
+        took.mul_f32(0.6),
+        |d| merge("0.2,0.3", d),
+        &old,
+        &new,
+        &dest,
+        18,
+    );
     assert!(
         kills.killed >= 15,
         "only {} of 60 runs were killed mid-way",
