@@ -14,6 +14,20 @@
 //! the only allocation, and it is proportional to the request. Errors are
 //! [`Error::Invalid`] with `what` = ``key `input_ids[2][7]` `` (the JSON path of the value at
 //! fault) and `why` saying what would be accepted; a caller adds the file or request it read.
+//!
+//! ```
+//! use modula::request::{BatchLimits, BatchRequest};
+//! let names = vec!["math".to_string(), "code".to_string()];
+//! let limits = BatchLimits { vocab: 32000, positions: 4096, adapters: &names, routed: false };
+//! let text = r#"{"input_ids": [[0, 1, 9]], "attention_mask": [[0, 1, 1]], "adapters": ["code"]}"#;
+//! let batch = BatchRequest::from_json(text)?.check(&limits)?;
+//! assert_eq!((batch.rows, batch.seq), (1, 3));
+//! assert_eq!(batch.adapters, [Some("code".to_string())]);
+//! let bad = r#"{"input_ids": [[0, 1, 32000]], "adapters": ["code"]}"#;
+//! let err = BatchRequest::from_json(bad)?.check(&limits).unwrap_err();
+//! assert!(err.to_string().contains("key `input_ids[0][2]`"));
+//! # Ok::<(), modula::Error>(())
+//! ```
 
 use crate::error::{Error, Result};
 
