@@ -311,19 +311,30 @@ struct Kills {
     finished: usize,
 }
 
-/// Runs `write(dest)` (a `modula` command writing the folder `dest`) `runs` times over a
-/// folder holding `old`, killing it with SIGKILL at a random moment within 1.5 times
-/// `took`, and asserts each time that `dest` holds `old` or `new`, file for file, with no
-/// temporary inside; then one completed write leaves `new` and no temporary beside `dest`.
+/// Runs `write(false, DIR)` (a `modula` command writing the folder `DIR`) once to time it
+/// and keep its folder as the old one, `write(true, DIR)` for the new one, and then
+/// `write(true, dest)` `runs` times over a `dest` holding the old folder, killing it with
+/// SIGKILL at a random moment within `spread` times the measured time; asserts each time that
+/// `dest` holds the old or the new folder, file for file, with no temporary inside; then one
+/// completed write leaves the new folder and no temporary beside `dest`. The folders live in
+/// `root/label-{old,new,dest}`.
 fn kill_loop(
+    root: &Path,
+    label: &str,
     runs: usize,
-    took: std::time::Duration,
-    write: impl Fn(&Path) -> std::process::Child,
-    old: &BTreeMap<String, Vec<u8>>,
-    new: &BTreeMap<String, Vec<u8>>,
-    dest: &Path,
+    spread: f32,
+    write: impl Fn(bool, &Path) -> std::process::Child,
     seed: u64,
 ) -> Kills {
+    let [old_dir, new_dir, dest] =
+        ["old", "new", "dest"].map(|k| root.join(format!("{label}-{k}")));
+    let dest = dest.as_path();
+    let t0 = std::time::Instant::now();
+    assert!(write(false, &old_dir).wait().unwrap().success());
+    let took = t0.elapsed().mul_f32(spread);
+    assert!(write(true, &new_dir).wait().unwrap().success());
+    let (old, new) = (&snapshot(&old_dir), &snapshot(&new_dir));
+    assert_ne!(old, new);
     let mut rng = common::Rng(seed);
     let mut kills = Kills {
         killed: 0,
@@ -338,8 +349,8 @@ fn kill_loop(
         for (name, bytes) in old {
             std::fs::write(dest.join(name), bytes).unwrap();
         }
-        let mut child = write(dest);
-        std::thread::sleep(took.mul_f32(1.5 * rng.uniform()));
+        let mut child = write(true, dest);
+        std::thread::sleep(took.mul_f32(rng.uniform()));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             kills.killed += 1;
@@ -365,7 +376,7 @@ fn kill_loop(
         assert!(now.keys().all(|n| !n.starts_with('.')), "{:?}", now.keys());
     }
     // One completed write sweeps the temporaries of the killed ones.
-    assert!(write(dest).wait().unwrap().success());
+    assert!(write(true, dest).wait().unwrap().success());
     let prefix = format!(".{}", dest.file_name().unwrap().to_string_lossy());
     let stray: Vec<String> = std::fs::read_dir(dest.parent().unwrap())
         .unwrap()
@@ -398,24 +409,19 @@ fn killed_writes_leave_the_old_or_the_new_folder() {
             .spawn()
             .unwrap()
     };
-    let (old_dir, new_dir, dest) = (
-        tmp.path().join("old"),
-        tmp.path().join("new"),
-        tmp.path().join("dest"),
-    );
-    let t0 = std::time::Instant::now();
-    assert!(bake("llama_lora_all", &old_dir).wait().unwrap().success());
-    let took = t0.elapsed();
-    assert!(bake("llama_lora_qvd", &new_dir).wait().unwrap().success());
-    let (old, new) = (snapshot(&old_dir), snapshot(&new_dir));
-    assert_ne!(old, new);
+    let adapter = |new| {
+        if new {
+            "llama_lora_qvd"
+        } else {
+            "llama_lora_all"
+        }
+    };
     let kills = kill_loop(
+        tmp.path(),
+        "bake",
         120,
-        took,
-        |d| bake("llama_lora_qvd", d),
-        &old,
-        &new,
-        &dest,
+        1.5,
+        |new, out| bake(adapter(new), out),
         17,
     );
     assert!(
@@ -435,25 +441,14 @@ fn killed_writes_leave_the_old_or_the_new_folder() {
             .spawn()
             .unwrap()
     };
-    let (old_dir, new_dir, dest) = (
-        tmp.path().join("old_merge"),
-        tmp.path().join("new_merge"),
-        tmp.path().join("dest_merge"),
-    );
-    let t0 = std::time::Instant::now();
-    assert!(merge("0.5,0.5", &old_dir).wait().unwrap().success());
-    let took = t0.elapsed();
-    assert!(merge("0.2,0.3", &new_dir).wait().unwrap().success());
-    let (old, new) = (snapshot(&old_dir), snapshot(&new_dir));
-    assert_ne!(old, new);
     // A merge is quick: kill within 0.9 of its time, so that most kills land mid-way.
+    let weights = |new| if new { "0.2,0.3" } else { "0.5,0.5" };
     let kills = kill_loop(
+        tmp.path(),
+        "merge",
         60,
-        took.mul_f32(0.6),
-        |d| merge("0.2,0.3", d),
-        &old,
-        &new,
-        &dest,
+        0.9,
+        |new, out| merge(weights(new), out),
         18,
     );
     assert!(
