@@ -7,7 +7,7 @@ set -e
 cd "$(dirname "$0")"
 secs=${1:-600}
 [ $# -gt 0 ] && shift
-targets=${*:-"safetensors checkpoint peft_config peft_folder model_config library_index"}
+targets=${*:-"safetensors checkpoint peft_config peft_folder model_config library_index cli_input model_folder"}
 work=${FUZZ_WORK:-/tmp/modula-fuzz}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/modula-fuzz-target}
 for t in $targets; do
