@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::io::HostTensor;
+use crate::io::{HostTensor, NonFinitePolicy, non_finite_policy};
 use crate::library::LoraExpert;
 use crate::models::{
     BertConfig, BertModel, DecoderConfig, Gpt2Config, Gpt2LmHeadModel, LlamaForCausalLm,
@@ -37,6 +37,8 @@ use crate::peft::PeftLora;
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The weights file of an unsharded checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
+/// F32 values read (and scanned) at a time: 1 MiB, which stays in the cache for the scan.
+const BLOCK_FLOATS: usize = 1 << 18;
 
 /// One tensor of a checkpoint: where its bytes are and what they hold.
 #[derive(Clone, Debug)]
@@ -358,7 +360,7 @@ impl Checkpoint {
     /// # Errors
     /// [`Error::Invalid`] for a name the checkpoint lacks; [`Error::Io`] for a failed read;
     /// [`Error::NonFinite`] for NaN or infinite values under the default
-    /// [`NonFinitePolicy`](crate::io::NonFinitePolicy).
+    /// [`NonFinitePolicy`].
     pub fn read(&self, name: &str) -> Result<HostTensor> {
         let e = self.entries.get(name).ok_or_else(|| {
             Error::invalid(
@@ -371,14 +373,29 @@ impl Checkpoint {
         let io = |err| Error::io(&shard.path, err);
         let data = match e.dtype {
             // Straight into the buffer the model keeps: no second copy of the tensor.
+            // Read a block at a time and scanned for non-finite values while it is in the
+            // cache, so the check costs no second pass over memory.
             Dtype::F32 => {
                 let mut v = vec![0f32; bytes / 4];
-                read_at(&shard.file, f32_bytes_mut(&mut v), e.start).map_err(io)?;
-                if cfg!(target_endian = "big") {
-                    v.iter_mut()
-                        .for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes()));
+                let check = non_finite_policy() == NonFinitePolicy::Refuse;
+                let mut bad = false;
+                for (i, block) in v.chunks_mut(BLOCK_FLOATS).enumerate() {
+                    let at = e.start + (i * BLOCK_FLOATS * 4) as u64;
+                    read_at(&shard.file, f32_bytes_mut(block), at).map_err(io)?;
+                    if cfg!(target_endian = "big") {
+                        block
+                            .iter_mut()
+                            .for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes()));
+                    }
+                    bad |= check && crate::io::any_non_finite(block);
                 }
-                v
+                if bad {
+                    crate::io::check_loaded(&v, &shard.path, name)?;
+                }
+                return Ok(HostTensor {
+                    shape: e.shape.clone(),
+                    data: v,
+                });
             }
             dtype @ (Dtype::F16 | Dtype::BF16 | Dtype::F64) => {
                 let mut raw = vec![0u8; bytes];

@@ -71,6 +71,44 @@ fn non_finite_weights_are_refused_unless_allowed() {
         e.contains("`w`") && e.contains("2 NaN or infinite") && e.contains("index 3"),
         "{e}"
     );
+    // The checkpoint reader scans F32 tensors a block (2^18 values) at a time as it reads:
+    // a NaN in a later block, or in the last value, is found and placed; the extremes of the
+    // finite range (largest, subnormal, negative zero) are not flagged.
+    let big = tmp.path().join("big.safetensors");
+    for bad in [290_000usize, 262_144, 299_999] {
+        let mut data: Vec<f32> = (0..300_000).map(|i| (i as f32 * 0.37).sin()).collect();
+        data[1] = f32::MAX;
+        data[2] = -f32::MAX;
+        data[3] = f32::MIN_POSITIVE / 4.0;
+        data[4] = -0.0;
+        let mut t = BTreeMap::new();
+        t.insert(
+            "w".to_string(),
+            HostTensor {
+                shape: vec![300_000],
+                data: data.clone(),
+            },
+        );
+        write_safetensors(&big, &t, None).unwrap();
+        let c = modula::checkpoint::Checkpoint::open(&big).unwrap();
+        assert_eq!(c.read("w").unwrap().data, data);
+        data[bad] = if bad % 2 == 0 {
+            f32::NAN
+        } else {
+            f32::NEG_INFINITY
+        };
+        t.get_mut("w").unwrap().data = data;
+        write_safetensors(&big, &t, None).unwrap();
+        let e = modula::checkpoint::Checkpoint::open(&big)
+            .unwrap()
+            .read("w")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("1 NaN or infinite") && e.contains(&format!("index {bad}")),
+            "{e}"
+        );
+    }
     let model = tmp.path().join("llama");
     std::fs::create_dir(&model).unwrap();
     let name = "model.layers.1.mlp.down_proj.weight";
