@@ -37,8 +37,9 @@ use crate::peft::PeftLora;
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The weights file of an unsharded checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
-/// F32 values read (and scanned) at a time: 1 MiB, which stays in the cache for the scan.
-const BLOCK_FLOATS: usize = 1 << 18;
+/// F32 values read (and scanned) at a time: 256 KiB, which stays in the cache for the scan (a
+/// large read by the kernel may bypass the cache; 1 MiB blocks cost the scan twice as much).
+const BLOCK_FLOATS: usize = 1 << 16;
 
 /// One tensor of a checkpoint: where its bytes are and what they hold.
 #[derive(Clone, Debug)]

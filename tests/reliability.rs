@@ -71,7 +71,7 @@ fn non_finite_weights_are_refused_unless_allowed() {
         e.contains("`w`") && e.contains("2 NaN or infinite") && e.contains("index 3"),
         "{e}"
     );
-    // The checkpoint reader scans F32 tensors a block (2^18 values) at a time as it reads:
+    // The checkpoint reader scans F32 tensors a block (2^16 values) at a time as it reads:
     // a NaN in a later block, or in the last value, is found and placed; the extremes of the
     // finite range (largest, subnormal, negative zero) are not flagged.
     let big = tmp.path().join("big.safetensors");
