@@ -341,20 +341,13 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// What [`kill_loop`] counted.
-struct Kills {
-    /// Writers still running when the kill came.
-    killed: usize,
-    /// Writers that had finished first.
-    finished: usize,
-}
-
 /// Runs `write(false, DIR)` (a `modula` command writing the folder `DIR`) once to time it
 /// and keep its folder as the old one, `write(true, DIR)` for the new one, and then
 /// `write(true, dest)` `runs` times over a `dest` holding the old folder, killing it with
 /// SIGKILL at a random moment within `spread` times the measured time; asserts each time that
 /// `dest` holds the old or the new folder, file for file, with no temporary inside; then one
-/// completed write leaves the new folder and no temporary beside `dest`. The folders live in
+/// completed write leaves the new folder and no temporary beside `dest`; at least
+/// `min_killed` writers must have been killed while running. The folders live in
 /// `root/label-{old,new,dest}`.
 fn kill_loop(
     root: &Path,
@@ -363,7 +356,8 @@ fn kill_loop(
     spread: f32,
     write: impl Fn(bool, &Path) -> std::process::Child,
     seed: u64,
-) -> Kills {
+    min_killed: usize,
+) {
     let [old_dir, new_dir, dest] =
         ["old", "new", "dest"].map(|k| root.join(format!("{label}-{k}")));
     let dest = dest.as_path();
@@ -374,10 +368,8 @@ fn kill_loop(
     let (old, new) = (&snapshot(&old_dir), &snapshot(&new_dir));
     assert_ne!(old, new);
     let mut rng = common::Rng(seed);
-    let mut kills = Kills {
-        killed: 0,
-        finished: 0,
-    };
+    // Writers still running when the kill came, and writers that had finished first.
+    let (mut killed, mut finished) = (0, 0);
     for _ in 0..runs {
         // Start from the old folder.
         if dest.exists() {
@@ -391,9 +383,9 @@ fn kill_loop(
         std::thread::sleep(took.mul_f32(rng.uniform()));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
-            kills.killed += 1;
+            killed += 1;
         } else {
-            kills.finished += 1;
+            finished += 1;
         }
         child.wait().unwrap();
         let now = snapshot(dest);
@@ -423,7 +415,11 @@ fn kill_loop(
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
     assert_eq!(snapshot(dest), *new);
-    kills
+    assert!(
+        killed >= min_killed,
+        "{label}: only {killed} of {runs} runs were killed mid-way"
+    );
+    eprintln!("{label}: killed {killed}, finished {finished}");
 }
 
 /// `modula bake` killed with SIGKILL at random moments, 120 times, over a folder that holds
@@ -454,20 +450,15 @@ fn killed_writes_leave_the_old_or_the_new_folder() {
             "llama_lora_all"
         }
     };
-    let kills = kill_loop(
+    kill_loop(
         tmp.path(),
         "bake",
         120,
         1.5,
         |new, out| bake(adapter(new), out),
         17,
+        30,
     );
-    assert!(
-        kills.killed >= 30,
-        "only {} of 120 runs were killed mid-way",
-        kills.killed
-    );
-    eprintln!("bake: killed {}, finished {}", kills.killed, kills.finished);
 
     // `modula merge --out` over an older merge with other weights.
     let merge = |weights: &str, out: &Path| {
@@ -481,22 +472,14 @@ fn killed_writes_leave_the_old_or_the_new_folder() {
     };
     // A merge is quick: kill within 0.9 of its time, so that most kills land mid-way.
     let weights = |new| if new { "0.2,0.3" } else { "0.5,0.5" };
-    let kills = kill_loop(
+    kill_loop(
         tmp.path(),
         "merge",
         60,
         0.9,
         |new, out| merge(weights(new), out),
         18,
-    );
-    assert!(
-        kills.killed >= 15,
-        "only {} of 60 runs were killed mid-way",
-        kills.killed
-    );
-    eprintln!(
-        "merge: killed {}, finished {}",
-        kills.killed, kills.finished
+        15,
     );
 }
 
@@ -522,6 +505,21 @@ fn library_writer_worker() {
     }
 }
 
+/// Starts a [`library_writer_worker`] process on the library in `dir` with expert names
+/// `prefix-0..20`, its output discarded.
+fn library_worker(dir: &Path, prefix: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "library_writer_worker"])
+        .env(
+            "MODULA_LIBRARY_WORKER",
+            format!("{},{prefix}", dir.display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Two processes add and remove experts in one library at once: every add that was not
 /// removed is in the index with a loadable folder, nothing removed is left, and no folder is
 /// orphaned.
@@ -532,14 +530,7 @@ fn concurrent_library_writers_lose_nothing() {
     modula::store::ExpertLibrary::open_or_create(&dir).unwrap();
     let workers: Vec<_> = ["a", "b", "c"]
         .iter()
-        .map(|p| {
-            Command::new(std::env::current_exe().unwrap())
-                .args(["--ignored", "--exact", "library_writer_worker"])
-                .env("MODULA_LIBRARY_WORKER", format!("{},{p}", dir.display()))
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
+        .map(|p| library_worker(&dir, p))
         .collect();
     for mut w in workers {
         assert!(w.wait().unwrap().success());
@@ -597,18 +588,7 @@ fn killed_library_writers_leave_a_consistent_library() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("lib");
     ExpertLibrary::open_or_create(&dir).unwrap();
-    let worker = |prefix: &str| {
-        Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "library_writer_worker"])
-            .env(
-                "MODULA_LIBRARY_WORKER",
-                format!("{},{prefix}", dir.display()),
-            )
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let worker = |prefix: &str| library_worker(&dir, prefix);
     let t0 = std::time::Instant::now();
     assert!(worker("whole").wait().unwrap().success());
     let took = t0.elapsed();
