@@ -341,6 +341,22 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// Sends `child` SIGKILL at a uniformly random moment within `within` unless it has finished
+/// by then, and reaps it; whether it was still running.
+fn kill_within(
+    mut child: std::process::Child,
+    within: std::time::Duration,
+    rng: &mut common::Rng,
+) -> bool {
+    std::thread::sleep(within.mul_f32(rng.uniform()));
+    let running = child.try_wait().unwrap().is_none();
+    if running {
+        child.kill().unwrap();
+    }
+    child.wait().unwrap();
+    running
+}
+
 /// Runs `write(false, DIR)` (a `modula` command writing the folder `DIR`) once to time it
 /// and keep its folder as the old one, `write(true, DIR)` for the new one, and then
 /// `write(true, dest)` `runs` times over a `dest` holding the old folder, killing it with
@@ -379,15 +395,11 @@ fn kill_loop(
         for (name, bytes) in old {
             std::fs::write(dest.join(name), bytes).unwrap();
         }
-        let mut child = write(true, dest);
-        std::thread::sleep(took.mul_f32(rng.uniform()));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
+        if kill_within(write(true, dest), took, &mut rng) {
             killed += 1;
         } else {
             finished += 1;
         }
-        child.wait().unwrap();
         let now = snapshot(dest);
         let differ = |other: &BTreeMap<String, Vec<u8>>| -> Vec<String> {
             let keys: std::collections::BTreeSet<&String> =
@@ -598,15 +610,11 @@ fn killed_library_writers_leave_a_consistent_library() {
     let (mut killed, mut finished, mut swept) = (0, 0, 0);
     for run in 0..60 {
         let prefix = format!("k{run}");
-        let mut child = worker(&prefix);
-        std::thread::sleep(took.mul_f32(1.2 * rng.uniform()));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
+        if kill_within(worker(&prefix), took.mul_f32(1.2), &mut rng) {
             killed += 1;
         } else {
             finished += 1;
         }
-        child.wait().unwrap();
         let mut lib = ExpertLibrary::open(&dir).unwrap();
         let mine: std::collections::BTreeSet<String> = lib
             .names()
