@@ -61,14 +61,9 @@ pub fn ensure_finite<const D: usize>(t: &Tensor<D>, what: &str) -> Result<()> {
 /// `what` names the tensor in the error. Large finite logits are fine: every softmax subtracts
 /// the row's maximum first.
 pub fn check_logits(t: &Tensor<2>, what: &str) -> Result<()> {
-    let nan_or_pos_inf = (t.clone().is_nan().int() + t.clone().equal_elem(f32::INFINITY).int())
-        .sum()
-        .into_scalar::<i64>();
-    if nan_or_pos_inf > 0 {
-        return Err(Error::non_finite(format!(
-            "{what} ({nan_or_pos_inf} NaN or +inf values; -inf masks a module, nothing else may be non-finite)"
-        )));
-    }
+    // Both counts come back in one read: this runs on every routing call.
+    let nan_or_pos_inf =
+        (t.clone().is_nan().int() + t.clone().equal_elem(f32::INFINITY).int()).sum();
     let empty_rows = t
         .clone()
         .is_finite()
@@ -76,8 +71,14 @@ pub fn check_logits(t: &Tensor<2>, what: &str) -> Result<()> {
         .sum_dim(1)
         .equal_elem(0)
         .int()
-        .sum()
-        .into_scalar::<i64>();
+        .sum();
+    let counts = to_vec_i64(Tensor::cat(vec![nan_or_pos_inf, empty_rows], 0));
+    let (nan_or_pos_inf, empty_rows) = (counts[0], counts[1]);
+    if nan_or_pos_inf > 0 {
+        return Err(Error::non_finite(format!(
+            "{what} ({nan_or_pos_inf} NaN or +inf values; -inf masks a module, nothing else may be non-finite)"
+        )));
+    }
     if empty_rows > 0 {
         return Err(Error::non_finite(format!(
             "{what}: {empty_rows} row(s) mask every module with -inf; leave at least one finite logit per row"
