@@ -374,12 +374,12 @@ impl Checkpoint {
         let bytes = (e.end - e.start) as usize;
         let io = |err| Error::io(&shard.path, err);
         let data = match e.dtype {
-            // Straight into the buffer the model keeps: no second copy of the tensor.
-            // Read a block at a time and scanned for non-finite values while it is in the
-            // cache, so the check costs no second pass over memory.
+            // Straight into the buffer the model keeps (no second copy of the tensor), a block
+            // at a time, each scanned for non-finite values while it is in the cache; the
+            // full check (which names the first bad value) runs only when a block had one.
             Dtype::F32 => {
                 let mut v = vec![0f32; bytes / 4];
-                let check = non_finite_policy() == NonFinitePolicy::Refuse;
+                let scan = non_finite_policy() == NonFinitePolicy::Refuse;
                 let mut bad = false;
                 for (i, block) in v.chunks_mut(BLOCK_FLOATS).enumerate() {
                     let at = e.start + (i * BLOCK_FLOATS * 4) as u64;
@@ -389,21 +389,20 @@ impl Checkpoint {
                             .iter_mut()
                             .for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes()));
                     }
-                    bad |= check && crate::io::any_non_finite(block);
+                    bad |= scan && crate::io::any_non_finite(block);
                 }
                 if bad {
                     crate::io::check_loaded(&v, &shard.path, name)?;
                 }
-                return Ok(HostTensor {
-                    shape: e.shape.clone(),
-                    data: v,
-                });
+                v
             }
             dtype @ (Dtype::F16 | Dtype::BF16 | Dtype::F64) => {
                 let mut raw = vec![0u8; bytes];
                 read_at(&shard.file, &mut raw, e.start).map_err(io)?;
-                crate::io::decode_le(dtype, &raw)
-                    .map_err(|why| st_error(&shard.path, format!("tensor `{name}`: {why}")))?
+                let v = crate::io::decode_le(dtype, &raw)
+                    .map_err(|why| st_error(&shard.path, format!("tensor `{name}`: {why}")))?;
+                crate::io::check_loaded(&v, &shard.path, name)?;
+                v
             }
             other => {
                 return Err(st_error(
@@ -412,7 +411,6 @@ impl Checkpoint {
                 ));
             }
         };
-        crate::io::check_loaded(&data, &shard.path, name)?;
         Ok(HostTensor {
             shape: e.shape.clone(),
             data,
