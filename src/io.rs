@@ -516,12 +516,21 @@ fn remove_stale_temporaries(dir: &Path, name: &str) {
         if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
-        let p = entry.path();
-        let _ = if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
+        let _ = remove_entry(&entry.path());
+    }
+}
+
+/// Removes `path`: a folder with everything in it, a file, or a symbolic link (never what it
+/// points to). A path already gone is not an error (another cleaner got there first).
+pub(crate) fn remove_entry(path: &Path) -> std::io::Result<()> {
+    let removed = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match removed {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 

@@ -27,7 +27,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, Scope};
-use crate::io::atomic_write;
+use crate::io::{atomic_write, remove_entry};
 use crate::library::factors::LoraExpert;
 use crate::peft::PeftLora;
 
@@ -273,11 +273,10 @@ impl ExpertLibrary {
                 ),
             ));
         }
-        let experts = self.dir.join("experts");
-        std::fs::create_dir_all(&experts).map_err(|e| Error::io(&experts, e))?;
-        let dest = experts.join(name);
-        // A stale folder of this name (an interrupted add) was swept under the lock. The save writes a temporary sibling and renames it into place (write_dir_atomically).
-        adapter.save(&dest)?;
+        // A stale folder of this name (an interrupted add) was swept under the lock. The save
+        // creates `experts/` if needed, writes a temporary sibling and renames it into place
+        // (write_dir_atomically).
+        adapter.save(self.dir.join("experts").join(name))?;
         self.experts.push(ExpertMeta {
             name: name.into(),
             rank: adapter.config.r,
@@ -403,17 +402,7 @@ impl ExpertLibrary {
                 continue;
             }
             let path = entry.path();
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            let gone = if is_dir {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            gone.or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Ok(()),
-                _ => Err(e),
-            })
-            .map_err(|e| Error::io(&path, e))?;
+            remove_entry(&path).map_err(|e| Error::io(&path, e))?;
         }
         Ok(())
     }
