@@ -607,6 +607,15 @@ fn killed_library_writers_leave_a_consistent_library() {
     let device = Device::flex();
     let src = common::data("peft_lora_tiny_mlp");
     let mut rng = common::Rng(19);
+    type Names = std::collections::BTreeSet<String>;
+    let entries = |dir: &Path| -> Names {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let listed =
+        |lib: &ExpertLibrary| -> Names { lib.names().iter().map(|n| n.to_string()).collect() };
     let (mut killed, mut finished, mut swept) = (0, 0, 0);
     for run in 0..60 {
         let prefix = format!("k{run}");
@@ -616,11 +625,9 @@ fn killed_library_writers_leave_a_consistent_library() {
             finished += 1;
         }
         let mut lib = ExpertLibrary::open(&dir).unwrap();
-        let mine: std::collections::BTreeSet<String> = lib
-            .names()
-            .iter()
+        let mine: Names = listed(&lib)
+            .into_iter()
             .filter(|n| n.starts_with(&format!("{prefix}-")))
-            .map(|n| n.to_string())
             .collect();
         assert!(
             worker_states(&prefix).contains(&mine),
@@ -629,25 +636,17 @@ fn killed_library_writers_leave_a_consistent_library() {
         for name in lib.names() {
             lib.factors(name).unwrap();
         }
-        let folders = |dir: &Path| -> std::collections::BTreeSet<String> {
-            std::fs::read_dir(dir)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        };
-        let listed: std::collections::BTreeSet<String> =
-            lib.names().iter().map(|n| n.to_string()).collect();
-        swept += folders(&dir.join("experts")).difference(&listed).count();
+        swept += entries(&dir.join("experts"))
+            .difference(&listed(&lib))
+            .count();
         // The next write: add a probe, then remove this run's experts and the probe.
         lib.import_peft("probe", &src, Default::default(), &device)
             .unwrap();
         for name in mine.iter().map(String::as_str).chain(["probe"]) {
             lib.remove(name).unwrap();
         }
-        let listed: std::collections::BTreeSet<String> =
-            lib.names().iter().map(|n| n.to_string()).collect();
-        assert_eq!(folders(&dir.join("experts")), listed, "run {run}");
-        let stray: Vec<String> = folders(&dir)
+        assert_eq!(entries(&dir.join("experts")), listed(&lib), "run {run}");
+        let stray: Vec<String> = entries(&dir)
             .into_iter()
             .filter(|n| n.starts_with('.'))
             .collect();
